@@ -1,0 +1,52 @@
+"""``model_card``: proves the model wiring and shows what was loaded, from where, on which device."""
+
+
+import dagster as dg
+import torch
+
+from emotion_assets.partitions import model_and_profile, model_profile_partitions
+from emotion_assets.timing import timed
+from resources.models import ModelHandle, ModelResource
+from resources.storage import ArtifactStore, write_json
+
+SAMPLE_PROMPT = "The most surprising thing about the weather today is"
+
+
+def sample_generation(handle: ModelHandle, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16) -> str:
+    """Greedy continuation of ``prompt`` (causal LMs only)."""
+    batch = handle.tokenizer([prompt], return_tensors="pt").to(handle.device)
+    with torch.inference_mode():
+        out = handle.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return handle.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@dg.asset(
+    partitions_def=model_profile_partitions,
+    group_name="foundation",
+    kinds={"pytorch"},
+    code_version="1",
+    description="Geometry, parameter count, dtype, device, load time, provenance and a sample generation.",
+)
+def model_card(context: dg.AssetExecutionContext, models: ModelResource, store: ArtifactStore) -> dg.MaterializeResult:
+    model_name, profile = model_and_profile(context)
+    handle = models.get(model_name)
+    with timed(
+        store.root, phase="foundation", asset="model_card", model=model_name, profile=profile,
+        device=str(handle.device), run_id=context.run_id,
+    ) as timing:
+        card = handle.describe()
+        card["sample_prompt"] = SAMPLE_PROMPT if handle.spec.can_generate else ""
+        card["sample_generation"] = sample_generation(handle) if handle.spec.can_generate else ""
+        timing.samples = 1
+    path = write_json(store.directory(profile, "model_card", model_name) / "model_card.json", card)
+    table = "\n".join(["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()])
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "card": dg.MetadataValue.md(table),
+            "n_parameters": dg.MetadataValue.int(card["n_parameters"]),
+            "load_seconds": dg.MetadataValue.float(card["load_seconds"]),
+            "sample_generation": dg.MetadataValue.text(card["sample_generation"] or "(encoder: no generation)"),
+            **timing.metadata(),
+        }
+    )

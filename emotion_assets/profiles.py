@@ -1,0 +1,169 @@
+"""Experiment profiles (``data/profiles.yaml``): named, versioned run configurations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from emotion_assets.registry import DATA_DIR, PROJECT_ROOT
+
+DEFAULT_PROFILES_PATH = DATA_DIR / "profiles.yaml"
+POOLING_STRATEGIES = ("last", "mean", "emotion_tokens")
+
+
+class ProfileError(ValueError):
+    """A profile is malformed or unknown."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """Where the prompts come from and how they are split."""
+
+    path: str = Field(description="JSONL / CSV / per-emotion JSON file or folder, relative to the project.")
+    eval_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Held-out share per emotion.")
+    max_imbalance_ratio: float = Field(3.0, ge=1.0, description="Largest allowed max/min class count.")
+
+    def resolved_path(self) -> Path:
+        p = Path(self.path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+class SteeringConfig(_Strict):
+    """Residual steering sweep (phase 5)."""
+
+    layers: list[int] = Field(description="Block indices whose resid_pre is steered.")
+    alpha_grid: list[float] = Field(description="α relative to the mean residual norm at the layer.")
+    n_random_directions: int = Field(2, ge=0, description="Random control directions per kind.")
+    prompt_positions: Literal["all", "last", "none"] = "all"
+    max_prompts: int | None = Field(None, gt=0, description="Cap on eval neutral prompts (None = all).")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _alpha_has_zero_and_negative(cls, grid: list[float]) -> list[float]:
+        if 0.0 not in grid:
+            raise ValueError("alpha_grid must contain 0.0 (the unsteered check)")
+        if not any(a < 0 for a in grid):
+            raise ValueError("alpha_grid must contain at least one negative value")
+        return sorted(grid)
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(16, gt=0, le=512)
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class HeadsConfig(_Strict):
+    top_n: int = Field(4, gt=0)
+    max_prompts: int | None = Field(None, gt=0)
+
+
+class Profile(_Strict):
+    """One experiment configuration (SPEC §5)."""
+
+    name: str
+    description: str = ""
+    dataset: DatasetConfig
+    samples_per_emotion: int | None = Field(None, ge=2, description="Prompts per emotion (None = all).")
+    layers: Literal["all"] | list[int] | dict[str, int] = Field(
+        "all", description="'all', an explicit list of block boundaries, or {stride: n}."
+    )
+    pooling: list[Literal["last", "mean", "emotion_tokens"]] = Field(default=list(POOLING_STRATEGIES))
+    k_max: int = Field(4, gt=0)
+    steering: SteeringConfig
+    generation: GenerationConfig = GenerationConfig()
+    heads: HeadsConfig = HeadsConfig()
+    n_bootstrap: int = Field(1000, ge=10)
+    batch_size: int = Field(32, gt=0)
+    seed: int = Field(0, ge=0)
+    evaluators: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_shape(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) != {"stride"} or value["stride"] < 1:
+                raise ValueError("layers as a mapping must be {stride: N} with N >= 1")
+        elif isinstance(value, list) and (not value or any(v < 0 for v in value)):
+            raise ValueError("layers as a list must be non-empty block indices >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _pooling_nonempty(self) -> Profile:
+        if not self.pooling:
+            raise ValueError("pooling must list at least one strategy")
+        return self
+
+    def boundaries(self, n_layers: int) -> list[int]:
+        """Residual boundaries to capture: 0..n_layers-1 are resid_pre of each block, n_layers is final.
+
+        A stride keeps every N-th block plus the final boundary; an explicit list is validated against
+        the model.
+        """
+        if self.layers == "all":
+            return list(range(n_layers + 1))
+        if isinstance(self.layers, dict):
+            chosen = set(range(0, n_layers + 1, self.layers["stride"])) | {n_layers}
+            return sorted(chosen)
+        bad = [b for b in self.layers if b > n_layers]
+        if bad:
+            raise ProfileError(
+                f"Profile {self.name!r}: layers {bad} do not exist in a model with {n_layers} blocks "
+                f"(valid boundaries 0..{n_layers}). Lower them or use a stride."
+            )
+        return sorted(set(self.layers))
+
+
+def profiles_path() -> Path:
+    """The profile file in use: ``$EMOTION_PROFILES`` or ``data/profiles.yaml``."""
+    return Path(os.environ.get("EMOTION_PROFILES", DEFAULT_PROFILES_PATH))
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
+    path = Path(path) if path is not None else profiles_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ProfileError(f"Profile file {path} does not exist.") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"Profile file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("profiles"), dict) or not raw["profiles"]:
+        raise ProfileError(f"Profile file {path} must contain a non-empty `profiles:` mapping.")
+    profiles: dict[str, Profile] = {}
+    problems: list[str] = []
+    for name, body in raw["profiles"].items():
+        if not isinstance(body, dict):
+            problems.append(f"profiles.{name}: expected a mapping, got {type(body).__name__}")
+            continue
+        try:
+            profiles[name] = Profile(name=name, **body)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+                problems.append(f"profiles.{name}.{loc}: {err['msg']}{got}")
+    if problems:
+        raise ProfileError(
+            f"Profile file {path} has invalid fields:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix them; every field is described in docs/profiles.md."
+        )
+    return profiles
+
+
+def get_profile(name: str, path: str | Path | None = None) -> Profile:
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise ProfileError(
+            f"Unknown profile {name!r}. Defined profiles: {', '.join(profiles)}. "
+            f"Add it to {profiles_path()} or pick one of these."
+        )
+    return profiles[name]

