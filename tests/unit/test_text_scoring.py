@@ -1,0 +1,241 @@
+"""Text scorers, the evaluator suite and the evaluator resource."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from emotion_assets.science.text_scoring import (
+    EmbeddingEmotionClassifier,
+    EvaluatorSuite,
+    EvaluatorUnavailable,
+    MiniLmEmbedder,
+    NrcLexiconEmotions,
+    PolitenessScorer,
+    TransformerClassifier,
+    VaderSentiment,
+    binary_auroc,
+    build_suite,
+    classification_quality,
+)
+from resources import evaluators
+from tests.tiny_models import SPECIAL, byte_tokenizer
+
+MISSING_ID = "no-such-org/definitely-not-a-cached-model"
+TEXTS = [
+    "I love it.",
+    "This is a much longer sentence about nothing in particular at all.",
+    "",
+    "Why?",
+    "ok ok",
+]
+
+
+def _tiny_classifier(path, problem_type: str | None = None, num_labels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    labels = ["Very Happy", "sad", "Neutral"][:num_labels]
+    cfg = BertConfig(
+        vocab_size=len(SPECIAL) + 256,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        num_labels=num_labels,
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
+        problem_type=problem_type,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(path)
+    byte_tokenizer(add_bos=False, padding_side="right").save_pretrained(path)
+    return model
+
+
+def test_vader_separates_positive_and_negative():
+    scores = VaderSentiment().score(
+        ["I love this, it is wonderful and amazing!", "I hate this, it is awful."]
+    )
+    assert list(scores.columns) == ["sentiment_compound", "sentiment_pos", "sentiment_neg", "sentiment_neu"]
+    assert scores.loc[0, "sentiment_compound"] > 0.5 > -0.5 > scores.loc[1, "sentiment_compound"]
+    assert scores.loc[0, "sentiment_pos"] > scores.loc[0, "sentiment_neg"]
+    assert not scores.isna().any().any()
+
+
+def test_nrc_finds_anger_and_nothing_in_neutral_text():
+    nrc = NrcLexiconEmotions()
+    scores = nrc.score(
+        ["I am furious, full of rage, and I hated every minute.", "The table is in the room.", ""]
+    )
+    assert scores.loc[0, "nrc_anger"] > 0.2
+    assert scores.loc[1].sum() == 0.0
+    assert scores.loc[2].sum() == 0.0
+    assert ((scores >= 0) & (scores <= 1)).all().all()
+    assert "anger" in nrc.affects("hated")  # -ed fallback to "hate"
+
+
+def test_politeness_ranks_polite_request_above_command():
+    scorer = PolitenessScorer()
+    polite = "Could you please help me, if it's not too much trouble? Thank you so much."
+    scores = scorer.score([polite, "Give me the file now.", ""])
+    assert scores.loc[0, "politeness"] > 0.8 > 0.5 > scores.loc[1, "politeness"]
+    assert scores.loc[2, "politeness"] == pytest.approx(0.5)
+    lo, hi = scorer.metric_ranges["politeness_raw"]
+    assert lo <= scores["politeness_raw"].min() <= scores["politeness_raw"].max() <= hi
+
+
+def test_transformer_single_label_softmax_and_batch_invariance(tmp_path):
+    _tiny_classifier(tmp_path)
+    clf = TransformerClassifier(str(tmp_path), device="cpu", batch_size=2, prefix="t_")
+    assert clf.metric_names == ["t_very_happy", "t_sad", "t_neutral"]
+    scores = clf.score(TEXTS)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-6)
+    one_by_one = pd.concat([clf.score([t]) for t in TEXTS], ignore_index=True)
+    np.testing.assert_allclose(scores.to_numpy(), one_by_one.to_numpy(), atol=1e-5)
+
+
+def test_transformer_multi_label_uses_sigmoid(tmp_path):
+    model = _tiny_classifier(tmp_path, problem_type="multi_label_classification", seed=1)
+    clf = TransformerClassifier(str(tmp_path), device="cpu", batch_size=4)
+    scores = clf.score(TEXTS).to_numpy()
+    tok = AutoTokenizer.from_pretrained(tmp_path)  # byte_tokenizer() vocab order differs per call
+    with torch.inference_mode():
+        expected = np.stack(
+            [
+                torch.sigmoid(model(**tok([t or tok.unk_token], return_tensors="pt")).logits)[0].numpy()
+                for t in TEXTS
+            ]
+        )
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert not np.allclose(scores.sum(axis=1), 1.0)
+
+
+def test_missing_transformer_raises_unavailable_with_id():
+    with pytest.raises(EvaluatorUnavailable, match="definitely-not-a-cached-model") as err:
+        TransformerClassifier(MISSING_ID, device="cpu", batch_size=4)
+    assert "huggingface-cli download" in str(err.value)
+
+
+def _fake_embed(texts: list[str]) -> np.ndarray:
+    centres = {"thank": 0, "furious": 1, "sorry": 2}
+    out = []
+    for t in texts:
+        rng = np.random.default_rng(zlib.crc32(t.encode()))
+        k = next((v for w, v in centres.items() if w in t), 3)
+        vec = rng.normal(scale=0.1, size=8)
+        vec[k] += 3.0
+        out.append(vec)
+    return np.array(out)
+
+
+def _labelled(n: int) -> tuple[list[str], list[str]]:
+    kinds = [("thank", "gratitude"), ("furious", "anger"), ("sorry", "apology"), ("table", "neutral")]
+    texts = [f"{w} example {i}" for i in range(n) for w, _ in kinds]
+    labels = [lab for _ in range(n) for _, lab in kinds]
+    return texts, labels
+
+
+def test_embedding_classifier_separates_clusters():
+    train_texts, train_labels = _labelled(6)
+    clf = EmbeddingEmotionClassifier(_fake_embed).fit(train_texts, train_labels, seed=0)
+    test_texts, test_labels = _labelled(3)
+    test_texts = [t + " held out" for t in test_texts]
+    scores = clf.score(test_texts)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
+    quality = classification_quality(test_labels, scores, {lab: f"emotion_{lab}" for lab in clf.classes})
+    assert quality["accuracy"] == 1.0
+    assert quality["macro_f1"] == 1.0
+    assert all(v == 1.0 for v in quality["auroc"].values())
+    assert np.trace(np.array(quality["confusion_matrix"])) == len(test_labels)
+
+
+def test_embedding_classifier_needs_two_examples_per_class():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        EmbeddingEmotionClassifier(_fake_embed).fit(["thank a", "thank b", "sorry"], ["g", "g", "a"], seed=0)
+
+
+def test_binary_auroc():
+    assert binary_auroc([3, 4], [1, 2]) == 1.0
+    assert binary_auroc([1, 2], [1, 2]) == 0.5
+    assert np.isnan(binary_auroc([], [1.0]))
+
+
+def test_suite_optional_unavailable_transformer_gives_nan_with_reason():
+    spec = {
+        "sentiment": {"backend": "vader"},
+        "transformers": [
+            {"id": MISSING_ID, "optional": True, "prefix": "x_", "labels": ["Pos", "neg"]},
+            {"id": MISSING_ID + "-2", "optional": True, "prefix": "y_"},
+        ],
+    }
+    suite = build_suite(spec, device="cpu", batch_size=4, train_texts=[], train_labels=[], seed=0)
+    scores = suite.score(["Lovely day."])
+    assert scores[["x_pos", "x_neg"]].isna().all().all()
+    assert scores["sentiment_compound"].notna().all()
+    reasons = suite.null_reasons
+    assert set(reasons) == {"x_pos", "x_neg", "y_*"}
+    assert MISSING_ID in reasons["x_pos"]
+    assert set(suite.unavailable) == {MISSING_ID, MISSING_ID + "-2"}
+    assert suite.metric_ranges()["x_pos"] == (0.0, 1.0)
+
+
+def test_suite_required_unavailable_transformer_raises():
+    with pytest.raises(EvaluatorUnavailable, match=MISSING_ID):
+        build_suite({"transformers": [{"id": MISSING_ID}]}, device="cpu", train_texts=[], train_labels=[])
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match="vader"):
+        build_suite({"sentiment": {"backend": "magic"}}, device="cpu")
+
+
+def test_suite_scores_continuation_only():
+    suite = EvaluatorSuite([VaderSentiment(), NrcLexiconEmotions()])
+    prompts = ["I am furious and full of rage, you hateful idiot!"]
+    continuation = ["The table is in the room."]
+    only = suite.score(continuation, prompts=prompts)
+    assert only.loc[0, "nrc_anger"] == 0.0
+    assert only.loc[0, "sentiment_compound"] == 0.0
+    full = suite.score(continuation, prompts=prompts, continuation_only=False)
+    assert full.loc[0, "nrc_anger"] > 0.0
+    assert full.loc[0, "sentiment_compound"] < 0.0
+
+
+def test_minilm_embeddings_are_unit_norm():
+    emb = MiniLmEmbedder(device="cpu", batch_size=2)(["Thank you so much.", "I am furious.", "The table."])
+    assert emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_resource_builds_embedded_suite_once():
+    evaluators.clear_cache()
+    spec = {
+        "sentiment": {"backend": "vader"},
+        "politeness": {"backend": "strategies"},
+        "emotions": {"backend": "embedded"},
+    }
+    texts = [
+        "Thank you so much!",
+        "Thanks, I really appreciate it.",
+        "I am furious!",
+        "This makes me so angry.",
+    ]
+    labels = ["gratitude", "gratitude", "anger", "anger"]
+    resource = evaluators.EvaluatorResource(device="cpu", batch_size=8)
+    before = evaluators.load_count()
+    suite = resource.suite(spec, texts, labels, seed=0)
+    assert resource.suite(spec, list(texts), list(labels), seed=0) is suite
+    assert evaluators.load_count() == before + 1
+    scores = suite.score(["Thank you, that is kind.", "I am so angry at you."])
+    np.testing.assert_allclose(scores[["emotion_anger", "emotion_gratitude"]].sum(axis=1), 1.0, atol=1e-9)
+    assert scores.loc[0, "emotion_gratitude"] > 0.5 and scores.loc[1, "emotion_anger"] > 0.5
+    assert not scores.isna().any().any() and suite.null_reasons == {}
