@@ -20,7 +20,7 @@ SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 def byte_tokenizer(add_bos: bool = True, padding_side: str = "left") -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per UTF-8 byte, no merges): any text works, vocab 260."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
-    for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet()):
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
         vocab[ch] = len(SPECIAL) + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
