@@ -1,16 +1,22 @@
 """The one Definitions object of the code location."""
 
-
 import dagster as dg
 
-from emotion_assets.model_card import model_card
+from emotion_assets import activations, dataset, model_card, vectors
+from jobs.jobs import ALL_JOBS
+from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import ArtifactStore, NoPickleIOManager
 
+ASSET_MODULES = [dataset, model_card, activations, vectors]
+
 defs = dg.Definitions(
-    assets=[model_card],
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
+    jobs=ALL_JOBS,
     resources={
         "models": ModelResource(),
+        "evaluators": EvaluatorResource(),
         "store": ArtifactStore(),
         "io_manager": NoPickleIOManager(),
     },

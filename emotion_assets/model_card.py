@@ -1,11 +1,11 @@
 """``model_card``: proves the model wiring and shows what was loaded, from where, on which device."""
 
-
 import dagster as dg
 import torch
 
 from emotion_assets.partitions import model_and_profile, model_profile_partitions
 from emotion_assets.timing import timed
+from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, write_json
 
@@ -22,17 +22,24 @@ def sample_generation(handle: ModelHandle, prompt: str = SAMPLE_PROMPT, max_new_
 
 @dg.asset(
     partitions_def=model_profile_partitions,
-    group_name="foundation",
+    group_name=REPRESENTATION_GROUP,
     kinds={"pytorch"},
     code_version="1",
     description="Geometry, parameter count, dtype, device, load time, provenance and a sample generation.",
 )
-def model_card(context: dg.AssetExecutionContext, models: ModelResource, store: ArtifactStore) -> dg.MaterializeResult:
+def model_card(
+    context: dg.AssetExecutionContext, models: ModelResource, store: ArtifactStore
+) -> dg.MaterializeResult:
     model_name, profile = model_and_profile(context)
     handle = models.get(model_name)
     with timed(
-        store.root, phase="foundation", asset="model_card", model=model_name, profile=profile,
-        device=str(handle.device), run_id=context.run_id,
+        store.root,
+        phase="foundation",
+        asset="model_card",
+        model=model_name,
+        profile=profile,
+        device=str(handle.device),
+        run_id=context.run_id,
     ) as timing:
         card = handle.describe()
         card["sample_prompt"] = SAMPLE_PROMPT if handle.spec.can_generate else ""
@@ -46,7 +53,9 @@ def model_card(context: dg.AssetExecutionContext, models: ModelResource, store: 
             "card": dg.MetadataValue.md(table),
             "n_parameters": dg.MetadataValue.int(card["n_parameters"]),
             "load_seconds": dg.MetadataValue.float(card["load_seconds"]),
-            "sample_generation": dg.MetadataValue.text(card["sample_generation"] or "(encoder: no generation)"),
+            "sample_generation": dg.MetadataValue.text(
+                card["sample_generation"] or "(encoder: no generation)"
+            ),
             **timing.metadata(),
         }
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from emotion_assets.profiles import load_profiles
 from emotion_assets.registry import load_registry, split_pair_key
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 REGISTRY = load_registry()
 PROFILES = load_profiles()
@@ -18,7 +22,9 @@ causal_model_partitions = dg.StaticPartitionsDefinition(
 pair_partitions = dg.StaticPartitionsDefinition(REGISTRY.pair_keys or ["none__none"])
 
 # Dimensions are ordered by name in keys: "smollm2-135m|smoke".
-model_profile_partitions = dg.MultiPartitionsDefinition({"model": model_partitions, "profile": profile_partitions})
+model_profile_partitions = dg.MultiPartitionsDefinition(
+    {"model": model_partitions, "profile": profile_partitions}
+)
 causal_model_profile_partitions = dg.MultiPartitionsDefinition(
     {"model": causal_model_partitions, "profile": profile_partitions}
 )

@@ -148,7 +148,11 @@ def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+                got = (
+                    f" (got {err['input']!r})"
+                    if "input" in err and not isinstance(err["input"], dict)
+                    else ""
+                )
                 problems.append(f"profiles.{name}.{loc}: {err['msg']}{got}")
     if problems:
         raise ProfileError(

@@ -42,9 +42,7 @@ def resolve_device(requested: str | None = "auto") -> torch.device:
     if name == "auto":
         return torch.device(options[0])
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise DeviceError(
-            f"Unknown device {requested!r}. Use one of: auto, {', '.join(options)}."
-        )
+        raise DeviceError(f"Unknown device {requested!r}. Use one of: auto, {', '.join(options)}.")
     if name not in options:
         raise DeviceError(
             f"Device {requested!r} is not available on this machine. Available: {', '.join(options)}. "

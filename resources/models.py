@@ -41,6 +41,7 @@ from emotion_assets.registry import (
     load_registry,
 )
 from emotion_assets.science.hooks import HookSet
+from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from resources.device import resolve_device, resolve_dtype
 
 
@@ -98,13 +99,14 @@ class ModelHandle:
         with HookSet() as hook_set:
             yield hook_set
 
-    def extract(self, texts: list[str], **kwargs: Any) -> dict[str, Any]:
+    def extract(self, texts: list[str], **kwargs: Any) -> PooledActivations:
         """Pooled residual activations at chosen block boundaries (see ``science.residual``)."""
-        from emotion_assets.science.residual import extract_pooled_activations
 
         return extract_pooled_activations(self.model, self.tokenizer, texts, device=self.device, **kwargs)
 
-    def steer(self, block_index: int, vectors: torch.Tensor, **kwargs: Any) -> contextlib.AbstractContextManager:
+    def steer(
+        self, block_index: int, vectors: torch.Tensor, **kwargs: Any
+    ) -> contextlib.AbstractContextManager:
         """Add per-row vectors to resid_pre of ``block_index`` while the context is open."""
         from emotion_assets.science.interventions import add_to_residual
 
@@ -150,11 +152,15 @@ class ModelResource(dg.ConfigurableResource):
     def registry(self) -> ModelRegistry:
         return load_registry(self.registry_path or None)
 
-    def get(self, name: str) -> ModelHandle:
-        """The loaded model ``name``: loaded on first use in this process, then shared."""
+    def get(self, name: str, device: str | None = None) -> ModelHandle:
+        """The loaded model ``name``: loaded on first use in this process, then shared.
+
+        ``device`` overrides the resource's device for this call (a run-config knob).
+        """
         spec = self.registry().get(name)
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
+        resolved = resolve_device(device or self.device)
+        dtype = resolve_dtype(self.dtype, resolved)
+        device = resolved
         key = (name, str(device), str(dtype), self.registry_path)
         with _CACHE_LOCK:
             if key not in _CACHE:
@@ -216,7 +222,9 @@ def geometry_of(model: PreTrainedModel, spec: ModelSpec) -> ModelGeometry:
     found = {"layers": n_layers, "width": d_model, "heads": n_heads, "kv_heads": n_kv}
     declared = {k: getattr(spec, k) for k in found}
     if found != declared:
-        diffs = ", ".join(f"{k}: registry {declared[k]} vs model {found[k]}" for k in found if found[k] != declared[k])
+        diffs = ", ".join(
+            f"{k}: registry {declared[k]} vs model {found[k]}" for k in found if found[k] != declared[k]
+        )
         raise ModelGeometryError(
             f"Model {spec.name!r} does not match its registry entry ({diffs}). "
             "Correct the entry in data/models.yaml."
@@ -269,7 +277,7 @@ def _materialize_weights(spec: ModelSpec, registry: ModelRegistry, cache_dir: Pa
             )
         return path, {"type": "embedded_package", "path": str(path)}
     if isinstance(src, RandomTwinSource):
-        base_dir, base_source = _materialize_weights(registry.get(src.of), registry, cache_dir)
+        base_dir, _ = _materialize_weights(registry.get(src.of), registry, cache_dir)
         return base_dir, {"type": "random_twin", "of": src.of, "seed": src.seed, "config_from": str(base_dir)}
     if isinstance(src, HuggingFaceSource):
         return _huggingface_dir(spec.name, src), {"type": "huggingface", "id": src.id, "path": src.path or ""}

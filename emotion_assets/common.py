@@ -1,0 +1,133 @@
+"""What every asset shares: the per-run config knobs, the effective profile, upstream artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import yaml
+from pydantic import Field, field_validator
+
+from emotion_assets.profiles import Profile, get_profile
+from emotion_assets.registry import DATA_DIR
+from resources.device import available_devices
+from resources.storage import ArtifactStore, read_table
+
+EMOTION_WORDS_PATH = DATA_DIR / "emotion_words.yaml"
+DATASET_ASSET = "emotion_dataset"
+
+
+class RunConfig(dg.Config):
+    """Knobs for one run. Each one overrides the profile for this run only and is recorded in metadata."""
+
+    batch_size: int | None = Field(default=None, description="Prompts per forward / generate batch.")
+    device: str | None = Field(
+        default=None, description="auto, cpu, cuda, cuda:N or mps (default: resource)."
+    )
+    max_samples_per_emotion: int | None = Field(
+        default=None, description="Use at most this many prompts per emotion (quick runs)."
+    )
+    layers: list[int] | None = Field(
+        default=None, description="Block boundaries to use instead of the profile's."
+    )
+    n_jobs: int = Field(
+        default=1,
+        description="CPU workers where work is parallel across processes. Most phases are vectorised "
+        "instead (one batched tensor operation), so this only bounds torch's intra-op threads.",
+    )
+
+    @field_validator("batch_size", "max_samples_per_emotion")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive integer, got {value}")
+        return value
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _n_jobs(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"n_jobs must be >= 1, got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        options = available_devices()
+        if value not in options:
+            raise ValueError(f"device {value!r} is not available here; available: auto, {', '.join(options)}")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in self.model_dump().items() if v is not None and not (k == "n_jobs" and v == 1)
+        }
+
+
+def effective_profile(name: str, config: RunConfig | None) -> Profile:
+    """The profile with this run's overrides applied (the file on disk is never changed)."""
+    profile = get_profile(name)
+    if config is None:
+        return profile
+    update: dict[str, Any] = {}
+    if config.batch_size is not None:
+        update["batch_size"] = config.batch_size
+    if config.max_samples_per_emotion is not None:
+        update["samples_per_emotion"] = config.max_samples_per_emotion
+    if config.layers is not None:
+        if not config.layers or any(layer < 0 for layer in config.layers):
+            raise ValueError(f"layers override must be non-empty block indices >= 0, got {config.layers}")
+        update["layers"] = list(config.layers)
+    return profile.model_copy(update=update) if update else profile
+
+
+def check_layers_exist(boundaries_requested: list[int] | None, n_layers: int, model: str) -> None:
+    """Refuse a layer override the model does not have."""
+    if boundaries_requested is None:
+        return
+    bad = [b for b in boundaries_requested if b > n_layers]
+    if bad:
+        raise ValueError(
+            f"Run config layers {bad} do not exist in {model} ({n_layers} blocks; valid boundaries "
+            f"0..{n_layers}, where {n_layers} is the final residual). Remove them from `layers`."
+        )
+
+
+def config_metadata(config: RunConfig | None) -> dict[str, dg.MetadataValue]:
+    overrides = config.overrides() if config else {}
+    return {"run_config_overrides": dg.MetadataValue.json(overrides)}
+
+
+def load_dataset(store: ArtifactStore, profile: str) -> pd.DataFrame:
+    """The validated prompt table written by ``emotion_dataset`` for ``profile``."""
+    return read_table(store.existing(profile, DATASET_ASSET) / "prompts.parquet")
+
+
+def limit_for_run(frame: pd.DataFrame, profile: Profile) -> pd.DataFrame:
+    """Apply a per-run ``max_samples_per_emotion`` to an already materialized dataset."""
+    from emotion_assets.science.prompts import limit_per_emotion
+
+    if profile.samples_per_emotion is None:
+        return frame
+    counts = frame.groupby("emotion").size()
+    if (counts <= profile.samples_per_emotion).all():
+        return frame
+    return limit_per_emotion(frame, profile.samples_per_emotion, profile.seed).reset_index(drop=True)
+
+
+def emotion_words(path: Path = EMOTION_WORDS_PATH) -> dict[str, list[str]]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {emotion: list(words or []) for emotion, words in raw["words"].items()}
+
+
+def all_emotion_words(path: Path = EMOTION_WORDS_PATH) -> list[str]:
+    return sorted({w for words in emotion_words(path).values() for w in words})
+
+
+def json_metadata(payload: Any) -> dg.MetadataValue:
+    return dg.MetadataValue.json(json.loads(json.dumps(payload, default=str)))

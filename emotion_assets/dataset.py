@@ -1,0 +1,260 @@
+"""Phase 1: the validated prompt set with splits, and how well each evaluator scores its labels."""
+
+import hashlib
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from emotion_assets.common import RunConfig, config_metadata, effective_profile, load_dataset
+from emotion_assets.partitions import profile_partitions
+from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.prompts import (
+    EMOTIONS,
+    assign_splits,
+    dataset_summary,
+    limit_per_emotion,
+    load_prompts,
+    normalize_text,
+)
+from emotion_assets.science.text_scoring import binary_auroc, classification_quality
+from emotion_assets.timing import timed
+from jobs.jobs import DATASET_GROUP
+from resources.evaluators import EvaluatorResource
+from resources.storage import ArtifactStore, write_json, write_table
+
+EMOTION_COLUMNS = {emotion: f"emotion_{emotion}" for emotion in EMOTIONS}
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file():
+                digest.update(child.name.encode())
+                digest.update(child.read_bytes())
+    else:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dg.asset(
+    partitions_def=profile_partitions,
+    group_name=DATASET_GROUP,
+    kinds={"pandas", "parquet"},
+    code_version="1",
+    description="The profile's prompt set, validated (labels, duplicates, balance, UTF-8) and split "
+    "into train (fit) and eval (held out).",
+)
+def emotion_dataset(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+) -> dg.MaterializeResult:
+    profile = effective_profile(context.partition_key, config)
+    source = profile.dataset.resolved_path()
+    with timed(
+        store.root,
+        phase="1-dataset",
+        asset="emotion_dataset",
+        model="-",
+        profile=profile.name,
+        device="cpu",
+        run_id=context.run_id,
+        throughput_unit="prompts",
+    ) as timing:
+        frame = load_prompts(source, max_imbalance_ratio=profile.dataset.max_imbalance_ratio)
+        frame = assign_splits(frame, eval_fraction=profile.dataset.eval_fraction, seed=profile.seed)
+        if profile.samples_per_emotion is not None:
+            frame = limit_per_emotion(frame, profile.samples_per_emotion, profile.seed)
+        frame = frame.sort_values(["emotion", "split", "id"]).reset_index(drop=True)
+        frame["n_words"] = frame["text"].str.split().str.len()
+        summary = dataset_summary(frame)
+        timing.samples = len(frame)
+
+    out = store.directory(profile.name, "emotion_dataset")
+    columns = ["id", "text", "emotion", "lang", "register", "split", "n_words"]
+    write_table(out / "prompts.parquet", frame[columns], csv=True)
+    source_sha = file_sha256(source)
+    write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
+
+    counts = frame.pivot_table(index="emotion", columns="split", values="id", aggfunc="count", fill_value=0)
+    counts = counts.reset_index()
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "prompts.parquet")),
+            "dg.row_count": dg.MetadataValue.int(len(frame)),
+            "source": dg.MetadataValue.path(str(source)),
+            "source_sha256": dg.MetadataValue.text(source_sha),
+            "counts_by_emotion_and_split": markdown_table(counts),
+            "words_min": dg.MetadataValue.int(int(frame["n_words"].min())),
+            "words_mean": dg.MetadataValue.float(round(float(frame["n_words"].mean()), 2)),
+            "words_max": dg.MetadataValue.int(int(frame["n_words"].max())),
+            "preview": markdown_table(
+                frame[["id", "emotion", "register", "split", "text"]].sample(
+                    n=min(12, len(frame)), random_state=profile.seed
+                )
+            ),
+            **config_metadata(config),
+            **timing.metadata(),
+        },
+        data_version=dg.DataVersion(source_sha[:16] + f"-{profile.seed}-{profile.samples_per_emotion}"),
+    )
+
+
+@dg.asset_check(
+    asset=emotion_dataset,
+    blocking=True,
+    description="Every emotion has train and eval prompts "
+    "and the largest class is at most max_imbalance_ratio times the smallest.",
+)
+def emotion_dataset_balance(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    profile = effective_profile(context.partition_key, None)
+    frame = load_dataset(store, profile.name)
+    counts = frame.groupby(["emotion", "split"]).size().unstack(fill_value=0)
+    missing = sorted(set(EMOTIONS) - set(counts.index))
+    per_emotion = frame.groupby("emotion").size()
+    ratio = float(per_emotion.max() / per_emotion.min())
+    empty_splits = [
+        f"{e}/{s}" for e in counts.index for s in ("train", "eval") if counts.get(s, {}).get(e, 0) == 0
+    ]
+    passed = not missing and not empty_splits and ratio <= profile.dataset.max_imbalance_ratio
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"imbalance_ratio": ratio, "missing_emotions": missing, "empty_splits": empty_splits},
+    )
+
+
+@dg.asset_check(
+    asset=emotion_dataset,
+    blocking=True,
+    description="No two prompts are equal after normalisation (statistics count unique prompts).",
+)
+def emotion_dataset_unique(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    frame = load_dataset(store, context.partition_key)
+    normalized = frame["text"].map(normalize_text)
+    duplicates = int(normalized.duplicated().sum())
+    return dg.AssetCheckResult(
+        passed=duplicates == 0 and frame["id"].is_unique,
+        metadata={
+            "n_prompts": len(frame),
+            "duplicate_texts": duplicates,
+            "ids_unique": bool(frame["id"].is_unique),
+        },
+    )
+
+
+def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFrame):
+    """The profile's evaluator suite; the embedded emotion classifier is fit on the train split only."""
+    train = frame[frame["split"] == "train"]
+    return evaluators.suite(
+        profile.evaluators, train["text"].tolist(), train["emotion"].tolist(), profile.seed
+    )
+
+
+@dg.asset(
+    partitions_def=profile_partitions,
+    group_name=DATASET_GROUP,
+    deps=[emotion_dataset],
+    kinds={"sklearn"},
+    code_version="1",
+    description="How well each evaluator recovers the eval split's labels: accuracy, macro-F1, AUROC.",
+)
+def evaluator_quality(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, evaluators: EvaluatorResource
+) -> dg.MaterializeResult:
+    profile = effective_profile(context.partition_key, config)
+    frame = load_dataset(store, profile.name)
+    evaluation = frame[frame["split"] == "eval"].reset_index(drop=True)
+    with timed(
+        store.root,
+        phase="1-dataset",
+        asset="evaluator_quality",
+        model="-",
+        profile=profile.name,
+        device=evaluators.device,
+        run_id=context.run_id,
+        throughput_unit="texts",
+    ) as timing:
+        suite = evaluator_suite_for(evaluators, profile, frame)
+        scores = suite.score(evaluation["text"].tolist())
+        timing.samples = len(evaluation)
+
+    quality = classification_quality(evaluation["emotion"].tolist(), scores, EMOTION_COLUMNS)
+    by_emotion = {e: scores.loc[evaluation["emotion"] == e] for e in EMOTIONS}
+    by_register = {r: scores.loc[evaluation["register"] == r] for r in evaluation["register"].unique()}
+    rows = [
+        {"evaluator": "emotions (embedded classifier)", "metric": "accuracy", "value": quality["accuracy"]},
+        {"evaluator": "emotions (embedded classifier)", "metric": "macro_f1", "value": quality["macro_f1"]},
+        *[
+            {"evaluator": "emotions (embedded classifier)", "metric": f"auroc_{e}", "value": v}
+            for e, v in quality["auroc"].items()
+        ],
+        {
+            "evaluator": "sentiment (vader)",
+            "metric": "auroc_gratitude_vs_anger",
+            "value": binary_auroc(
+                by_emotion["gratitude"]["sentiment_compound"], by_emotion["anger"]["sentiment_compound"]
+            ),
+        },
+        {
+            "evaluator": "emotions (nrc lexicon)",
+            "metric": "auroc_anger_vs_rest",
+            "value": binary_auroc(
+                by_emotion["anger"]["nrc_anger"], scores.loc[evaluation["emotion"] != "anger", "nrc_anger"]
+            ),
+        },
+    ]
+    if "polite" in by_register and "direct" in by_register:
+        rows += [
+            {
+                "evaluator": "politeness (strategies)",
+                "metric": "auroc_polite_vs_direct_register",
+                "value": binary_auroc(
+                    by_register["polite"]["politeness"], by_register["direct"]["politeness"]
+                ),
+            },
+            {
+                "evaluator": "politeness (strategies)",
+                "metric": "mean_polite_minus_direct",
+                "value": float(
+                    by_register["polite"]["politeness"].mean() - by_register["direct"]["politeness"].mean()
+                ),
+            },
+        ]
+    table = pd.DataFrame(rows)
+    table["value"] = table["value"].astype(float)
+
+    out = store.directory(profile.name, "evaluator_quality")
+    write_table(out / "quality.parquet", table, csv=True)
+    write_table(
+        out / "eval_scores.parquet", pd.concat([evaluation[["id", "emotion", "register"]], scores], axis=1)
+    )
+    write_json(out / "quality.json", {**quality, "null_reasons": suite.null_reasons})
+    confusion = np.asarray(quality["confusion_matrix"], dtype=float)
+    plot = save_figure(
+        heatmap(
+            confusion,
+            list(EMOTION_COLUMNS),
+            list(EMOTION_COLUMNS),
+            "Embedded emotion classifier (eval split)",
+            "predicted",
+            "true",
+            center=False,
+        ),
+        out / "confusion_matrix.png",
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "quality": markdown_table(table),
+            "emotion_macro_f1": dg.MetadataValue.float(float(quality["macro_f1"])),
+            "confusion_matrix": plot,
+            "null_metrics": dg.MetadataValue.json(suite.null_reasons),
+            "n_eval_prompts": dg.MetadataValue.int(len(evaluation)),
+            **config_metadata(config),
+            **timing.metadata(),
+        }
+    )

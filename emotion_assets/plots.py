@@ -1,0 +1,82 @@
+"""Small matplotlib helpers: every plot is written as a PNG artifact and embedded in metadata."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import dagster as dg
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from resources.storage import write_bytes
+
+
+def save_figure(fig: plt.Figure, path: Path) -> dg.MetadataValue:
+    """Write ``fig`` to ``path`` (PNG, atomically) and return a Markdown image for the UI."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    data = buffer.getvalue()
+    write_bytes(path, data)
+    encoded = base64.b64encode(data).decode("ascii")
+    return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
+
+
+def line_plot(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None,
+    title: str,
+    ylabel: str,
+    band: tuple[str, str] | None = None,
+) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    groups = frame.groupby(hue) if hue else [("", frame)]
+    for name, group in groups:
+        group = group.sort_values(x)
+        ax.plot(group[x], group[y], marker="o", ms=3, label=str(name) if hue else None)
+        if band:
+            ax.fill_between(group[x], group[band[0]], group[band[1]], alpha=0.15)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if hue:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def heatmap(
+    values: np.ndarray,
+    row_labels: list,
+    col_labels: list,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    center: bool = True,
+) -> plt.Figure:
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.45 * len(col_labels) + 2), max(3.0, 0.3 * len(row_labels) + 1.5))
+    )
+    limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    kwargs = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit} if center else {"cmap": "viridis"}
+    image = ax.imshow(values, aspect="auto", **kwargs)
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=45, fontsize=7)
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def markdown_table(frame: pd.DataFrame, max_rows: int = 20, floatfmt: str = ".4g") -> dg.MetadataValue:
+    shown = frame.head(max_rows)
+    return dg.MetadataValue.md(shown.to_markdown(index=False, floatfmt=floatfmt))

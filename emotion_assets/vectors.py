@@ -1,0 +1,316 @@
+"""Phase 3: emotion directions (mean difference), held-out linear probes and k-dim PCA subspaces."""
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from emotion_assets.activations import activations, load_activations
+from emotion_assets.common import RunConfig, config_metadata, effective_profile
+from emotion_assets.partitions import REGISTRY, model_and_profile, model_profile_partitions
+from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
+from emotion_assets.science.directions import (
+    cosine_matrix,
+    emotion_subspace,
+    linear_probe_by_layer,
+    neutral_subspace,
+)
+from emotion_assets.science.directions import (
+    emotion_vectors as mean_difference_vectors,
+)
+from emotion_assets.timing import timed
+from jobs.jobs import REPRESENTATION_GROUP
+from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
+
+VECTORS_FILE = "vectors.safetensors"
+SUBSPACES_FILE = "subspaces.safetensors"
+NEUTRAL = "neutral"
+
+
+def vector_key(strategy: str, emotion: str) -> str:
+    return f"{strategy}/{emotion}"
+
+
+def load_vectors(store: ArtifactStore, profile: str, model: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``({"strategy/emotion": [n_boundaries, d_model]}, boundaries)`` written by ``emotion_vectors``."""
+    tensors = read_tensors(store.existing(profile, "emotion_vectors", model) / VECTORS_FILE)
+    return tensors, tensors.pop("boundaries").tolist()
+
+
+def load_subspaces(
+    store: ArtifactStore, profile: str, model: str
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``({"strategy/emotion/basis": [n_b, k, d], ".../explained_variance_ratio": [n_b, k]}, boundaries)``."""
+    tensors = read_tensors(store.existing(profile, "emotion_subspaces", model) / SUBSPACES_FILE)
+    return tensors, tensors.pop("boundaries").tolist()
+
+
+def twin_of(model: str) -> str | None:
+    """The random-weight twin registered for ``model`` (its chance curve), if any."""
+    for name, spec in REGISTRY.models.items():
+        if getattr(spec.source, "of", None) == model:
+            return name
+    return None
+
+
+@dg.asset(
+    partitions_def=model_profile_partitions,
+    group_name=REPRESENTATION_GROUP,
+    deps=[activations],
+    kinds={"pytorch", "sklearn"},
+    code_version="1",
+    description="Per emotion × boundary × pooling: mean(train emotion) − mean(train neutral); norms relative "
+    "to the residual norm, the cosine matrix between emotions, and a held-out linear probe per layer.",
+)
+def emotion_vectors(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+) -> dg.MaterializeResult:
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    pooled, index, boundaries = load_activations(store, profile_name, model_name)
+    labels = index["emotion"].tolist()
+    train = (index["split"] == "train").to_numpy()
+    held_out = (index["split"] == "eval").to_numpy()
+    with timed(
+        store.root,
+        phase="3-vectors",
+        asset="emotion_vectors",
+        model=model_name,
+        profile=profile_name,
+        device="cpu",
+        run_id=context.run_id,
+        throughput_unit="boundaries",
+    ) as timing:
+        tensors: dict[str, torch.Tensor] = {}
+        reports, probes, cosines = [], [], []
+        for strategy, acts in pooled.items():  # acts: [n, n_boundaries, d_model]
+            vectors = mean_difference_vectors(acts, labels, train, neutral_label=NEUTRAL)
+            resid_norm = acts[torch.as_tensor(train)].norm(dim=-1).mean(dim=0)  # [n_boundaries]
+            for emotion, vec in vectors.items():
+                tensors[vector_key(strategy, emotion)] = vec
+                norms = vec.norm(dim=-1)  # [n_boundaries]
+                reports.append(
+                    pd.DataFrame(
+                        {
+                            "strategy": strategy,
+                            "emotion": emotion,
+                            "boundary": boundaries,
+                            "norm": norms.numpy(),
+                            "mean_resid_norm": resid_norm.numpy(),
+                            "relative_norm": (norms / resid_norm).numpy(),
+                        }
+                    )
+                )
+            for position, boundary in enumerate(boundaries):
+                cos = cosine_matrix(vectors, position)
+                for a in cos.index:
+                    for b in cos.columns:
+                        cosines.append(
+                            {
+                                "strategy": strategy,
+                                "boundary": boundary,
+                                "emotion_a": a,
+                                "emotion_b": b,
+                                "cosine": float(cos.loc[a, b]),
+                            }
+                        )
+            probe = linear_probe_by_layer(acts, labels, train, held_out, seed=profile.seed)
+            probe["boundary"] = [boundaries[i] for i in probe["boundary"]]
+            probe.insert(0, "strategy", strategy)
+            probes.append(probe)
+        timing.samples = len(boundaries) * len(pooled)
+    report = pd.concat(reports, ignore_index=True)
+    probe_table = pd.concat(probes, ignore_index=True)
+    cosine_table = pd.DataFrame(cosines)
+
+    out = store.directory(profile_name, "emotion_vectors", model_name)
+    tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
+    write_tensors(out / VECTORS_FILE, tensors)
+    write_table(out / "vector_norms.parquet", report, csv=True)
+    write_table(out / "probe_accuracy.parquet", probe_table, csv=True)
+    write_table(out / "cosine_matrix.parquet", cosine_table, csv=True)
+
+    first = profile.pooling[0]
+    curves = probe_table[probe_table["strategy"] == first][["boundary", "accuracy"]].assign(model=model_name)
+    twin = twin_of(model_name)
+    twin_probe_file = (
+        Path(store.root) / profile_name / "emotion_vectors" / str(twin) / "probe_accuracy.parquet"
+    )
+    if twin is not None and twin_probe_file.exists():
+        twin_probe = read_table(twin_probe_file)
+        curves = pd.concat(
+            [
+                curves,
+                twin_probe[twin_probe["strategy"] == first][["boundary", "accuracy"]].assign(
+                    model=f"{twin} (random twin)"
+                ),
+            ]
+        )
+    chance = float(probe_table["chance"].iloc[0])
+    fig = line_plot(
+        curves, "boundary", "accuracy", "model", f"Held-out probe accuracy ({first} pooling)", "accuracy"
+    )
+    fig.axes[0].axhline(chance, color="grey", ls="--", lw=1, label="majority-class chance")
+    probe_plot = save_figure(fig, out / "probe_accuracy_by_layer.png")
+    best = probe_table.loc[probe_table["accuracy"].idxmax()]
+    middle = boundaries[len(boundaries) // 2]
+    cos_mid = cosine_table[(cosine_table["strategy"] == first) & (cosine_table["boundary"] == middle)]
+    cos_wide = cos_mid.pivot(index="emotion_a", columns="emotion_b", values="cosine")
+    cos_plot = save_figure(
+        heatmap(
+            cos_wide.to_numpy(),
+            list(cos_wide.index),
+            list(cos_wide.columns),
+            f"Cosine between emotion vectors (boundary {middle}, {first})",
+            "",
+            "",
+        ),
+        out / "cosine_matrix.png",
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / VECTORS_FILE)),
+            "n_vectors": dg.MetadataValue.int(len(tensors) - 1),
+            "best_probe_accuracy": dg.MetadataValue.float(float(best["accuracy"])),
+            "best_probe_boundary": dg.MetadataValue.int(int(best["boundary"])),
+            "best_probe_strategy": dg.MetadataValue.text(str(best["strategy"])),
+            "probe_chance": dg.MetadataValue.float(chance),
+            "probe_accuracy_by_layer": probe_plot,
+            "cosine_matrix": cos_plot,
+            "norms_preview": markdown_table(
+                report[report["strategy"] == first].sort_values("relative_norm", ascending=False)
+            ),
+            **config_metadata(config),
+            **timing.metadata(),
+        }
+    )
+
+
+@dg.asset_check(asset=emotion_vectors, blocking=True, description="Every vector is finite and non-zero.")
+def emotion_vectors_nonzero(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    model_name, profile_name = model_and_profile(context)
+    vectors, _ = load_vectors(store, profile_name, model_name)
+    zero = [k for k, v in vectors.items() if not torch.isfinite(v).all() or bool((v.norm(dim=-1) == 0).any())]
+    return dg.AssetCheckResult(passed=not zero, metadata={"bad_vectors": zero, "n_vectors": len(vectors)})
+
+
+@dg.asset(
+    partitions_def=model_profile_partitions,
+    group_name=REPRESENTATION_GROUP,
+    deps=[activations],
+    kinds={"pytorch"},
+    code_version="1",
+    description="Per emotion × boundary × pooling: top-k right singular vectors of (train emotion "
+    "activations − train neutral mean), explained variance over the total; plus the neutral PCA subspace.",
+)
+def emotion_subspaces(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+) -> dg.MaterializeResult:
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    pooled, index, boundaries = load_activations(store, profile_name, model_name)
+    labels = index["emotion"].to_numpy()
+    train = (index["split"] == "train").to_numpy()
+    with timed(
+        store.root,
+        phase="3-vectors",
+        asset="emotion_subspaces",
+        model=model_name,
+        profile=profile_name,
+        device="cpu",
+        run_id=context.run_id,
+        throughput_unit="subspaces",
+    ) as timing:
+        tensors: dict[str, torch.Tensor] = {}
+        rows = []
+        for strategy, acts in pooled.items():  # [n, n_boundaries, d_model]
+            x = acts.double().numpy()
+            neutral_rows = train & (labels == NEUTRAL)
+            neutral_mean = x[neutral_rows].mean(axis=0)  # [n_boundaries, d_model]
+            groups = {e: train & (labels == e) for e in sorted(set(labels)) if e != NEUTRAL}
+            k = min(profile.k_max, *(int(m.sum()) for m in [*groups.values(), neutral_rows]))
+            for name, mask in [*groups.items(), (NEUTRAL, neutral_rows)]:
+                bases, ratios = [], []
+                for position in range(len(boundaries)):
+                    if name == NEUTRAL:
+                        basis, ratio = neutral_subspace(x[mask, position], k)
+                    else:
+                        basis, ratio = emotion_subspace(x[mask, position], neutral_mean[position], k)
+                    bases.append(basis)
+                    ratios.append(ratio)
+                tensors[f"{strategy}/{name}/basis"] = torch.stack(bases)  # [n_boundaries, k, d_model]
+                tensors[f"{strategy}/{name}/explained_variance_ratio"] = torch.stack(
+                    ratios
+                )  # [n_boundaries, k]
+                for position, boundary in enumerate(boundaries):
+                    cumulative = np.cumsum(ratios[position].numpy())
+                    rows.extend(
+                        {
+                            "strategy": strategy,
+                            "subspace": name,
+                            "boundary": boundary,
+                            "component": c + 1,
+                            "explained_variance_ratio": float(ratios[position][c]),
+                            "cumulative": float(cumulative[c]),
+                        }
+                        for c in range(k)
+                    )
+        timing.samples = len(rows)
+    table = pd.DataFrame(rows)
+    out = store.directory(profile_name, "emotion_subspaces", model_name)
+    tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
+    write_tensors(out / SUBSPACES_FILE, tensors)
+    write_table(out / "explained_variance.parquet", table, csv=True)
+    first = profile.pooling[0]
+    total = table[(table["strategy"] == first) & (table["component"] == table["component"].max())]
+    plot = save_figure(
+        line_plot(
+            total,
+            "boundary",
+            "cumulative",
+            "subspace",
+            f"Variance explained by the top-{int(table['component'].max())} subspace ({first})",
+            "cumulative ratio of total variance",
+        ),
+        out / "explained_variance_by_layer.png",
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / SUBSPACES_FILE)),
+            "k": dg.MetadataValue.int(int(table["component"].max())),
+            "n_subspaces": dg.MetadataValue.int(sum(1 for key in tensors if key.endswith("/basis"))),
+            "explained_variance_by_layer": plot,
+            "preview": markdown_table(total.sort_values("cumulative", ascending=False)),
+            **config_metadata(config),
+            **timing.metadata(),
+        }
+    )
+
+
+@dg.asset_check(
+    asset=emotion_subspaces,
+    blocking=True,
+    description="Every basis is orthonormal (B Bᵀ = I) "
+    "and the variance ratios lie in [0, 1] and sum to at most 1.",
+)
+def emotion_subspaces_orthonormal(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    model_name, profile_name = model_and_profile(context)
+    tensors, _ = load_subspaces(store, profile_name, model_name)
+    worst = 0.0
+    bad_ratios = []
+    for key, value in tensors.items():
+        if key.endswith("/basis"):
+            gram = value.double() @ value.double().transpose(-1, -2)  # [n_boundaries, k, k]
+            worst = max(worst, float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype)).abs().max()))
+        elif ((value < -1e-6) | (value.sum(-1, keepdim=True) > 1 + 1e-5)).any():
+            bad_ratios.append(key)
+    return dg.AssetCheckResult(
+        passed=worst < 1e-4 and not bad_ratios,
+        metadata={"max_orthonormality_error": worst, "bad_variance_ratios": bad_ratios},
+    )
