@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 import numpy as np
 import pandas as pd
 import torch
@@ -100,7 +101,13 @@ def _json_default(value: Any) -> Any:
 class ArtifactStore(dg.ConfigurableResource):
     """Where assets write their artifacts: ``<root>/<profile>/<asset>/<partition>/``."""
 
-    root: str = default_results_root()
+    root_dir: str = Field(
+        default="", description="Results folder; empty = $EMOTION_RESULTS_DIR or <project>/results."
+    )
+
+    @property
+    def root(self) -> str:
+        return self.root_dir or default_results_root()
 
     def directory(self, profile: str, asset: str, partition: str | None = None) -> Path:
         path = Path(self.root) / profile / asset

@@ -271,6 +271,16 @@ _INDIRECT_RE = _phrases("could you|would you|would you mind|might you|could we|w
 _SUBJUNCTIVE_RE = _phrases(
     "i would|i'd|it would|that would|we would|if you could|if you would|i was wondering"
 )
+_FORMAL_RE = _phrases(
+    "would like to|i'd like to|on behalf of|please accept|allow me|i am writing|i'm writing|we regret|"
+    "kindly|your patience|your understanding|your kind|at your earliest|may i|do let me know|"
+    "please let me know|i wish to|we wish to|inform you|with respect|i'm afraid|i am afraid|"
+    "owe you an apology|personally"
+)
+_INTENSIFIED_RE = _phrases(
+    "sincere|sincerely|truly|deeply|so much|very much|really appreciate|heartfelt|wholeheartedly|"
+    "from the bottom of|most grateful|extremely grateful|very grateful|genuinely"
+)
 _NEGATIVE_RE = _phrases(
     r"stupid(?:ity)?|idiot(?:s|ic)?|dumb|morons?|useless|pathetic|ridiculous|incompetent|worthless|hate[sd]?|"
     r"shut up|nonsense|garbage|trash|losers?|disgusting|lazy|liars?|fool(?:s|ish)?|awful|terrible|horrible|"
@@ -302,6 +312,8 @@ POLITENESS_FEATURES: tuple[PolitenessFeature, ...] = (
     PolitenessFeature("indirect_request", 0.8, "could you, would you (mind), would it be possible"),
     PolitenessFeature("subjunctive", 0.5, "I would, I'd, it would, if you could, I was wondering"),
     PolitenessFeature("greeting", 0.4, "a sentence starting with hi/hello/hey/dear/good morning"),
+    PolitenessFeature("formal_register", 0.6, "would like to, on behalf of, please accept, kindly, ..."),
+    PolitenessFeature("intensified_courtesy", 0.4, "sincerely, truly, deeply, so much, very much, ..."),
     PolitenessFeature("direct_question", -0.3, "a question starting with what/why/who/where/when/how/which"),
     PolitenessFeature("second_person_start", -0.5, "a sentence starting with you/your"),
     PolitenessFeature(
@@ -331,6 +343,8 @@ class PolitenessScorer:
     indirect_request          +0.8     could you, would you (mind), would it be possible
     subjunctive               +0.5     I would, I'd, it would, if you could, I was wondering
     greeting                  +0.4     sentence starting with hi/hello/hey/dear/good morning
+    formal_register           +0.6     would like to, on behalf of, please accept, kindly, your patience
+    intensified_courtesy      +0.4     sincerely, truly, deeply, so much, very much, heartfelt
     direct_question           -0.3     question starting with what/why/who/where/when/how/which
     second_person_start       -0.5     sentence starting with you/your
     imperative_start          -0.8     non-question sentence starting with a bare command verb (give, tell)
@@ -338,7 +352,7 @@ class PolitenessScorer:
     swearing                  -1.5     damn, hell, crap, ...
     ========================  =======  ============================================================
 
-    ``politeness_raw`` therefore lies in [-4.1, 5.5]; ``features_frame(texts)`` returns the indicators.
+    ``politeness_raw`` therefore lies in [-4.1, 6.5]; ``features_frame(texts)`` returns the indicators.
     ``features`` may reweight these strategies (same names); it cannot add new ones.
     """
 
@@ -390,6 +404,8 @@ class PolitenessScorer:
             "indirect_request": bool(_INDIRECT_RE.search(norm)),
             "subjunctive": bool(_SUBJUNCTIVE_RE.search(norm)),
             "greeting": greeting,
+            "formal_register": bool(_FORMAL_RE.search(norm)),
+            "intensified_courtesy": bool(_INTENSIFIED_RE.search(norm)),
             "direct_question": direct_question,
             "second_person_start": second_start,
             "imperative_start": imperative,
