@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from emotion_assets.registry import PROJECT_ROOT
