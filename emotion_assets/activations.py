@@ -8,19 +8,19 @@ from emotion_assets.common import (
     RunConfig,
     all_emotion_words,
     check_layers_exist,
-    config_metadata,
     effective_profile,
     limit_for_run,
     load_dataset,
+    recorded,
 )
 from emotion_assets.dataset import emotion_dataset
 from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import line_plot, save_figure
 from emotion_assets.profiles import Profile
-from emotion_assets.timing import timed
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
+from resources.tracking import TrackingResource
 
 ACTIVATIONS_FILE = "activations.safetensors"
 INDEX_FILE = "index.parquet"
@@ -55,7 +55,11 @@ def load_activations(
     "per prompt over real tokens: last, mean, emotion_tokens. [n_prompts, n_boundaries, d_model] per strategy.",
 )
 def activations(
-    context: dg.AssetExecutionContext, config: RunConfig, models: ModelResource, store: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    models: ModelResource,
+    store: ArtifactStore,
+    tracking: TrackingResource,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
@@ -65,16 +69,17 @@ def activations(
         torch.set_num_threads(config.n_jobs)
     prompts = limit_for_run(load_dataset(store, profile_name), profile)
     boundaries = capture_boundaries(profile, handle)
-    with timed(
-        store.root,
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="2-activations",
-        asset="activations",
         model=model_name,
-        profile=profile_name,
+        profile=profile,
         device=str(handle.device),
-        run_id=context.run_id,
+        config=config,
         throughput_unit="tokens",
-    ) as timing:
+    ) as rec:
         result = handle.extract(
             prompts["text"].tolist(),
             boundaries=boundaries,
@@ -82,35 +87,37 @@ def activations(
             emotion_words=all_emotion_words(),
             batch_size=profile.batch_size,
         )
-        timing.samples = int(result.n_tokens.sum())
+        rec.timing.samples = int(result.n_tokens.sum())
 
-    out = store.directory(profile_name, "activations", model_name)
-    tensors = {**result.pooled, "boundaries": torch.tensor(boundaries, dtype=torch.int64)}
-    write_tensors(
-        out / ACTIVATIONS_FILE, tensors, metadata={"boundary_names": ",".join(result.boundary_names)}
-    )
-    index = prompts[["id", "emotion", "split", "register"]].copy()
-    index["n_tokens"] = result.n_tokens.numpy()
-    index["emotion_token_fallback"] = result.emotion_fallback.numpy()
-    write_table(out / INDEX_FILE, index)
+        out = store.directory(profile_name, "activations", model_name)
 
-    reference = result.pooled[profile.pooling[0]]  # [n, n_boundaries, d_model]
-    norms = pd.DataFrame(
-        {"boundary": boundaries, "mean_residual_norm": reference.norm(dim=-1).mean(dim=0).numpy()}
-    )
-    write_table(out / "residual_norms.parquet", norms)
-    plot = save_figure(
-        line_plot(
-            norms,
-            "boundary",
-            "mean_residual_norm",
-            None,
-            f"{model_name}: mean residual norm ({profile.pooling[0]} pooling)",
-            "‖resid‖",
-        ),
-        out / "residual_norm_by_layer.png",
-    )
-    n_bytes = sum(t.numel() * t.element_size() for t in result.pooled.values())
+        rec.artifacts(out)
+        tensors = {**result.pooled, "boundaries": torch.tensor(boundaries, dtype=torch.int64)}
+        write_tensors(
+            out / ACTIVATIONS_FILE, tensors, metadata={"boundary_names": ",".join(result.boundary_names)}
+        )
+        index = prompts[["id", "emotion", "split", "register"]].copy()
+        index["n_tokens"] = result.n_tokens.numpy()
+        index["emotion_token_fallback"] = result.emotion_fallback.numpy()
+        write_table(out / INDEX_FILE, index)
+
+        reference = result.pooled[profile.pooling[0]]  # [n, n_boundaries, d_model]
+        norms = pd.DataFrame(
+            {"boundary": boundaries, "mean_residual_norm": reference.norm(dim=-1).mean(dim=0).numpy()}
+        )
+        write_table(out / "residual_norms.parquet", norms)
+        plot = save_figure(
+            line_plot(
+                norms,
+                "boundary",
+                "mean_residual_norm",
+                None,
+                f"{model_name}: mean residual norm ({profile.pooling[0]} pooling)",
+                "‖resid‖",
+            ),
+            out / "residual_norm_by_layer.png",
+        )
+        n_bytes = sum(t.numel() * t.element_size() for t in result.pooled.values())
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / ACTIVATIONS_FILE)),
@@ -120,11 +127,10 @@ def activations(
             "boundary_names": dg.MetadataValue.json(result.boundary_names),
             "bytes": dg.MetadataValue.int(n_bytes),
             "dg.row_count": dg.MetadataValue.int(len(index)),
-            "tokens_per_s": dg.MetadataValue.float(round(timing.throughput_per_s, 1)),
+            "tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
             "emotion_token_fallbacks": dg.MetadataValue.int(int(index["emotion_token_fallback"].sum())),
             "residual_norm_by_layer": plot,
-            **config_metadata(config),
-            **timing.metadata(),
+            **rec.metadata(),
         }
     )
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,10 @@ from pydantic import Field, field_validator
 
 from emotion_assets.profiles import Profile, get_profile
 from emotion_assets.registry import DATA_DIR
+from emotion_assets.timing import TimingRecord, timed
 from resources.device import available_devices
 from resources.storage import ArtifactStore, read_table
+from resources.tracking import TrackedRun, TrackingResource
 
 EMOTION_WORDS_PATH = DATA_DIR / "emotion_words.yaml"
 DATASET_ASSET = "emotion_dataset"
@@ -131,3 +136,76 @@ def all_emotion_words(path: Path = EMOTION_WORDS_PATH) -> list[str]:
 
 def json_metadata(payload: Any) -> dg.MetadataValue:
     return dg.MetadataValue.json(json.loads(json.dumps(payload, default=str)))
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"prefix.a.b": 1}`` (lists kept as JSON strings), for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, list | tuple) else value}
+
+
+@dataclass
+class Recorder:
+    """Timing record + MLflow run of one materialization; ``metadata()`` is merged into the result."""
+
+    timing: TimingRecord
+    tracked: TrackedRun
+    config: RunConfig | None
+
+    def metrics(self, **values: Any) -> None:
+        self.tracked.log_metrics(values)
+
+    def artifacts(self, *paths: Path) -> None:
+        self.tracked.log_artifacts(*paths)
+
+    def metadata(self) -> dict[str, dg.MetadataValue]:
+        return {**self.timing.metadata(), **self.tracked.metadata(), **config_metadata(self.config)}
+
+
+@contextlib.contextmanager
+def recorded(
+    context: dg.AssetExecutionContext,
+    *,
+    tracking: TrackingResource,
+    store: ArtifactStore,
+    phase: str,
+    model: str,
+    profile: Profile,
+    device: str,
+    config: RunConfig | None,
+    throughput_unit: str = "samples",
+) -> Iterator[Recorder]:
+    """Time the body, append the timing row, and log params / metrics / artifacts to one MLflow run."""
+    asset = context.asset_key.to_user_string()
+    params = {
+        "asset": asset,
+        "model": model,
+        "profile": profile.name,
+        "device": device,
+        **flatten("config", config.overrides() if config else {}),
+        **flatten("profile", profile.model_dump(exclude={"name", "description"})),
+    }
+    with tracking.track(context, asset, params=params) as tracked:
+        with timed(
+            store.root,
+            phase=phase,
+            asset=asset,
+            model=model,
+            profile=profile.name,
+            device=device,
+            run_id=context.run_id,
+            throughput_unit=throughput_unit,
+        ) as timing:
+            recorder = Recorder(timing=timing, tracked=tracked, config=config)
+            yield recorder
+        tracked.log_metrics(
+            {
+                "elapsed_s": timing.elapsed_s,
+                f"{throughput_unit}_per_s": timing.throughput_per_s,
+                "peak_memory_mb": timing.peak_memory_mb,
+            }
+        )

@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from emotion_assets.common import RunConfig, config_metadata, effective_profile, load_dataset
+from emotion_assets.common import RunConfig, effective_profile, load_dataset, recorded
 from emotion_assets.partitions import profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.prompts import (
@@ -18,10 +18,10 @@ from emotion_assets.science.prompts import (
     normalize_text,
 )
 from emotion_assets.science.text_scoring import binary_auroc, classification_quality
-from emotion_assets.timing import timed
 from jobs.jobs import DATASET_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.storage import ArtifactStore, write_json, write_table
+from resources.tracking import TrackingResource
 
 EMOTION_COLUMNS = {emotion: f"emotion_{emotion}" for emotion in EMOTIONS}
 
@@ -47,20 +47,21 @@ def file_sha256(path) -> str:
     "into train (fit) and eval (held out).",
 )
 def emotion_dataset(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
 ) -> dg.MaterializeResult:
     profile = effective_profile(context.partition_key, config)
     source = profile.dataset.resolved_path()
-    with timed(
-        store.root,
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="1-dataset",
-        asset="emotion_dataset",
         model="-",
-        profile=profile.name,
+        profile=profile,
         device="cpu",
-        run_id=context.run_id,
+        config=config,
         throughput_unit="prompts",
-    ) as timing:
+    ) as rec:
         frame = load_prompts(source, max_imbalance_ratio=profile.dataset.max_imbalance_ratio)
         frame = assign_splits(frame, eval_fraction=profile.dataset.eval_fraction, seed=profile.seed)
         if profile.samples_per_emotion is not None:
@@ -68,16 +69,20 @@ def emotion_dataset(
         frame = frame.sort_values(["emotion", "split", "id"]).reset_index(drop=True)
         frame["n_words"] = frame["text"].str.split().str.len()
         summary = dataset_summary(frame)
-        timing.samples = len(frame)
+        rec.timing.samples = len(frame)
 
-    out = store.directory(profile.name, "emotion_dataset")
-    columns = ["id", "text", "emotion", "lang", "register", "split", "n_words"]
-    write_table(out / "prompts.parquet", frame[columns], csv=True)
-    source_sha = file_sha256(source)
-    write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
+        out = store.directory(profile.name, "emotion_dataset")
 
-    counts = frame.pivot_table(index="emotion", columns="split", values="id", aggfunc="count", fill_value=0)
-    counts = counts.reset_index()
+        rec.artifacts(out)
+        columns = ["id", "text", "emotion", "lang", "register", "split", "n_words"]
+        write_table(out / "prompts.parquet", frame[columns], csv=True)
+        source_sha = file_sha256(source)
+        write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
+
+        counts = frame.pivot_table(
+            index="emotion", columns="split", values="id", aggfunc="count", fill_value=0
+        )
+        counts = counts.reset_index()
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / "prompts.parquet")),
@@ -93,8 +98,7 @@ def emotion_dataset(
                     n=min(12, len(frame)), random_state=profile.seed
                 )
             ),
-            **config_metadata(config),
-            **timing.metadata(),
+            **rec.metadata(),
         },
         data_version=dg.DataVersion(source_sha[:16] + f"-{profile.seed}-{profile.samples_per_emotion}"),
     )
@@ -163,89 +167,107 @@ def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFr
     description="How well each evaluator recovers the eval split's labels: accuracy, macro-F1, AUROC.",
 )
 def evaluator_quality(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, evaluators: EvaluatorResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    evaluators: EvaluatorResource,
+    tracking: TrackingResource,
 ) -> dg.MaterializeResult:
     profile = effective_profile(context.partition_key, config)
     frame = load_dataset(store, profile.name)
     evaluation = frame[frame["split"] == "eval"].reset_index(drop=True)
-    with timed(
-        store.root,
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="1-dataset",
-        asset="evaluator_quality",
         model="-",
-        profile=profile.name,
+        profile=profile,
         device=evaluators.device,
-        run_id=context.run_id,
+        config=config,
         throughput_unit="texts",
-    ) as timing:
+    ) as rec:
         suite = evaluator_suite_for(evaluators, profile, frame)
         scores = suite.score(evaluation["text"].tolist())
-        timing.samples = len(evaluation)
+        rec.timing.samples = len(evaluation)
 
-    quality = classification_quality(evaluation["emotion"].tolist(), scores, EMOTION_COLUMNS)
-    by_emotion = {e: scores.loc[evaluation["emotion"] == e] for e in EMOTIONS}
-    by_register = {r: scores.loc[evaluation["register"] == r] for r in evaluation["register"].unique()}
-    rows = [
-        {"evaluator": "emotions (embedded classifier)", "metric": "accuracy", "value": quality["accuracy"]},
-        {"evaluator": "emotions (embedded classifier)", "metric": "macro_f1", "value": quality["macro_f1"]},
-        *[
-            {"evaluator": "emotions (embedded classifier)", "metric": f"auroc_{e}", "value": v}
-            for e, v in quality["auroc"].items()
-        ],
-        {
-            "evaluator": "sentiment (vader)",
-            "metric": "auroc_gratitude_vs_anger",
-            "value": binary_auroc(
-                by_emotion["gratitude"]["sentiment_compound"], by_emotion["anger"]["sentiment_compound"]
-            ),
-        },
-        {
-            "evaluator": "emotions (nrc lexicon)",
-            "metric": "auroc_anger_vs_rest",
-            "value": binary_auroc(
-                by_emotion["anger"]["nrc_anger"], scores.loc[evaluation["emotion"] != "anger", "nrc_anger"]
-            ),
-        },
-    ]
-    if "polite" in by_register and "direct" in by_register:
-        rows += [
+        quality = classification_quality(evaluation["emotion"].tolist(), scores, EMOTION_COLUMNS)
+        by_emotion = {e: scores.loc[evaluation["emotion"] == e] for e in EMOTIONS}
+        by_register = {r: scores.loc[evaluation["register"] == r] for r in evaluation["register"].unique()}
+        rows = [
             {
-                "evaluator": "politeness (strategies)",
-                "metric": "auroc_polite_vs_direct_register",
+                "evaluator": "emotions (embedded classifier)",
+                "metric": "accuracy",
+                "value": quality["accuracy"],
+            },
+            {
+                "evaluator": "emotions (embedded classifier)",
+                "metric": "macro_f1",
+                "value": quality["macro_f1"],
+            },
+            *[
+                {"evaluator": "emotions (embedded classifier)", "metric": f"auroc_{e}", "value": v}
+                for e, v in quality["auroc"].items()
+            ],
+            {
+                "evaluator": "sentiment (vader)",
+                "metric": "auroc_gratitude_vs_anger",
                 "value": binary_auroc(
-                    by_register["polite"]["politeness"], by_register["direct"]["politeness"]
+                    by_emotion["gratitude"]["sentiment_compound"], by_emotion["anger"]["sentiment_compound"]
                 ),
             },
             {
-                "evaluator": "politeness (strategies)",
-                "metric": "mean_polite_minus_direct",
-                "value": float(
-                    by_register["polite"]["politeness"].mean() - by_register["direct"]["politeness"].mean()
+                "evaluator": "emotions (nrc lexicon)",
+                "metric": "auroc_anger_vs_rest",
+                "value": binary_auroc(
+                    by_emotion["anger"]["nrc_anger"],
+                    scores.loc[evaluation["emotion"] != "anger", "nrc_anger"],
                 ),
             },
         ]
-    table = pd.DataFrame(rows)
-    table["value"] = table["value"].astype(float)
+        if "polite" in by_register and "direct" in by_register:
+            rows += [
+                {
+                    "evaluator": "politeness (strategies)",
+                    "metric": "auroc_polite_vs_direct_register",
+                    "value": binary_auroc(
+                        by_register["polite"]["politeness"], by_register["direct"]["politeness"]
+                    ),
+                },
+                {
+                    "evaluator": "politeness (strategies)",
+                    "metric": "mean_polite_minus_direct",
+                    "value": float(
+                        by_register["polite"]["politeness"].mean()
+                        - by_register["direct"]["politeness"].mean()
+                    ),
+                },
+            ]
+        table = pd.DataFrame(rows)
+        table["value"] = table["value"].astype(float)
 
-    out = store.directory(profile.name, "evaluator_quality")
-    write_table(out / "quality.parquet", table, csv=True)
-    write_table(
-        out / "eval_scores.parquet", pd.concat([evaluation[["id", "emotion", "register"]], scores], axis=1)
-    )
-    write_json(out / "quality.json", {**quality, "null_reasons": suite.null_reasons})
-    confusion = np.asarray(quality["confusion_matrix"], dtype=float)
-    plot = save_figure(
-        heatmap(
-            confusion,
-            list(EMOTION_COLUMNS),
-            list(EMOTION_COLUMNS),
-            "Embedded emotion classifier (eval split)",
-            "predicted",
-            "true",
-            center=False,
-        ),
-        out / "confusion_matrix.png",
-    )
+        out = store.directory(profile.name, "evaluator_quality")
+
+        rec.artifacts(out)
+        write_table(out / "quality.parquet", table, csv=True)
+        write_table(
+            out / "eval_scores.parquet",
+            pd.concat([evaluation[["id", "emotion", "register"]], scores], axis=1),
+        )
+        write_json(out / "quality.json", {**quality, "null_reasons": suite.null_reasons})
+        confusion = np.asarray(quality["confusion_matrix"], dtype=float)
+        plot = save_figure(
+            heatmap(
+                confusion,
+                list(EMOTION_COLUMNS),
+                list(EMOTION_COLUMNS),
+                "Embedded emotion classifier (eval split)",
+                "predicted",
+                "true",
+                center=False,
+            ),
+            out / "confusion_matrix.png",
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -254,7 +276,6 @@ def evaluator_quality(
             "confusion_matrix": plot,
             "null_metrics": dg.MetadataValue.json(suite.null_reasons),
             "n_eval_prompts": dg.MetadataValue.int(len(evaluation)),
-            **config_metadata(config),
-            **timing.metadata(),
+            **rec.metadata(),
         }
     )

@@ -7,6 +7,7 @@ from jobs.jobs import ALL_JOBS
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import ArtifactStore, NoPickleIOManager
+from resources.tracking import TrackingResource
 
 ASSET_MODULES = [dataset, model_card, activations, vectors]
 
@@ -18,6 +19,7 @@ defs = dg.Definitions(
         "models": ModelResource(),
         "evaluators": EvaluatorResource(),
         "store": ArtifactStore(),
+        "tracking": TrackingResource(),
         "io_manager": NoPickleIOManager(),
     },
 )

@@ -3,11 +3,12 @@
 import dagster as dg
 import torch
 
+from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.partitions import model_and_profile, model_profile_partitions
-from emotion_assets.timing import timed
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, write_json
+from resources.tracking import TrackingResource
 
 SAMPLE_PROMPT = "The most surprising thing about the weather today is"
 
@@ -28,25 +29,33 @@ def sample_generation(handle: ModelHandle, prompt: str = SAMPLE_PROMPT, max_new_
     description="Geometry, parameter count, dtype, device, load time, provenance and a sample generation.",
 )
 def model_card(
-    context: dg.AssetExecutionContext, models: ModelResource, store: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    models: ModelResource,
+    store: ArtifactStore,
+    tracking: TrackingResource,
 ) -> dg.MaterializeResult:
-    model_name, profile = model_and_profile(context)
-    handle = models.get(model_name)
-    with timed(
-        store.root,
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    handle = models.get(model_name, device=config.device)
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="foundation",
-        asset="model_card",
         model=model_name,
         profile=profile,
         device=str(handle.device),
-        run_id=context.run_id,
-    ) as timing:
+        config=config,
+        throughput_unit="samples",
+    ) as rec:
         card = handle.describe()
         card["sample_prompt"] = SAMPLE_PROMPT if handle.spec.can_generate else ""
         card["sample_generation"] = sample_generation(handle) if handle.spec.can_generate else ""
-        timing.samples = 1
-    path = write_json(store.directory(profile, "model_card", model_name) / "model_card.json", card)
-    table = "\n".join(["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()])
+        rec.timing.samples = 1
+        path = write_json(store.directory(profile_name, "model_card", model_name) / "model_card.json", card)
+        rec.artifacts(path)
+        table = "\n".join(["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()])
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
@@ -56,6 +65,6 @@ def model_card(
             "sample_generation": dg.MetadataValue.text(
                 card["sample_generation"] or "(encoder: no generation)"
             ),
-            **timing.metadata(),
+            **rec.metadata(),
         }
     )

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import activations, load_activations
-from emotion_assets.common import RunConfig, config_metadata, effective_profile
+from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.partitions import REGISTRY, model_and_profile, model_profile_partitions
 from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
 from emotion_assets.science.directions import (
@@ -20,9 +20,9 @@ from emotion_assets.science.directions import (
 from emotion_assets.science.directions import (
     emotion_vectors as mean_difference_vectors,
 )
-from emotion_assets.timing import timed
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
+from resources.tracking import TrackingResource
 
 VECTORS_FILE = "vectors.safetensors"
 SUBSPACES_FILE = "subspaces.safetensors"
@@ -65,7 +65,7 @@ def twin_of(model: str) -> str | None:
     "to the residual norm, the cosine matrix between emotions, and a held-out linear probe per layer.",
 )
 def emotion_vectors(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
@@ -73,16 +73,17 @@ def emotion_vectors(
     labels = index["emotion"].tolist()
     train = (index["split"] == "train").to_numpy()
     held_out = (index["split"] == "eval").to_numpy()
-    with timed(
-        store.root,
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="3-vectors",
-        asset="emotion_vectors",
         model=model_name,
-        profile=profile_name,
+        profile=profile,
         device="cpu",
-        run_id=context.run_id,
+        config=config,
         throughput_unit="boundaries",
-    ) as timing:
+    ) as rec:
         tensors: dict[str, torch.Tensor] = {}
         reports, probes, cosines = [], [], []
         for strategy, acts in pooled.items():  # acts: [n, n_boundaries, d_model]
@@ -120,55 +121,59 @@ def emotion_vectors(
             probe["boundary"] = [boundaries[i] for i in probe["boundary"]]
             probe.insert(0, "strategy", strategy)
             probes.append(probe)
-        timing.samples = len(boundaries) * len(pooled)
-    report = pd.concat(reports, ignore_index=True)
-    probe_table = pd.concat(probes, ignore_index=True)
-    cosine_table = pd.DataFrame(cosines)
+        rec.timing.samples = len(boundaries) * len(pooled)
+        report = pd.concat(reports, ignore_index=True)
+        probe_table = pd.concat(probes, ignore_index=True)
+        cosine_table = pd.DataFrame(cosines)
 
-    out = store.directory(profile_name, "emotion_vectors", model_name)
-    tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
-    write_tensors(out / VECTORS_FILE, tensors)
-    write_table(out / "vector_norms.parquet", report, csv=True)
-    write_table(out / "probe_accuracy.parquet", probe_table, csv=True)
-    write_table(out / "cosine_matrix.parquet", cosine_table, csv=True)
+        out = store.directory(profile_name, "emotion_vectors", model_name)
 
-    first = profile.pooling[0]
-    curves = probe_table[probe_table["strategy"] == first][["boundary", "accuracy"]].assign(model=model_name)
-    twin = twin_of(model_name)
-    twin_probe_file = (
-        Path(store.root) / profile_name / "emotion_vectors" / str(twin) / "probe_accuracy.parquet"
-    )
-    if twin is not None and twin_probe_file.exists():
-        twin_probe = read_table(twin_probe_file)
-        curves = pd.concat(
-            [
-                curves,
-                twin_probe[twin_probe["strategy"] == first][["boundary", "accuracy"]].assign(
-                    model=f"{twin} (random twin)"
-                ),
-            ]
+        rec.artifacts(out)
+        tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
+        write_tensors(out / VECTORS_FILE, tensors)
+        write_table(out / "vector_norms.parquet", report, csv=True)
+        write_table(out / "probe_accuracy.parquet", probe_table, csv=True)
+        write_table(out / "cosine_matrix.parquet", cosine_table, csv=True)
+
+        first = profile.pooling[0]
+        curves = probe_table[probe_table["strategy"] == first][["boundary", "accuracy"]].assign(
+            model=model_name
         )
-    chance = float(probe_table["chance"].iloc[0])
-    fig = line_plot(
-        curves, "boundary", "accuracy", "model", f"Held-out probe accuracy ({first} pooling)", "accuracy"
-    )
-    fig.axes[0].axhline(chance, color="grey", ls="--", lw=1, label="majority-class chance")
-    probe_plot = save_figure(fig, out / "probe_accuracy_by_layer.png")
-    best = probe_table.loc[probe_table["accuracy"].idxmax()]
-    middle = boundaries[len(boundaries) // 2]
-    cos_mid = cosine_table[(cosine_table["strategy"] == first) & (cosine_table["boundary"] == middle)]
-    cos_wide = cos_mid.pivot(index="emotion_a", columns="emotion_b", values="cosine")
-    cos_plot = save_figure(
-        heatmap(
-            cos_wide.to_numpy(),
-            list(cos_wide.index),
-            list(cos_wide.columns),
-            f"Cosine between emotion vectors (boundary {middle}, {first})",
-            "",
-            "",
-        ),
-        out / "cosine_matrix.png",
-    )
+        twin = twin_of(model_name)
+        twin_probe_file = (
+            Path(store.root) / profile_name / "emotion_vectors" / str(twin) / "probe_accuracy.parquet"
+        )
+        if twin is not None and twin_probe_file.exists():
+            twin_probe = read_table(twin_probe_file)
+            curves = pd.concat(
+                [
+                    curves,
+                    twin_probe[twin_probe["strategy"] == first][["boundary", "accuracy"]].assign(
+                        model=f"{twin} (random twin)"
+                    ),
+                ]
+            )
+        chance = float(probe_table["chance"].iloc[0])
+        fig = line_plot(
+            curves, "boundary", "accuracy", "model", f"Held-out probe accuracy ({first} pooling)", "accuracy"
+        )
+        fig.axes[0].axhline(chance, color="grey", ls="--", lw=1, label="majority-class chance")
+        probe_plot = save_figure(fig, out / "probe_accuracy_by_layer.png")
+        best = probe_table.loc[probe_table["accuracy"].idxmax()]
+        middle = boundaries[len(boundaries) // 2]
+        cos_mid = cosine_table[(cosine_table["strategy"] == first) & (cosine_table["boundary"] == middle)]
+        cos_wide = cos_mid.pivot(index="emotion_a", columns="emotion_b", values="cosine")
+        cos_plot = save_figure(
+            heatmap(
+                cos_wide.to_numpy(),
+                list(cos_wide.index),
+                list(cos_wide.columns),
+                f"Cosine between emotion vectors (boundary {middle}, {first})",
+                "",
+                "",
+            ),
+            out / "cosine_matrix.png",
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / VECTORS_FILE)),
@@ -182,8 +187,7 @@ def emotion_vectors(
             "norms_preview": markdown_table(
                 report[report["strategy"] == first].sort_values("relative_norm", ascending=False)
             ),
-            **config_metadata(config),
-            **timing.metadata(),
+            **rec.metadata(),
         }
     )
 
@@ -208,23 +212,24 @@ def emotion_vectors_nonzero(
     "activations − train neutral mean), explained variance over the total; plus the neutral PCA subspace.",
 )
 def emotion_subspaces(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
     pooled, index, boundaries = load_activations(store, profile_name, model_name)
     labels = index["emotion"].to_numpy()
     train = (index["split"] == "train").to_numpy()
-    with timed(
-        store.root,
+    with recorded(
+        context,
+        tracking=tracking,
+        store=store,
         phase="3-vectors",
-        asset="emotion_subspaces",
         model=model_name,
-        profile=profile_name,
+        profile=profile,
         device="cpu",
-        run_id=context.run_id,
+        config=config,
         throughput_unit="subspaces",
-    ) as timing:
+    ) as rec:
         tensors: dict[str, torch.Tensor] = {}
         rows = []
         for strategy, acts in pooled.items():  # [n, n_boundaries, d_model]
@@ -259,25 +264,26 @@ def emotion_subspaces(
                         }
                         for c in range(k)
                     )
-        timing.samples = len(rows)
-    table = pd.DataFrame(rows)
-    out = store.directory(profile_name, "emotion_subspaces", model_name)
-    tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
-    write_tensors(out / SUBSPACES_FILE, tensors)
-    write_table(out / "explained_variance.parquet", table, csv=True)
-    first = profile.pooling[0]
-    total = table[(table["strategy"] == first) & (table["component"] == table["component"].max())]
-    plot = save_figure(
-        line_plot(
-            total,
-            "boundary",
-            "cumulative",
-            "subspace",
-            f"Variance explained by the top-{int(table['component'].max())} subspace ({first})",
-            "cumulative ratio of total variance",
-        ),
-        out / "explained_variance_by_layer.png",
-    )
+        rec.timing.samples = len(rows)
+        table = pd.DataFrame(rows)
+        out = store.directory(profile_name, "emotion_subspaces", model_name)
+        rec.artifacts(out)
+        tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
+        write_tensors(out / SUBSPACES_FILE, tensors)
+        write_table(out / "explained_variance.parquet", table, csv=True)
+        first = profile.pooling[0]
+        total = table[(table["strategy"] == first) & (table["component"] == table["component"].max())]
+        plot = save_figure(
+            line_plot(
+                total,
+                "boundary",
+                "cumulative",
+                "subspace",
+                f"Variance explained by the top-{int(table['component'].max())} subspace ({first})",
+                "cumulative ratio of total variance",
+            ),
+            out / "explained_variance_by_layer.png",
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / SUBSPACES_FILE)),
@@ -285,8 +291,7 @@ def emotion_subspaces(
             "n_subspaces": dg.MetadataValue.int(sum(1 for key in tensors if key.endswith("/basis"))),
             "explained_variance_by_layer": plot,
             "preview": markdown_table(total.sort_values("cumulative", ascending=False)),
-            **config_metadata(config),
-            **timing.metadata(),
+            **rec.metadata(),
         }
     )
 

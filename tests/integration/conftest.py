@@ -15,6 +15,7 @@ MODEL = "smollm2-135m"
 @dataclass
 class SmokeStudy:
     results: Path
+    tracking_uri: str
     instance: DagsterInstance
     runs: dict[str, object]
     load_counts: dict[str, int]
@@ -26,6 +27,8 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> SmokeStudy:
     results = tmp_path_factory.mktemp("smoke-results")
     mp = pytest.MonkeyPatch()
     mp.setenv("EMOTION_RESULTS_DIR", str(results))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results.parent / 'mlflow.db'}")
+    mp.setenv("EMOTION_MLFLOW_ARTIFACTS", str(results.parent / "mlartifacts"))
     from emotion_assets.definitions import defs
     from jobs.jobs import STUDY_PLAN
     from resources.models import LOAD_COUNTS, clear_model_cache
@@ -40,5 +43,11 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> SmokeStudy:
         assert result.success, job_name
         runs[job_name] = result
     counts = {k: LOAD_COUNTS[k] - before.get(k, 0) for k in LOAD_COUNTS}
-    yield SmokeStudy(results=results, instance=instance, runs=runs, load_counts=counts)
+    yield SmokeStudy(
+        results=results,
+        tracking_uri=f"sqlite:///{results.parent / 'mlflow.db'}",
+        instance=instance,
+        runs=runs,
+        load_counts=counts,
+    )
     mp.undo()

@@ -70,3 +70,23 @@ def test_timing_records_every_phase(smoke_study):
     timings = pd.read_parquet(smoke_study.results / SMOKE / "run_timings.parquet")
     assert {"emotion_dataset", "activations", "emotion_vectors", "emotion_subspaces"} <= set(timings["asset"])
     assert (timings["elapsed_s"] > 0).all() and (timings["peak_memory_mb"] > 0).all()
+
+
+def test_every_materialization_has_an_ended_mlflow_run(smoke_study):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=smoke_study.tracking_uri)
+    experiment = client.get_experiment_by_name("emotion-circuits")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    materialized = [
+        e for result in smoke_study.runs.values() for e in result.get_asset_materialization_events()
+    ]
+    assert len(runs) == len(materialized)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["profile"] == SMOKE and "model" in run.data.params
+        assert "elapsed_s" in run.data.metrics
+        assert client.list_artifacts(run.info.run_id), run.info.run_name
+    for event in materialized:
+        run_id = event.materialization.metadata["mlflow_run_id"].value
+        assert client.get_run(run_id).info.status == "FINISHED"

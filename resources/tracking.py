@@ -1,0 +1,146 @@
+"""MLflow tracking: one MLflow run per asset materialization, always ended FINISHED or FAILED.
+
+dagster-mlflow's ``mlflow_tracking`` resource keeps a single process-global active run per Dagster run;
+here several partitions and assets share a process, so runs are created and ended explicitly through
+``MlflowClient`` with their own ids, and the ``finally`` of :meth:`TrackingResource.track` guarantees a
+terminal status whether the materialization came from the UI, a job, a schedule or a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from emotion_assets.registry import PROJECT_ROOT
+
+EXPERIMENT = "emotion-circuits"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT_ROOT / 'mlruns.db'}")
+
+
+def default_artifact_root() -> str:
+    return os.environ.get("EMOTION_MLFLOW_ARTIFACTS", str(PROJECT_ROOT / "mlartifacts"))
+
+
+@dataclass
+class TrackedRun:
+    """What an asset hands to MLflow while it runs."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    run_id: str = ""
+    url: str = ""
+
+    def log_metrics(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                self.metrics[key] = float(value)
+
+    def log_artifacts(self, *paths: Path) -> None:
+        self.artifacts.extend(Path(p) for p in paths)
+
+    def metadata(self) -> dict[str, dg.MetadataValue]:
+        if not self.run_id:
+            return {"mlflow_run_id": dg.MetadataValue.text("(tracking disabled)")}
+        return {
+            "mlflow_run_id": dg.MetadataValue.text(self.run_id),
+            "mlflow_run": dg.MetadataValue.url(self.url)
+            if self.url.startswith("http")
+            else dg.MetadataValue.text(self.url),
+        }
+
+
+class TrackingResource(dg.ConfigurableResource):
+    """Logs params, key metrics and artifact files of each materialization to MLflow."""
+
+    tracking_uri: str = Field(
+        default="", description="MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite in the project."
+    )
+    artifact_root: str = Field(
+        default="", description="Artifact folder for a new experiment; empty = <project>/mlartifacts."
+    )
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `mlflow ui` serves, for links.")
+    enabled: bool = Field(default=True, description="Set false to skip MLflow entirely.")
+    experiment: str = Field(default=EXPERIMENT, description="MLflow experiment name.")
+
+    def uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri()
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri())
+
+    def _experiment_id(self, client) -> str:
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        root = Path(self.artifact_root or default_artifact_root())
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            return client.create_experiment(self.experiment, artifact_location=root.as_uri())
+        except Exception:  # another process created it first
+            return client.get_experiment_by_name(self.experiment).experiment_id
+
+    @contextlib.contextmanager
+    def track(
+        self, context: dg.AssetExecutionContext, asset: str, params: Mapping[str, Any] | None = None
+    ) -> Iterator[TrackedRun]:
+        """Open an MLflow run for this materialization; log and end it (FINISHED / FAILED) on exit."""
+        tracked = TrackedRun(params=dict(params or {}))
+        if not self.enabled:
+            yield tracked
+            return
+        client = self._client()
+        experiment_id = self._experiment_id(client)
+        partition = context.partition_key if context.has_partition_key else ""
+        run = client.create_run(
+            experiment_id,
+            run_name=f"{asset}[{partition}]" if partition else asset,
+            tags={
+                "dagster.run_id": context.run_id,
+                "dagster.asset": asset,
+                "dagster.partition": partition,
+                "dagster.job": context.job_name or "",
+            },
+        )
+        tracked.run_id = run.info.run_id
+        tracked.url = f"{self.ui_url}/#/experiments/{experiment_id}/runs/{tracked.run_id}"
+        status = "FAILED"
+        try:
+            yield tracked
+            status = "FINISHED"
+        finally:
+            try:
+                self._flush(client, tracked)
+            finally:
+                client.set_terminated(tracked.run_id, status=status)
+
+    @staticmethod
+    def _flush(client, tracked: TrackedRun) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        params = [Param(k, str(v)[:6000]) for k, v in tracked.params.items()]
+        metrics = [Metric(k, v, now, 0) for k, v in tracked.metrics.items()]
+        for start in range(0, max(len(params), len(metrics)), 100):
+            client.log_batch(
+                tracked.run_id, metrics=metrics[start : start + 100], params=params[start : start + 100]
+            )
+        for path in tracked.artifacts:
+            if path.is_dir():
+                client.log_artifacts(tracked.run_id, str(path))
+            elif path.is_file():
+                client.log_artifact(tracked.run_id, str(path))
