@@ -1,0 +1,282 @@
+"""Statistics agree with scipy/statsmodels, are seeded stably across processes and behave at the edges."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import special, stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
+
+from emotion_assets.science.statistics import (
+    SD_FLOOR_FRACTION,
+    bh_fdr,
+    bonferroni,
+    bootstrap_mean_ci,
+    bootstrap_statistic,
+    compare_many,
+    correct_family,
+    dedupe_pairs,
+    paired_comparison,
+    paired_t_power,
+    power_table,
+    required_n,
+    select_k,
+    stable_seed,
+    unpaired_comparison,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pair(n: int = 40, shift: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.5, 0.2, n)
+    return a, a + shift + rng.normal(0.0, 0.4, n)
+
+
+def test_paired_tests_agree_with_scipy():
+    a, b = _pair()
+    out = paired_comparison(a, b, n_boot=500, seed=1)
+    t = stats.ttest_rel(b, a)
+    w = stats.wilcoxon(b - a, zero_method="wilcox")
+    assert out["n"] == 40
+    assert out["mean_diff"] == pytest.approx(np.mean(b - a))
+    assert out["t_stat"] == pytest.approx(t.statistic) and out["p_t"] == pytest.approx(t.pvalue)
+    assert out["wilcoxon_stat"] == pytest.approx(w.statistic)
+    assert out["p_wilcoxon"] == pytest.approx(w.pvalue)
+    assert not out["d_z_floored"]
+    assert out["d_z"] == pytest.approx(np.mean(b - a) / np.std(b - a, ddof=1))
+    assert out["diff_ci_low"] < out["mean_diff"] < out["diff_ci_high"]
+    assert out["d_z_ci_low"] < out["d_z"] < out["d_z_ci_high"]
+
+
+def test_wilcoxon_drops_zero_differences_and_all_zero_gives_p_one():
+    a, b = _pair(n=25)
+    b[:5] = a[:5]
+    out = paired_comparison(a, b, n_boot=200, seed=0)
+    assert out["p_wilcoxon"] == pytest.approx(stats.wilcoxon(b - a, zero_method="wilcox").pvalue)
+    same = paired_comparison(a, a.copy(), n_boot=200, seed=0)
+    assert same["p_wilcoxon"] == 1.0 and same["p_t"] == 1.0 and same["d_z"] == 0.0
+
+
+def test_zero_variance_difference_keeps_d_bounded():
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.0, 1.0, 30)
+    out = paired_comparison(a, a + 0.5, n_boot=300, seed=0)
+    s_ref = math.sqrt(np.var(a, ddof=1))  # both arms share the same spread
+    assert out["d_z_floored"] and math.isfinite(out["d_z"])
+    assert abs(out["d_z"]) <= 0.5 / (SD_FLOOR_FRACTION * s_ref) + 1e-9
+    assert out["p_t"] == 0.0 and math.isfinite(out["d_z_ci_low"]) and math.isfinite(out["d_z_ci_high"])
+    # Both arms constant: the floor falls back to the metric's magnitude.
+    const = paired_comparison(np.full(10, 0.2), np.full(10, 0.7), n_boot=100, seed=0)
+    assert math.isfinite(const["d_z"]) and 0 < const["d_z"] <= 1.0 / SD_FLOOR_FRACTION * 2
+    assert const["p_t"] == 0.0 and const["t_stat"] == math.inf
+    # A caller-supplied absolute floor (e.g. a fraction of a [0, 1] metric's range) is honoured.
+    ranged = paired_comparison(a, a + 0.5, n_boot=100, seed=0, sd_floor=0.1)
+    assert ranged["d_z"] == pytest.approx(0.5 / max(0.1, SD_FLOOR_FRACTION * s_ref))
+
+
+def test_dedupe_never_increases_n():
+    a, b = _pair(n=20)
+    ids = np.array([f"p{i:02d}" for i in range(20)])
+    base = paired_comparison(a, b, n_boot=300, seed=5)
+    dup_ids = np.concatenate([ids, ids[:7], ids[:3]])
+    dup_a, dup_b = np.concatenate([a, a[:7], a[:3]]), np.concatenate([b, b[:7], b[:3]])
+    uid, ua, ub = dedupe_pairs(dup_ids, dup_a, dup_b)
+    assert list(uid) == list(ids)
+    again = paired_comparison(ua, ub, n_boot=300, seed=5)
+    assert again["n"] == 20
+    assert again == pytest.approx(base, nan_ok=True)
+    # Differing duplicates are averaged.
+    _, ma, mb = dedupe_pairs(["x", "x", "y"], [1.0, 3.0, 5.0], [0.0, 1.0, 2.0])
+    assert list(ma) == [2.0, 5.0] and list(mb) == [0.5, 2.0]
+
+
+def test_non_finite_pairs_are_excluded_and_counted():
+    a, b = _pair(n=12)
+    b[2] = np.nan
+    out = paired_comparison(a, b, n_boot=100, seed=0)
+    assert out["n"] == 11 and out["n_excluded"] == 1
+
+
+def test_vectorised_bootstrap_equals_loop_with_same_indices():
+    a, b = _pair(n=35)
+    diffs = b - a
+    n_boot, seed = 1000, 11
+    out = paired_comparison(a, b, n_boot=n_boot, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, diffs.size, size=(n_boot, diffs.size))
+    loop = np.array([diffs[row].mean() for row in idx])
+    lo, hi = np.quantile(loop, [0.025, 0.975])
+    assert out["diff_ci_low"] == pytest.approx(lo, abs=1e-12)
+    assert out["diff_ci_high"] == pytest.approx(hi, abs=1e-12)
+    mean, mlo, mhi = bootstrap_mean_ci(diffs, n_boot, seed)
+    assert (mean, mlo, mhi) == pytest.approx((diffs.mean(), lo, hi), abs=1e-12)
+    # Generic [n, m] statistic: resampled rows, reduced over axis 1.
+    x = np.stack([a, b], axis=1)  # [n, 2]
+    gen = bootstrap_statistic(x, lambda s: (s[..., 1] - s[..., 0]).mean(axis=1), n_boot, seed)
+    assert gen["samples"] == pytest.approx(loop, abs=1e-12)
+    assert gen["estimate"] == pytest.approx(diffs.mean())
+
+
+def test_same_seed_identical_cis_in_fresh_process():
+    a, b = _pair(n=30)
+    seed = stable_seed("smollm2-135m", "smoke", "sentiment", 0.5)
+    here = paired_comparison(a, b, n_boot=2000, seed=seed)
+    code = (
+        "import json, numpy as np\n"
+        "from emotion_assets.science.statistics import paired_comparison, stable_seed\n"
+        f"a = np.array({a.tolist()!r}); b = np.array({b.tolist()!r})\n"
+        "seed = stable_seed('smollm2-135m', 'smoke', 'sentiment', 0.5)\n"
+        "out = paired_comparison(a, b, n_boot=2000, seed=seed)\n"
+        "print(json.dumps({'seed': seed, 'ci': [out['diff_ci_low'], out['diff_ci_high'],"
+        " out['d_z_ci_low'], out['d_z_ci_high']]}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert there["seed"] == seed
+    assert there["ci"] == [here["diff_ci_low"], here["diff_ci_high"], here["d_z_ci_low"], here["d_z_ci_high"]]
+
+
+def test_stable_seed_distinguishes_types_and_normalises_numpy():
+    assert stable_seed("a", 1) == stable_seed("a", np.int64(1))
+    assert stable_seed("a", 1) != stable_seed("a", "1")
+    assert stable_seed("a", "b") != stable_seed("ab")
+    assert 0 <= stable_seed("x") < 2**63
+    with pytest.raises(TypeError):
+        stable_seed(object())  # type: ignore[arg-type]
+
+
+def test_welch_and_hedges_g():
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(0.0, 1.0, 14), rng.normal(0.6, 1.8, 9)
+    out = unpaired_comparison(a, b, n_boot=500, seed=2)
+    t = stats.ttest_ind(b, a, equal_var=False)
+    assert out["t_stat"] == pytest.approx(t.statistic) and out["p_t"] == pytest.approx(t.pvalue)
+    n_a, n_b = a.size, b.size
+    df = n_a + n_b - 2
+    sp = math.sqrt(((n_a - 1) * a.var(ddof=1) + (n_b - 1) * b.var(ddof=1)) / df)
+    j = special.gamma(df / 2) / (math.sqrt(df / 2) * special.gamma((df - 1) / 2))
+    assert out["hedges_g"] == pytest.approx(j * (b.mean() - a.mean()) / sp, rel=1e-12)
+    approx = (1 - 3 / (4 * df - 1)) * (b.mean() - a.mean()) / sp
+    assert out["hedges_g"] == pytest.approx(approx, rel=1e-3)
+    assert out["diff_ci_low"] < out["mean_diff"] < out["diff_ci_high"]
+    assert out["g_ci_low"] < out["hedges_g"] < out["g_ci_high"]
+    const = unpaired_comparison(np.full(5, 1.0), np.full(6, 2.0), n_boot=50, seed=0)
+    assert const["p_t"] == 0.0 and math.isfinite(const["hedges_g"])
+
+
+def test_bh_and_bonferroni_match_statsmodels():
+    rng = np.random.default_rng(4)
+    p = np.concatenate([rng.uniform(0, 0.05, 10), rng.uniform(0, 1, 30), [0.01, 0.01, 1.0]])
+    assert bh_fdr(p) == pytest.approx(multipletests(p, method="fdr_bh")[1], abs=1e-15)
+    assert bonferroni(p) == pytest.approx(multipletests(p, method="bonferroni")[1], abs=1e-15)
+    with_nan = p.copy()
+    with_nan[[3, 17]] = np.nan
+    ok = ~np.isnan(with_nan)
+    for fn, method in ((bh_fdr, "fdr_bh"), (bonferroni, "bonferroni")):
+        adj = fn(with_nan)
+        assert np.isnan(adj[~ok]).all()
+        assert adj[ok] == pytest.approx(multipletests(with_nan[ok], method=method)[1], abs=1e-15)
+
+
+def test_correct_family_per_model_and_profile():
+    rng = np.random.default_rng(0)
+    rows = [
+        {"model": m, "profile": "smoke", "metric": met, "condition": c, "p": rng.uniform()}
+        for m in ("m1", "m2")
+        for met in ("sentiment", "politeness")
+        for c in ("a", "b", "c")
+    ]
+    frame = pd.DataFrame(rows)
+    frame.loc[0, "p"] = np.nan
+    out = correct_family(frame, "p", ["model", "profile"], within_columns=["metric", "condition"])
+    m1 = out[out["model"] == "m1"]
+    assert (m1["family"] == "model=m1|profile=smoke|metric×condition (m=5)").all()
+    assert (m1["family_size"] == 5).all() and (out.loc[out["model"] == "m2", "family_size"] == 6).all()
+    assert m1["p_bh"].to_numpy() == pytest.approx(bh_fdr(m1["p"].to_numpy()), nan_ok=True)
+    assert m1["p_bonferroni"].to_numpy() == pytest.approx(bonferroni(m1["p"].to_numpy()), nan_ok=True)
+    whole = correct_family(frame, "p", [])
+    assert (whole["family"] == "all rows (m=11)").all()
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "larger", "smaller"])
+def test_power_matches_statsmodels(alternative):
+    tp = TTestPower()
+    for d in (0.2, 0.3, 0.5, -0.35):
+        for n in (5, 24, 150):
+            ref = tp.power(effect_size=d, nobs=n, alpha=0.05, alternative=alternative)
+            assert paired_t_power(d, n, alternative=alternative) == pytest.approx(ref, abs=1e-6)
+
+
+def test_required_n_matches_statsmodels():
+    tp = TTestPower()
+    for d in (0.2, 0.3, 0.5, 0.8):
+        n = required_n(d, power=0.8)
+        assert n == math.ceil(tp.solve_power(effect_size=d, power=0.8, alpha=0.05))
+        assert paired_t_power(d, n) >= 0.8 > paired_t_power(d, n - 1)
+    with pytest.raises(ValueError):
+        required_n(0.0)
+    table = power_table(0.25, 48)
+    assert list(table["effect"]) == ["target", "target", "target", "observed"]
+    assert table.loc[0, "required_n"] == required_n(0.2)
+    assert len(power_table(None, 48)) == 3
+
+
+def test_compare_many_uses_unique_prompts_and_stable_group_seeds():
+    rng = np.random.default_rng(1)
+    rows = []
+    for metric in ("sentiment", "politeness"):
+        for cond in ("alpha=0.5", "random"):
+            for i in range(15):
+                c = rng.normal()
+                rows.append(
+                    {"prompt_id": f"p{i}", "metric": metric, "condition": cond, "ctl": c, "trt": c + 0.2}
+                )
+    frame = pd.DataFrame(rows)
+    frame = pd.concat([frame, frame.iloc[:4]], ignore_index=True)  # duplicated prompts
+    out = compare_many(
+        frame,
+        id_col="prompt_id",
+        group_cols=["metric", "condition"],
+        control_col="ctl",
+        treatment_col="trt",
+        n_boot=200,
+        seed_parts=["m1", "smoke"],
+    )
+    assert len(out) == 4 and (out["n"] == 15).all()
+    dup_group = out[(out["metric"] == "sentiment") & (out["condition"] == "alpha=0.5")]
+    assert dup_group["n_rows"].tolist() == [19]
+    first = out.iloc[0]
+    assert first["seed"] == stable_seed("m1", "smoke", first["metric"], first["condition"])
+
+
+def test_select_k_rule():
+    rng = np.random.default_rng(0)
+
+    def boot(center: float) -> np.ndarray:
+        return center + rng.normal(0.0, 0.02, 2000)
+
+    overlaps = {1: boot(0.30), 2: boot(0.62), 4: boot(0.70), 8: boot(0.73), 16: boot(0.74)}
+    null = {1: 0.40, 2: 0.30, 4: 0.30, 8: 0.30, 16: 0.30}
+    chance = {k: k / 64 for k in overlaps}
+    k, table = select_k(overlaps, null, chance)
+    # k=1 fails (lo ≈ 0.27 < 0.40); best passing median ≈ 0.74 → smallest within 0.05 is k=4 (0.70).
+    assert k == 4
+    assert list(table["passes"]) == [False, True, True, True, True]
+    assert table.loc[table["chosen"], "k"].tolist() == [4]
+    assert list(table.columns[:8]) == ["k", "median", "lo", "hi", "null_p95", "chance", "passes", "chosen"]
+    k_none, table_none = select_k(overlaps, dict.fromkeys(overlaps, 0.9), chance)
+    assert k_none is None and not table_none["chosen"].any()
+    assert "no k passes" in table_none.attrs["decision"]
