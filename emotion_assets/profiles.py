@@ -66,6 +66,16 @@ class HeadsConfig(_Strict):
     max_prompts: int | None = Field(None, gt=0)
 
 
+class AlignmentConfig(_Strict):
+    """Cross-model alignment (phase 4)."""
+
+    methods: list[Literal["ridge", "procrustes"]] = Field(default=["ridge", "procrustes"])
+    procrustes_rank: int | None = Field(None, gt=0, description="Shared PCA rank r (None = n_train - 1).")
+    ridge_alpha: float | Literal["auto"] = Field("auto", description="Ridge strength, or 'auto' (5-fold CV).")
+    n_null: int = Field(100, ge=10, description="Random subspaces per k for the null band.")
+    n_boot: int = Field(100, ge=10, description="Bootstrap resamples of the emotion prompts.")
+
+
 class Profile(_Strict):
     """One experiment configuration (SPEC §5)."""
 
@@ -81,6 +91,7 @@ class Profile(_Strict):
     steering: SteeringConfig
     generation: GenerationConfig = GenerationConfig()
     heads: HeadsConfig = HeadsConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
     n_bootstrap: int = Field(1000, ge=10)
     batch_size: int = Field(32, gt=0)
     seed: int = Field(0, ge=0)

@@ -35,13 +35,31 @@ representation_job = dg.define_asset_job(
     description="Phases 2-3 for one model × profile: model card, activations, vectors, subspaces.",
 )
 
-ALL_JOBS = [dataset_job, representation_job]
+alignment_job = dg.define_asset_job(
+    "alignment_job",
+    selection=dg.AssetSelection.groups(ALIGNMENT_GROUP),
+    partitions_def=pair_profile_partitions,
+    executor_def=dg.in_process_executor,
+    description="Phase 4 for one model pair × profile: cross-model subspace alignment with null controls.",
+)
 
-# The order in which the main command runs the jobs for one model × profile.
-STUDY_PLAN: list[tuple[str, str]] = [
-    ("dataset_job", "profile"),
-    ("representation_job", "model|profile"),
-]
+ALL_JOBS = [dataset_job, representation_job, alignment_job]
+
+
+def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
+    """(job, partition key) in the order the main command runs them for one model × profile.
+
+    Cross-model steps need both sides: the pair partners' representations run first.
+    """
+    from emotion_assets.partitions import REGISTRY
+
+    plan = [("dataset_job", profile), ("representation_job", f"{model}|{profile}")]
+    pairs = [(a, b) for a, b in REGISTRY.pairs if model in (a, b)]
+    for partner in dict.fromkeys(b if a == model else a for a, b in pairs):
+        plan.append(("representation_job", f"{partner}|{profile}"))
+    plan.extend(("alignment_job", f"{a}__{b}|{profile}") for a, b in pairs)
+    return plan
+
 
 __all__ = [
     "ALIGNMENT_GROUP",
@@ -51,7 +69,7 @@ __all__ = [
     "REPORT_GROUP",
     "REPRESENTATION_GROUP",
     "STEERING_GROUP",
-    "STUDY_PLAN",
     "causal_model_profile_partitions",
     "pair_profile_partitions",
+    "study_plan",
 ]

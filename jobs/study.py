@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from emotion_assets.definitions import defs
     from emotion_assets.partitions import PROFILES, REGISTRY
-    from jobs.jobs import STUDY_PLAN
+    from jobs.jobs import study_plan
     from resources.storage import default_results_root
 
     model = args.model or REGISTRY.default_model
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     instance = DagsterInstance.get()
-    for job_name, partition_shape in STUDY_PLAN:
-        partition = partition_shape.replace("model", model).replace("profile", args.profile)
+    for job_name, partition in study_plan(model, args.profile):
         start = time.perf_counter()
         result = defs.resolve_job_def(job_name).execute_in_process(
             partition_key=partition, instance=instance, raise_on_error=False

@@ -30,18 +30,17 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> SmokeStudy:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results.parent / 'mlflow.db'}")
     mp.setenv("EMOTION_MLFLOW_ARTIFACTS", str(results.parent / "mlartifacts"))
     from emotion_assets.definitions import defs
-    from jobs.jobs import STUDY_PLAN
+    from jobs.jobs import study_plan
     from resources.models import LOAD_COUNTS, clear_model_cache
 
     clear_model_cache()
     before = dict(LOAD_COUNTS)
     instance = DagsterInstance.ephemeral()
     runs = {}
-    for job_name, shape in STUDY_PLAN:
-        partition = shape.replace("model", MODEL).replace("profile", SMOKE)
+    for job_name, partition in study_plan(MODEL, SMOKE):
         result = defs.resolve_job_def(job_name).execute_in_process(partition_key=partition, instance=instance)
-        assert result.success, job_name
-        runs[job_name] = result
+        assert result.success, (job_name, partition)
+        runs[f"{job_name}:{partition}"] = result
     counts = {k: LOAD_COUNTS[k] - before.get(k, 0) for k in LOAD_COUNTS}
     yield SmokeStudy(
         results=results,

@@ -17,7 +17,7 @@ def _materializations(result, asset: str) -> list:
 
 
 def test_model_loaded_once_for_a_run_of_several_model_backed_assets(smoke_study):
-    run = smoke_study.runs["representation_job"]
+    run = smoke_study.runs[f"representation_job:{MODEL}|{SMOKE}"]
     assets = {e.asset_key.to_user_string() for e in run.get_asset_materialization_events()}
     assert {"model_card", "activations"} <= assets  # two model-backed assets in one run
     assert smoke_study.load_counts.get(MODEL) == 1
@@ -29,7 +29,7 @@ def test_dataset_has_both_splits_and_unique_prompts(smoke_study):
     assert set(counts.index) == {"gratitude", "anger", "apology", "neutral"}
     assert (counts["train"] > 0).all() and (counts["eval"] > 0).all()
     assert frame["text"].str.lower().is_unique
-    checks = smoke_study.runs["dataset_job"].get_asset_check_evaluations()
+    checks = smoke_study.runs[f"dataset_job:{SMOKE}"].get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks)
 
 
@@ -43,7 +43,7 @@ def test_activations_shapes_and_metadata(smoke_study):
     for value in tensors.values():
         assert value.shape == (len(index), len(boundaries), 576)
         assert torch.isfinite(value).all()
-    (event,) = _materializations(smoke_study.runs["representation_job"], "activations")
+    (event,) = _materializations(smoke_study.runs[f"representation_job:{MODEL}|{SMOKE}"], "activations")
     metadata = event.materialization.metadata
     assert metadata["tokens_per_s"].value > 0
     assert "residual_norm_by_layer" in metadata and metadata["device"].value == "cpu"
@@ -62,7 +62,7 @@ def test_vectors_subspaces_and_checks(smoke_study):
     basis = subspaces["last/gratitude/basis"].double()  # [n_boundaries, k, d]
     gram = basis @ basis.transpose(-1, -2)
     assert torch.allclose(gram, torch.eye(basis.shape[1], dtype=gram.dtype).expand_as(gram), atol=1e-4)
-    checks = smoke_study.runs["representation_job"].get_asset_check_evaluations()
+    checks = smoke_study.runs[f"representation_job:{MODEL}|{SMOKE}"].get_asset_check_evaluations()
     assert len(checks) >= 3 and all(c.passed for c in checks)
 
 
