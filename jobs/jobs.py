@@ -17,6 +17,7 @@ REPRESENTATION_GROUP = "representations"
 STEERING_GROUP = "steering"
 HEADS_GROUP = "heads"
 ALIGNMENT_GROUP = "alignment"
+STATISTICS_GROUP = "statistics"
 REPORT_GROUP = "reports"
 
 dataset_job = dg.define_asset_job(
@@ -43,7 +44,16 @@ alignment_job = dg.define_asset_job(
     description="Phase 4 for one model pair × profile: cross-model subspace alignment with null controls.",
 )
 
-ALL_JOBS = [dataset_job, representation_job, alignment_job]
+intervention_job = dg.define_asset_job(
+    "intervention_job",
+    selection=dg.AssetSelection.groups(STEERING_GROUP, HEADS_GROUP, STATISTICS_GROUP),
+    partitions_def=causal_model_profile_partitions,
+    executor_def=dg.in_process_executor,
+    description="Phases 5-8 for one causal LM × profile: steering sweeps, head screening and patching, "
+    "statistics and circuits (generation needs a causal LM; encoders are not partitions of these assets).",
+)
+
+ALL_JOBS = [dataset_job, representation_job, alignment_job, intervention_job]
 
 
 def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
@@ -54,6 +64,8 @@ def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
     from emotion_assets.partitions import REGISTRY
 
     plan = [("dataset_job", profile), ("representation_job", f"{model}|{profile}")]
+    if REGISTRY.get(model).can_generate:
+        plan.append(("intervention_job", f"{model}|{profile}"))
     pairs = [(a, b) for a, b in REGISTRY.pairs if model in (a, b)]
     for partner in dict.fromkeys(b if a == model else a for a, b in pairs):
         plan.append(("representation_job", f"{partner}|{profile}"))

@@ -1,0 +1,334 @@
+"""Steering sweeps: scaled emotion vectors, norm-matched random controls and batched generation.
+
+Every added vector is ``α · ‖resid‖_L · v̂``: a unit direction scaled by the typical residual norm at the
+block it is added to (``resid_pre`` of block ``L``, where the vector was read), so one α grid means the same
+relative push in every model and at every layer. All conditions at one ``(layer, α)`` therefore add vectors
+of the same norm ``|α| · ‖resid‖_L``, whichever direction they use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from emotion_assets.science.interventions import PromptPositions, add_to_residual
+
+ConditionKind = Literal["baseline", "emotion", "random_isotropic", "random_covariance"]
+RandomKind = Literal["isotropic", "covariance"]
+Decoding = Literal["greedy", "sample"]
+_RANDOM_KIND_CODE: dict[str, int] = {"isotropic": 0, "covariance": 1}
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringCondition:
+    """One steering condition: ``vector`` is the exact vector added at ``resid_pre`` of block ``layer``.
+
+    The baseline adds nothing (zero vector) and has ``layer=None``. ``seed`` is the integer seed a random
+    control's direction was drawn from (``random_directions(reference, 1, seed, ...)`` reproduces it).
+    """
+
+    name: str
+    kind: ConditionKind
+    emotion: str | None
+    layer: int | None
+    alpha: float
+    seed: int | None
+    vector: Float[Tensor, " d_model"]
+
+    @property
+    def vector_norm(self) -> float:
+        return float(self.vector.double().norm())
+
+    def describe(self) -> dict[str, Any]:
+        """The condition's metadata (everything but the vector itself)."""
+        return {
+            "condition": self.name,
+            "kind": self.kind,
+            "emotion": self.emotion,
+            "layer": self.layer,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "vector_norm": self.vector_norm,
+        }
+
+
+def scaled_vector(
+    direction: Float[Tensor, " d_model"], alpha: float, resid_norm: float
+) -> Float[Tensor, " d_model"]:
+    """``alpha · resid_norm · direction / ‖direction‖`` (``alpha`` is relative to the residual norm)."""
+    norm = direction.double().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(f"Cannot scale a direction of norm {float(norm)}.")
+    out = (float(alpha) * float(resid_norm)) * (direction.double() / norm)  # [d_model]
+    return out.to(direction.dtype)
+
+
+def random_directions(
+    reference: Float[Tensor, " d_model"],
+    n: int,
+    seed: int,
+    kind: RandomKind = "isotropic",
+    covariance_factor: Float[Tensor, "m d_model"] | None = None,
+) -> Float[Tensor, "n d_model"]:
+    """``n`` random vectors, each with exactly the norm of ``reference``.
+
+    ``isotropic`` draws ``z ~ N(0, I)``. ``covariance`` draws ``z ~ N(0, Σ)`` with ``Σ`` the empirical
+    covariance of the activation rows in ``covariance_factor`` (e.g. neutral prompts at that layer):
+    ``z = g @ X / sqrt(m - 1)`` with ``g ~ N(0, I_m)`` and ``X`` the rows centered here (a no-op for
+    centered input), so no ``d × d`` matrix is formed and every draw lies in the span of ``X``. The draws
+    depend only on ``seed`` (a numpy PCG64 stream), so they are identical in any process.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}.")
+    if reference.ndim != 1:
+        raise ValueError(f"reference must be [d_model], got shape {tuple(reference.shape)}.")
+    d = reference.shape[0]
+    target = float(reference.double().norm())
+    rng = np.random.default_rng(int(seed))
+    if kind == "isotropic":
+        z = rng.standard_normal((n, d))  # [n, d_model]
+    elif kind == "covariance":
+        if covariance_factor is None:
+            raise ValueError("kind='covariance' needs covariance_factor (activation rows [m, d_model]).")
+        x = covariance_factor.detach().cpu().double().numpy()  # [m, d_model]
+        if x.ndim != 2 or x.shape[1] != d or x.shape[0] < 2:
+            raise ValueError(f"covariance_factor must be [m >= 2, {d}], got shape {x.shape}.")
+        x = x - x.mean(axis=0, keepdims=True)
+        g = rng.standard_normal((n, x.shape[0]))  # [n, m]
+        z = g @ x / math.sqrt(x.shape[0] - 1)  # [n, d_model]
+    else:
+        raise ValueError(f"kind must be 'isotropic' or 'covariance', got {kind!r}.")
+    norms = np.linalg.norm(z, axis=1, keepdims=True)  # [n, 1]
+    if not (norms > 0).all():
+        raise ValueError("A random draw has zero norm (are the activations constant?).")
+    out = torch.from_numpy(z / norms * target)  # [n, d_model] float64
+    return out.to(dtype=reference.dtype, device=reference.device)
+
+
+def control_seed(seed: int, layer: int, kind: RandomKind, index: int) -> int:
+    """The stable integer seed of random control ``index`` of ``kind`` at ``layer``."""
+    state = np.random.SeedSequence([int(seed), int(layer), _RANDOM_KIND_CODE[kind], int(index)])
+    return int(state.generate_state(1, dtype=np.uint32)[0])
+
+
+def _alpha_label(alpha: float) -> str:
+    return f"{alpha:+g}"
+
+
+def build_conditions(
+    vectors: Mapping[str, Mapping[int, Float[Tensor, " d_model"]]],
+    resid_norms: Mapping[int, float],
+    layers: Sequence[int],
+    alpha_grid: Sequence[float],
+    n_random: int,
+    seed: int,
+    neutral_centered: Mapping[int, Float[Tensor, "m d_model"]] | None = None,
+) -> list[SteeringCondition]:
+    """The full condition list of a sweep, in a fixed order.
+
+    - ``baseline``: once, no vector;
+    - ``emotion``: every emotion × layer × α (α = 0 is added to the grid when missing; it reproduces the
+      baseline and checks the machinery). The grid must contain a negative α;
+    - random controls: per layer × α ≠ 0 × kind × seed index ``0..n_random-1``; ``random_isotropic``
+      always, ``random_covariance`` for layers with ``neutral_centered`` activations. One direction per
+      (layer, kind, index) is reused across α, so each control is a direction swept like the emotions.
+
+    Random controls are shared by all emotions at a layer: every added vector is rescaled to
+    ``|α| · resid_norms[layer]``, so a control at ``(layer, α)`` has exactly the norm of each emotion's
+    vector at ``(layer, α)`` and is run on the same prompts (paired). The raw directions are drawn
+    norm-matched to the mean norm of the emotion vectors at that layer.
+    """
+    if not vectors:
+        raise ValueError("build_conditions needs at least one emotion vector.")
+    alphas = sorted({float(a) for a in alpha_grid} | {0.0})
+    if not any(a < 0 for a in alphas):
+        raise ValueError(f"alpha_grid {list(alpha_grid)} has no negative α; the sweep needs one.")
+    if n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    emotions = list(vectors)
+    first = next(iter(vectors[emotions[0]].values()))
+    conditions = [SteeringCondition("baseline", "baseline", None, None, 0.0, None, torch.zeros_like(first))]
+    for layer in layers:
+        missing = [e for e in emotions if layer not in vectors[e]]
+        if missing:
+            raise KeyError(f"No vector at layer {layer} for {missing}.")
+        if layer not in resid_norms:
+            raise KeyError(f"No residual norm for layer {layer}.")
+        norm = float(resid_norms[layer])
+        for emotion in emotions:
+            direction = vectors[emotion][layer]  # [d_model]
+            for alpha in alphas:
+                conditions.append(
+                    SteeringCondition(
+                        name=f"{emotion}|L{layer}|a{_alpha_label(alpha)}",
+                        kind="emotion",
+                        emotion=emotion,
+                        layer=layer,
+                        alpha=alpha,
+                        seed=None,
+                        vector=scaled_vector(direction, alpha, norm),
+                    )
+                )
+        mean_norm = float(torch.stack([vectors[e][layer].double().norm() for e in emotions]).mean())
+        reference = vectors[emotions[0]][layer]
+        reference = reference / reference.norm() * mean_norm  # [d_model]
+        kinds: list[RandomKind] = ["isotropic"]
+        if neutral_centered is not None and layer in neutral_centered:
+            kinds.append("covariance")
+        for kind in kinds:
+            factor = neutral_centered[layer] if kind == "covariance" and neutral_centered else None
+            for index in range(n_random):
+                control = control_seed(seed, layer, kind, index)
+                direction = random_directions(reference, 1, control, kind, factor)[0]  # [d_model]
+                for alpha in alphas:
+                    if alpha == 0.0:
+                        continue
+                    conditions.append(
+                        SteeringCondition(
+                            name=f"random_{kind}{index}|L{layer}|a{_alpha_label(alpha)}",
+                            kind=f"random_{kind}",  # type: ignore[arg-type]
+                            emotion=None,
+                            layer=layer,
+                            alpha=alpha,
+                            seed=control,
+                            vector=scaled_vector(direction, alpha, norm),
+                        )
+                    )
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError("Condition names are not unique; are emotions or layers repeated?")
+    return conditions
+
+
+def _stable_int(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list | tuple) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return {int(i) for i in ids if i is not None}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    conditions: Sequence[SteeringCondition],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    decoding: Decoding = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    prompt_positions: PromptPositions = "all",
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Generate a continuation for every prompt × condition; one row each, in condition then prompt order.
+
+    Rows are grouped by layer (the baseline rides along with the first layer), sorted by prompt length and
+    run in ``generate`` calls of ``batch_size`` rows where each row carries its own vector
+    (``add_to_residual`` with ``[batch, d_model]`` vectors), so conditions share batches. Greedy by default;
+    ``decoding="sample"`` seeds each batch from ``(seed, layer, batch number)`` without touching the global
+    RNG. ``continuation`` holds the new tokens only, up to the first EOS, decoded without special tokens;
+    ``n_new_tokens`` counts them (the EOS included).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if decoding not in ("greedy", "sample"):
+        raise ValueError(f"decoding must be 'greedy' or 'sample', got {decoding!r}.")
+    if not prompts or not conditions:
+        raise ValueError("generate_sweep needs at least one prompt and one condition.")
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError("Condition names must be unique.")
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = next(model.parameters()).dtype
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(model.generation_config, "pad_token_id", None)
+    if pad_id is None:
+        raise ValueError("Neither the tokenizer nor the generation config has a pad token id.")
+    eos_ids = _eos_ids(model, tokenizer)
+    d_model = conditions[0].vector.shape[-1]
+    if any(c.vector.shape != (d_model,) for c in conditions):
+        raise ValueError("Every condition vector must be [d_model] with the same d_model.")
+
+    token_ids: list[list[int]] = tokenizer(list(prompts))["input_ids"]
+    lengths = [len(ids) for ids in token_ids]
+    if min(lengths) == 0:
+        raise ValueError("A prompt tokenizes to no tokens.")
+    vectors = torch.stack([c.vector for c in conditions]).to(device=device, dtype=dtype)  # [n_cond, d_model]
+
+    # Group (condition, prompt) rows by the block they steer; unlayered rows ride with the first layer.
+    layers = sorted({c.layer for c in conditions if c.layer is not None})
+    groups: dict[int | None, list[tuple[int, int]]] = {}
+    for ci, cond in enumerate(conditions):
+        if cond.layer is None and cond.vector.abs().max() > 0:
+            raise ValueError(f"Condition {cond.name!r} adds a vector but has no layer.")
+        key = cond.layer if cond.layer is not None else (layers[0] if layers else None)
+        groups.setdefault(key, []).extend((ci, pi) for pi in range(len(prompts)))
+
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    if decoding == "greedy":
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    fork_devices = [device] if device.type == "cuda" else []
+
+    results: dict[tuple[int, int], tuple[str, int]] = {}
+    for layer, rows in groups.items():
+        rows = sorted(rows, key=lambda r: (lengths[r[1]], r[1], r[0]))
+        for batch_no, start in enumerate(range(0, len(rows), batch_size)):
+            batch = rows[start : start + batch_size]
+            width = max(lengths[pi] for _, pi in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, pos]
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, pos]
+            for row, (_, pi) in enumerate(batch):
+                ids = token_ids[pi]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            row_vectors = vectors[[ci for ci, _ in batch]]  # [batch, d_model]
+            with torch.random.fork_rng(devices=fork_devices):
+                if decoding == "sample":
+                    torch.manual_seed(_stable_int(seed, layer, batch_no))
+                with torch.inference_mode():
+                    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+                    if layer is None:
+                        out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
+                    else:
+                        with add_to_residual(model, layer, row_vectors, prompt_positions=prompt_positions):
+                            out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
+            new = out[:, width:].cpu()  # [batch, new]
+            for row, key in enumerate(batch):
+                tokens = new[row].tolist()
+                n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+                text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
+                results[key] = (text, n_new)
+
+    records = []
+    for ci, cond in enumerate(conditions):
+        meta = cond.describe()
+        for pi, prompt in enumerate(prompts):
+            text, n_new = results[(ci, pi)]
+            records.append(
+                {"prompt_index": pi, "prompt": prompt, **meta, "continuation": text, "n_new_tokens": n_new}
+            )
+    return pd.DataFrame.from_records(records)
