@@ -611,3 +611,92 @@ def select_k(
         f"{best:.3f}"
     )
     return k, table
+
+
+def paired_family(
+    control: Any,
+    treatment: Any,
+    *,
+    n_boot: int,
+    seed: int,
+    ci: float = 0.95,
+    sd_floor: float | None = None,
+) -> pd.DataFrame:
+    """:func:`paired_comparison` for every column of ``control`` / ``treatment`` [n_prompts, G] at once.
+
+    All G comparisons of a family (e.g. metric × condition of one model and profile) share the same unique
+    prompts, so they share one prompt resample per bootstrap draw: the draw is
+    ``rng.integers(0, n, size=(n_boot, n))`` exactly as in :func:`paired_comparison` with the same seed,
+    turned into per-prompt counts [n_boot, n], and every group's resampled mean and SD follow from two
+    matrix products (``counts @ diffs``, ``counts @ diffs²``). Each column therefore gets the same CIs as
+    :func:`paired_comparison` called with this seed, and the joint resampling keeps the correlation between
+    comparisons that share prompts. Rows with a non-finite value in any column must be removed first.
+    Returns one row per column with the fields of :func:`paired_comparison`.
+    """
+    a = np.asarray(control, dtype=np.float64)
+    b = np.asarray(treatment, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"control and treatment must share one [n, G] shape, got {a.shape} and {b.shape}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired_family needs finite values; drop prompts with missing scores first.")
+    n, n_groups = a.shape
+    if n < 2:
+        raise ValueError(f"paired_family needs at least 2 prompts, got {n}.")
+    diffs = b - a  # [n, G]
+    mean_diff = diffs.mean(axis=0)  # [G]
+    sd_diff = diffs.std(axis=0, ddof=1)  # [G]
+    s_ref = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2.0)  # [G]
+    magnitude = np.maximum(np.abs(a.mean(axis=0)), np.abs(b.mean(axis=0)))
+    s_ref = np.where(s_ref > 0, s_ref, np.where(magnitude > 0, magnitude, 1.0))
+    floor = np.maximum(float(sd_floor or 0.0), SD_FLOOR_FRACTION * s_ref)  # [G]
+    d_z = mean_diff / np.maximum(sd_diff, floor)
+
+    constant = np.ptp(diffs, axis=0) <= 1e-12 * np.max(np.abs(diffs), axis=0)  # [G]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_stat = mean_diff / (sd_diff / math.sqrt(n))
+    t_stat = np.where(constant, np.where(mean_diff != 0, np.copysign(np.inf, mean_diff), 0.0), t_stat)
+    p_t = np.where(constant, np.where(mean_diff != 0, 0.0, 1.0), 2.0 * stats.t.sf(np.abs(t_stat), n - 1))
+    all_zero = ~np.any(diffs != 0.0, axis=0)
+    w_stat = np.zeros(n_groups)
+    p_w = np.ones(n_groups)
+    for g in np.flatnonzero(
+        ~all_zero
+    ):  # per column: scipy picks exact vs normal per sample like the 1-D call
+        w = stats.wilcoxon(diffs[:, g], zero_method="wilcox")
+        w_stat[g], p_w[g] = float(w.statistic), float(w.pvalue)
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # [n_boot, n]
+    offsets = np.repeat(np.arange(n_boot) * n, n)
+    counts = np.bincount(offsets + idx.reshape(-1), minlength=n_boot * n).reshape(n_boot, n)  # [n_boot, n]
+    counts = counts.astype(np.float64)
+    boot_mean = counts @ diffs / n  # [n_boot, G]
+    boot_var = (counts @ diffs**2 / n - boot_mean**2) * n / (n - 1)  # [n_boot, G]
+    boot_d = boot_mean / np.maximum(np.sqrt(np.maximum(boot_var, 0.0)), floor)  # [n_boot, G]
+    lo_q, hi_q = (1.0 - ci) / 2.0, 1.0 - (1.0 - ci) / 2.0
+    diff_lo, diff_hi = np.quantile(boot_mean, [lo_q, hi_q], axis=0)
+    d_lo, d_hi = np.quantile(boot_d, [lo_q, hi_q], axis=0)
+    return pd.DataFrame(
+        {
+            "n": n,
+            "n_excluded": 0,
+            "mean_a": a.mean(axis=0),
+            "mean_b": b.mean(axis=0),
+            "mean_diff": mean_diff,
+            "sd_diff": sd_diff,
+            "sd_floor": floor,
+            "d_z": d_z,
+            "d_z_floored": sd_diff < floor,
+            "t_stat": t_stat,
+            "p_t": p_t,
+            "wilcoxon_stat": w_stat,
+            "p_wilcoxon": p_w,
+            "diff_ci_low": diff_lo,
+            "diff_ci_high": diff_hi,
+            "d_z_ci_low": d_lo,
+            "d_z_ci_high": d_hi,
+            "ci": ci,
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+        }
+    )

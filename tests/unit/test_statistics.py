@@ -280,3 +280,18 @@ def test_select_k_rule():
     k_none, table_none = select_k(overlaps, dict.fromkeys(overlaps, 0.9), chance)
     assert k_none is None and not table_none["chosen"].any()
     assert "no k passes" in table_none.attrs["decision"]
+
+
+def test_paired_family_equals_paired_comparison_per_column():
+    from emotion_assets.science.statistics import paired_comparison, paired_family
+
+    rng = np.random.default_rng(3)
+    control = rng.normal(size=(40, 6))
+    treatment = control + rng.normal(0.2, 0.5, size=(40, 6))
+    treatment[:, 5] = control[:, 5] + 0.25  # zero-variance difference: floored d, degenerate t
+    family = paired_family(control, treatment, n_boot=500, seed=11)
+    for g in range(6):
+        single = paired_comparison(control[:, g], treatment[:, g], n_boot=500, seed=11)
+        for key in ("mean_diff", "d_z", "p_t", "p_wilcoxon", "diff_ci_low", "diff_ci_high", "d_z_ci_low"):
+            assert family.loc[g, key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), (g, key)
+    assert np.isfinite(family.loc[5, "d_z"]) and abs(family.loc[5, "d_z"]) <= 20
