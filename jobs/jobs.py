@@ -53,7 +53,15 @@ intervention_job = dg.define_asset_job(
     "statistics and circuits (generation needs a causal LM; encoders are not partitions of these assets).",
 )
 
-ALL_JOBS = [dataset_job, representation_job, alignment_job, intervention_job]
+report_job = dg.define_asset_job(
+    "report_job",
+    selection=dg.AssetSelection.groups(REPORT_GROUP),
+    partitions_def=profile_partitions,
+    executor_def=dg.in_process_executor,
+    description="Cross-model roll-up and the findings report for one profile.",
+)
+
+ALL_JOBS = [dataset_job, representation_job, alignment_job, intervention_job, report_job]
 
 
 def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
@@ -70,6 +78,8 @@ def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
     for partner in dict.fromkeys(b if a == model else a for a, b in pairs):
         plan.append(("representation_job", f"{partner}|{profile}"))
     plan.extend(("alignment_job", f"{a}__{b}|{profile}") for a, b in pairs)
+    if REGISTRY.get(model).can_generate:
+        plan.append(("report_job", profile))
     return plan
 
 

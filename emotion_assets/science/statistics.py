@@ -565,34 +565,32 @@ def select_k(
     k is None. Returns (k, table) with columns k, median, lo, hi, null_p95, chance, passes, chosen, reason;
     ``table.attrs["decision"]`` states the outcome in words.
     """
-    rows = []
+    summary = []
     for k in sorted(boot_overlaps):
         boot = np.asarray(boot_overlaps[k], dtype=np.float64)
         boot = boot[np.isfinite(boot)]
-        if boot.size:
-            lo, med, hi = (float(v) for v in np.quantile(boot, [0.05, 0.5, 0.95]))
-        else:
-            lo = med = hi = math.nan
-        null = float(null_p95[k])
+        lo, med, hi = (
+            (float(v) for v in np.quantile(boot, [0.05, 0.5, 0.95])) if boot.size else (math.nan,) * 3
+        )
+        summary.append({"k": int(k), "median": med, "lo": lo, "hi": hi, "null_p95": float(null_p95[k]),
+                        "chance": float(chance[k])})  # fmt: skip
+    return select_k_from_bounds(pd.DataFrame(summary), tolerance)
+
+
+def select_k_from_bounds(summary: pd.DataFrame, tolerance: float = 0.05) -> tuple[int | None, pd.DataFrame]:
+    """The rule of :func:`select_k` applied to per-k ``median``, ``lo`` (5th pct), ``hi``, ``null_p95``,
+    ``chance`` columns that were computed elsewhere (e.g. by the alignment sweep's bootstrap)."""
+    rows = []
+    for item in summary.sort_values("k").to_dict("records"):
+        lo, null = float(item["lo"]), float(item["null_p95"])
         passes = bool(lo > null)
         reason = (
             f"lower 5% bound {lo:.3f} > null p95 {null:.3f}"
             if passes
             else f"lower 5% bound {lo:.3f} does not exceed null p95 {null:.3f}"
         )
-        rows.append(
-            {
-                "k": int(k),
-                "median": med,
-                "lo": lo,
-                "hi": hi,
-                "null_p95": null,
-                "chance": float(chance[k]),
-                "passes": passes,
-                "chosen": False,
-                "reason": reason,
-            }
-        )
+        rows.append({**{c: item[c] for c in ("k", "median", "lo", "hi", "null_p95", "chance")},
+                     "passes": passes, "chosen": False, "reason": reason})  # fmt: skip
     table = pd.DataFrame(
         rows, columns=["k", "median", "lo", "hi", "null_p95", "chance", "passes", "chosen", "reason"]
     )

@@ -1,0 +1,171 @@
+"""Per-profile roll-up across models and the findings report (Markdown + self-contained HTML)."""
+
+import base64
+import html
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from emotion_assets.alignment import subspace_alignment
+from emotion_assets.common import RunConfig, effective_profile, recorded
+from emotion_assets.dataset import evaluator_quality
+from emotion_assets.partitions import profile_partitions, profile_to_model_profile
+from emotion_assets.plots import markdown_table
+from emotion_assets.statistics import patching_statistics, rollup_frames
+from emotion_assets.timing import TIMINGS_FILE
+from jobs.jobs import REPORT_GROUP
+from resources.storage import ArtifactStore, read_table, write_bytes, write_table
+from resources.tracking import TrackingResource
+
+ROLLUP_COLUMNS = ["model", "comparison", "metric", "emotion", "layer", "alpha", "n", "mean_diff", "d_z",
+                  "diff_ci_low", "diff_ci_high", "p_t", "p_bh", "p_bonferroni", "family_t"]  # fmt: skip
+
+
+@dg.asset(
+    partitions_def=profile_partitions,
+    group_name=REPORT_GROUP,
+    deps=[dg.AssetDep(patching_statistics, partition_mapping=profile_to_model_profile)],
+    kinds={"pandas"},
+    code_version="1",
+    description="Every model's patching statistics for the profile in one table, with per-model counts of "
+    "effects that survive correction.",
+)
+def patching_statistics_rollup(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+) -> dg.MaterializeResult:
+    profile = effective_profile(context.partition_key, config)
+    stats = rollup_frames(Path(store.root), profile.name)
+    if stats.empty:
+        raise FileNotFoundError(
+            f"No patching_statistics found under {store.root}/{profile.name}/. Materialize "
+            "patching_statistics for at least one model of this profile first."
+        )
+    with recorded(
+        context, tracking=tracking, store=store, phase="7-statistics", model="all", profile=profile,
+        device="cpu", config=config, throughput_unit="comparisons",
+    ) as rec:  # fmt: skip
+        rollup = stats[ROLLUP_COLUMNS]
+        by_model = (
+            stats.groupby(["model", "comparison"])
+            .agg(comparisons=("p_t", "size"), survive_bh=("survives_bh", "sum"),
+                 survive_bonferroni=("p_bonferroni", lambda p: int((p < 0.05).sum())),
+                 max_abs_d_z=("d_z", lambda d: float(d.abs().max())))
+            .reset_index()
+        )  # fmt: skip
+        rec.timing.samples = len(rollup)
+        out = store.directory(profile.name, "patching_statistics_rollup")
+        rec.artifacts(out)
+        write_table(out / "rollup.parquet", rollup, csv=True)
+        write_table(out / "by_model.parquet", by_model, csv=True)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "rollup.parquet")),
+            "models": dg.MetadataValue.json(sorted(stats["model"].unique().tolist())),
+            "by_model": markdown_table(by_model),
+            **rec.metadata(),
+        }
+    )
+
+
+def _section(title: str, frame: pd.DataFrame | None, note: str = "") -> str:
+    if frame is None or frame.empty:
+        return f"## {title}\n\n_Not materialized for this profile yet._\n"
+    return f"## {title}\n\n{note}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n"
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return read_table(path) if path.exists() else None
+
+
+def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
+    frames = [read_table(p).assign(**{key: p.parent.name}) for p in paths]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+@dg.asset(
+    partitions_def=profile_partitions,
+    group_name=REPORT_GROUP,
+    deps=[
+        patching_statistics_rollup,
+        evaluator_quality,
+        dg.AssetDep(subspace_alignment, partition_mapping=dg.AllPartitionMapping()),
+    ],
+    kinds={"markdown", "html"},
+    code_version="1",
+    description="The results section of the study for one profile across models: evaluator quality, probe "
+    "accuracy, steering effects that survive correction against baseline and random controls, alignment "
+    "overlaps with their null band, and the slowest phases.",
+)
+def findings_report(
+    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+) -> dg.MaterializeResult:
+    profile = effective_profile(context.partition_key, config)
+    base = Path(store.root) / profile.name
+    with recorded(
+        context, tracking=tracking, store=store, phase="7-report", model="all", profile=profile,
+        device="cpu", config=config, throughput_unit="sections",
+    ) as rec:  # fmt: skip
+        probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
+        best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
+                      if probes is not None else None)  # fmt: skip
+        steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
+        rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
+        survivors = None
+        if rollup is not None:
+            survivors = rollup[(rollup["p_bh"] < 0.05) & (rollup["comparison"] == "vs_random")]
+            survivors = survivors.sort_values("p_bh").head(25)
+        alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
+        chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
+        timings = _read(base / TIMINGS_FILE)
+        slowest = None
+        if timings is not None:
+            slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
+                       .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
+        sections = [
+            f"# Findings — profile `{profile.name}`\n\n{profile.description}\n",
+            _section("Evaluator quality (eval split)", _read(base / "evaluator_quality" / "quality.parquet")),
+            _section("Linear decodability (best held-out probe per model)", best_probe),
+            _section("Steering: best layer and α per emotion", steering,
+                     "Shift of the matching evaluator score against the unsteered baseline, next to the mean "
+                     "and max shift of norm-matched random directions at the same layer and α."),
+            _section("Emotion vectors vs random directions surviving BH-FDR (q < 0.05)", survivors,
+                     "Paired per unique prompt; the family is every metric × condition of a model and profile."),
+            _section("Cross-model alignment (best k per method and emotion)", alignment,
+                     "Overlap = mean cos² of principal angles; chance = k/d; null = random subspaces through "
+                     "the same map."),
+            _section("k-selection", chosen_k),
+            _section("Slowest phases", slowest),
+        ]  # fmt: skip
+        markdown = "\n".join(sections)
+        rec.timing.samples = len(sections)
+        out = store.directory(profile.name, "findings_report")
+        rec.artifacts(out)
+        write_bytes(out / "findings.md", markdown.encode("utf-8"))
+        write_bytes(out / "findings.html", _html(markdown, base).encode("utf-8"))
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "findings.html")),
+            "markdown": dg.MetadataValue.path(str(out / "findings.md")),
+            "report": dg.MetadataValue.md(markdown[:20000]),
+            **rec.metadata(),
+        }
+    )
+
+
+def _html(markdown: str, base: Path) -> str:
+    """A self-contained page: the Markdown tables as preformatted sections plus every plot inlined."""
+    import markdown as md_lib
+
+    body = md_lib.markdown(markdown, extensions=["tables"])
+    figures = []
+    for png in sorted(base.glob("*/*/*.png")) + sorted(base.glob("*/*.png")):
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        caption = html.escape(str(png.relative_to(base)))
+        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}'
+                       "</figcaption></figure>")  # fmt: skip
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "figure{display:inline-block;margin:8px}img{max-width:520px}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Findings</title><style>{style}</style>"
+            f"</head><body>{body}<h2>Plots</h2>{''.join(figures)}</body></html>")  # fmt: skip
