@@ -1,0 +1,273 @@
+"""Steering sweep throughput on the embedded model: per-row batched sweep vs two simpler ways to run it.
+
+Workload: ``--n-prompts`` eval neutral prompts (from ``data/prompts/emotion_prompts.jsonl``, or inline
+openings when the file is missing) × the conditions of ``build_conditions`` at one layer: the baseline,
+3 emotions × the α grid, and one isotropic plus one covariance-matched random control × each α ≠ 0. The
+emotion "vectors" are seeded random directions (only the cost is measured here); every added vector is
+α · mean ‖resid_pre‖ at that layer · unit direction, as in the study. Greedy decoding, ``--max-new-tokens``.
+
+Configurations, each timed ``--repeats`` times, alternating in a rotating order (median reported):
+
+- ``sweep``: ``generate_sweep`` with ``--batch-size`` rows per ``generate`` call, each row its own vector;
+- ``per-condition``: one ``generate_sweep`` per condition with ``--loop-batch-size`` prompts per call,
+  timed on ``--loop-conditions`` evenly spaced conditions (its tokens/s is a rate; every condition costs
+  the same, so timing all of them only takes longer);
+- ``plain-hook``: the same row batches as ``sweep``, but plain ``model.generate`` with a hand-registered
+  forward pre-hook adding one constant vector to resid_pre of the block (no per-row machinery).
+
+``sweep`` and ``plain-hook`` do the same work (same rows, same padding, same number of steps), so
+their wall-time ratio is the cost of the per-row machinery. Tokens/s counts generated tokens (up to EOS).
+On CPU the bench uses ``--threads 1``: on a shared machine, torch's default thread count can make small
+batches an order of magnitude slower (threads waiting on each other); ``--threads 0`` keeps the default.
+
+Run: ``python bench/bench_steering.py`` (``--quick`` for a tiny smoke run, ``--device cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from emotion_assets.science.residual import capture_residuals, decoder_blocks
+from emotion_assets.science.steering import SteeringCondition, build_conditions, generate_sweep
+from resources.models import ModelResource
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_FILE = ROOT / "data" / "prompts" / "emotion_prompts.jsonl"
+INLINE_PROMPTS = [
+    "The train to the city leaves every morning at",
+    "Our office is on the third floor of the",
+    "The recipe calls for two cups of flour and",
+    "Yesterday I went to the library to return",
+    "The meeting has been moved to Thursday because",
+    "She opened the window and looked at the",
+    "The report describes the results of the survey",
+    "He parked the car next to the old",
+    "The museum is open from nine until",
+    "Please find attached the schedule for next",
+    "The river runs through the middle of the",
+    "We need to buy milk, bread and",
+    "The new software update changes the way",
+    "The bus stop is just around the corner from",
+    "In the afternoon the weather was cloudy and",
+    "The package arrived on Monday with a",
+]
+
+
+def load_prompts(n: int, split: str) -> list[str]:
+    """First ``n`` neutral prompts of ``split`` from the prompt file, else the inline openings."""
+    if PROMPTS_FILE.exists():
+        rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+        texts = [r["text"] for r in rows if r.get("emotion") == "neutral" and r.get("split") == split]
+        if len(texts) >= n:
+            return texts[:n]
+    return (INLINE_PROMPTS * (n // len(INLINE_PROMPTS) + 1))[:n]
+
+
+def residual_stats(handle, texts: list[str], layer: int) -> tuple[float, float, torch.Tensor]:
+    """Typical ‖resid_pre‖ at ``layer`` and the centered last-token activations [m, d].
+
+    Returns the mean norm over real tokens after the first one of each prompt, the mean over all real
+    tokens (inflated by the first position, which carries a huge norm in this model), and the activations.
+    """
+    enc = handle.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt").to(handle.device)
+    hidden = capture_residuals(handle.model, enc["input_ids"], enc["attention_mask"], [layer])[:, 0].float()
+    mask = enc["attention_mask"].bool()  # [m, pos]
+    first = mask & (mask.long().cumsum(dim=1) == 1)  # [m, pos] first real token of each prompt
+    norms = hidden.norm(dim=-1)  # [m, pos]
+    last = hidden[:, -1].cpu()  # [m, d_model] (left padding: the last position is the last token)
+    return float(norms[mask & ~first].mean()), float(norms[mask].mean()), last - last.mean(0)
+
+
+def plain_hook_sweep(
+    handle, prompts: list[str], conditions: list[SteeringCondition], layer: int, args
+) -> int:
+    """The sweep's row batches through plain ``generate`` with one constant vector per batch."""
+    tok, model = handle.tokenizer, handle.model
+    ids = tok(prompts)["input_ids"]
+    rows = sorted(
+        ((ci, pi) for ci in range(len(conditions)) for pi in range(len(prompts))),
+        key=lambda r: (len(ids[r[1]]), r[1], r[0]),
+    )
+    block = decoder_blocks(model)[layer]
+    eos = tok.eos_token_id
+    total = 0
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start : start + args.batch_size]
+        vec = conditions[batch[0][0]].vector.to(handle.device, handle.dtype)  # [d_model]
+
+        def hook(_module, hook_args, kwargs, vec=vec):
+            return (hook_args[0] + vec, *hook_args[1:]), kwargs
+
+        enc = tok([prompts[pi] for _, pi in batch], padding=True, padding_side="left", return_tensors="pt")
+        handle_ = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc.to(handle.device),
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tok.pad_token_id,
+                )
+        finally:
+            handle_.remove()
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            total += row.index(eos) + 1 if eos in row else len(row)
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--n-prompts", type=int, default=16)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[-0.2, 0.0, 0.1, 0.2])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loop-batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--loop-conditions",
+        type=int,
+        default=3,
+        help="conditions the per-condition loop is timed on (0: all)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny run: 4 prompts, 4 tokens, 1 repeat")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.n_prompts, args.max_new_tokens, args.repeats, args.alphas = 4, 4, 1, [-0.1, 0.0, 0.1]
+        args.loop_conditions = 2
+
+    t0 = time.perf_counter()
+    handle = ModelResource(device=args.device).get(args.model)
+    print(
+        f"model {args.model} on {handle.device} ({handle.dtype}, {torch.get_num_threads()} CPU threads), "
+        f"loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    prompts = load_prompts(args.n_prompts, "eval")
+    neutral_train = load_prompts(64 if not args.quick else 16, "train")
+    resid_norm, resid_norm_all, centered = residual_stats(handle, neutral_train, args.layer)
+    d = handle.geometry.d_model
+    gen = torch.Generator().manual_seed(0)
+    vectors = {e: {args.layer: torch.randn(d, generator=gen)} for e in ("gratitude", "anger", "apology")}
+    conditions = build_conditions(
+        vectors,
+        {args.layer: resid_norm},
+        [args.layer],
+        args.alphas,
+        n_random=1,
+        seed=0,
+        neutral_centered={args.layer: centered},
+    )
+    n_rows = len(conditions) * len(prompts)
+    print(
+        f"layer {args.layer}: mean ‖resid_pre‖ = {resid_norm:.1f} without the first token "
+        f"({resid_norm_all:.1f} with it); {len(conditions)} conditions × "
+        f"{len(prompts)} prompts = {n_rows} rows, {args.max_new_tokens} new tokens, greedy"
+    )
+    sweep_kwargs = dict(max_new_tokens=args.max_new_tokens, device=handle.device)
+
+    def run_sweep() -> int:
+        df = generate_sweep(
+            handle.model, handle.tokenizer, prompts, conditions, batch_size=args.batch_size, **sweep_kwargs
+        )
+        return int(df.n_new_tokens.sum())
+
+    step = max(1, len(conditions) // args.loop_conditions) if args.loop_conditions > 0 else 1
+    loop_conditions = conditions[::step][: args.loop_conditions or None]
+
+    def run_per_condition() -> int:
+        return sum(
+            int(
+                generate_sweep(
+                    handle.model,
+                    handle.tokenizer,
+                    prompts,
+                    [c],
+                    batch_size=args.loop_batch_size,
+                    **sweep_kwargs,
+                ).n_new_tokens.sum()
+            )
+            for c in loop_conditions
+        )
+
+    def run_plain() -> int:
+        return plain_hook_sweep(handle, prompts, conditions, args.layer, args)
+
+    configs: dict[str, Callable[[], int]] = {
+        "sweep": run_sweep,
+        "plain-hook": run_plain,
+        "per-condition": run_per_condition,
+    }
+    # Warm-up (first-call allocations, lazy initialisation), not timed.
+    generate_sweep(
+        handle.model,
+        handle.tokenizer,
+        prompts[:2],
+        conditions[:2],
+        max_new_tokens=2,
+        batch_size=4,
+        device=handle.device,
+    )
+
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    tokens: dict[str, int] = {}
+    names = list(configs)
+    for rep in range(args.repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order each repeat
+            fn = configs[name]
+            start = time.perf_counter()
+            tokens[name] = fn()
+            times[name].append(time.perf_counter() - start)
+            print(
+                f"  repeat {rep + 1} {name:<14} {times[name][-1]:7.1f} s  {tokens[name] / times[name][-1]:7.1f} tok/s"
+            )
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: tokens[k] / median[k] for k in configs}
+    batch_of = {
+        "sweep": args.batch_size,
+        "plain-hook": args.batch_size,
+        "per-condition": args.loop_batch_size,
+    }
+    rows_of = {"sweep": n_rows, "plain-hook": n_rows, "per-condition": len(loop_conditions) * len(prompts)}
+    print(f"\n{'configuration':<15}{'rows':>6}{'rows/call':>10}{'median s':>10}{'tokens':>8}{'tok/s':>9}")
+    for name in configs:
+        print(
+            f"{name:<15}{rows_of[name]:>6}{batch_of[name]:>10}{median[name]:>10.1f}{tokens[name]:>8}"
+            f"{rate[name]:>9.1f}"
+        )
+    if len(loop_conditions) < len(conditions):
+        print(
+            f"(per-condition timed on {len(loop_conditions)} of {len(conditions)} conditions; its tok/s is "
+            f"a rate, all conditions would take ≈ {median['per-condition'] * len(conditions) / len(loop_conditions):.0f} s)"
+        )
+    speedup = rate["sweep"] / rate["per-condition"]
+    overhead = median["plain-hook"] / median["sweep"]
+    print(
+        f"\nsweep vs per-condition (batch {args.loop_batch_size}): tok/s ratio {speedup:.2f}× (target ≥ 3×)"
+    )
+    print(f"sweep vs plain hook (same batches, same work): time ratio {overhead:.2f} (target ≥ 0.85)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
