@@ -1,0 +1,869 @@
+"""Attention-head analysis: capture, ablation, patching, screening, attribution and OV/QK readouts.
+
+Head output. The output of query head ``h`` at layer ``L`` is its slice of the **input** of the attention
+output projection (``self_attn.o_proj`` for Llama-family models, ``attn.c_proj`` for GPT-2): the
+``[batch, pos, n_heads * head_dim]`` input viewed as ``[batch, pos, n_heads, head_dim]``, i.e.
+TransformerLens ``blocks.{L}.attn.hook_z``. Ablation and ``z`` patching are forward pre-hooks on that
+projection that rewrite one slice; the rest of the forward is the model's own (SDPA or eager).
+
+Grouped-query attention. With ``n_heads`` query heads and ``n_kv_heads`` key/value heads, query head ``h``
+reads key/value head ``h // (n_heads // n_kv_heads)``. ``z`` slices are per query head, so ablating or
+patching ``z`` of head ``h`` touches that head only. Values are shared by the query heads of a group, so
+patching the value head itself would change every head of the group. To keep ``v_only`` a per-query-head
+intervention, the group's value vectors are replaced only inside the recomputation of head ``h``:
+``z_h = pattern_h(current run) @ v_patched`` is written into slice ``h`` and the other heads of the group
+keep their own ``z``. The pattern is recomputed from the attention module's own input (stashed by a
+pre-hook on the attention module) with its own ``q_proj``/``k_proj``, the rotary embeddings the model
+passed in, its scaling and its mask; tests check it against eager ``output_attentions`` and a by-hand
+computation. This supports Llama-style attention (no q/k norms, soft-capping or sliding windows); other
+attention blocks raise ``NotImplementedError`` for the pattern-based functions.
+
+Patching modes (source and destination runs must have the same ``[batch, pos]``):
+
+- ``z``: copy head ``h``'s output from the source run at the selected query positions;
+- ``v_only``: the current run's pattern of head ``h`` over the source run's value vectors (replaced at the
+  selected key positions);
+- ``pattern_v``: the source pattern of head ``h`` over the source values, ``z_h = pattern_src @ v_src``,
+  written at the selected query positions. Both factors come from the source, so this equals ``z``
+  patching up to float rounding; it is computed from the captured pattern and values so the two paths
+  check each other.
+
+Neutral→emotion and emotion→neutral are only which run is the source and which the destination. Pairs are
+matched by index and aligned by position: tokenize both sides together with left padding so they share a
+width and their last tokens line up; pass ``positions`` (``shared_positions``) to patch only where both
+prompts have real tokens.
+
+Every context manager removes its hooks on exit, also when the body raises. The hooks assume one full
+forward per call (no KV cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from emotion_assets.science.hooks import HookSet
+from emotion_assets.science.residual import (
+    _block_output,
+    _forward_kwargs,
+    _hidden_from_call,
+    _StopForward,
+    capture_residuals,
+    decoder_blocks,
+)
+
+AblationMode = Literal["zero", "mean"]
+PatchMode = Literal["z", "v_only", "pattern_v"]
+PATCH_MODES: tuple[PatchMode, ...] = ("z", "v_only", "pattern_v")
+HeadRole = Literal["mover", "writer", "reader", "other"]
+Head = tuple[int, int]  # (layer, query head)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Head geometry of a decoder: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
+
+    family: Literal["llama", "gpt2"]
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head query head ``head`` reads."""
+        return head // self.group_size
+
+
+def _attention(block: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attn"):
+        module = getattr(block, name, None)
+        if module is not None:
+            return module
+    raise NotImplementedError(f"{type(block).__name__} has no self_attn/attn module.")
+
+
+def _out_proj(block: nn.Module) -> nn.Module:
+    attn = _attention(block)
+    for name in ("o_proj", "c_proj"):
+        module = getattr(attn, name, None)
+        if module is not None:
+            return module
+    raise NotImplementedError(f"{type(attn).__name__} has no o_proj/c_proj output projection.")
+
+
+def head_layout(model: nn.Module) -> HeadLayout:
+    """Head geometry read from the attention modules (Llama-family ``o_proj`` or GPT-2 ``c_proj``)."""
+    blocks = decoder_blocks(model)
+    attn = _attention(blocks[0])
+    if all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        head_dim = int(attn.head_dim)
+        n_heads = attn.q_proj.out_features // head_dim
+        n_kv = attn.k_proj.out_features // head_dim
+        return HeadLayout("llama", len(blocks), n_heads, n_kv, head_dim)
+    if hasattr(attn, "c_attn") and hasattr(attn, "c_proj") and hasattr(attn, "num_heads"):
+        n_heads = int(attn.num_heads)
+        return HeadLayout("gpt2", len(blocks), n_heads, n_heads, int(attn.head_dim))
+    raise NotImplementedError(
+        f"Head interventions support Llama-family (q/k/v/o_proj) and GPT-2 (c_attn/c_proj) attention, "
+        f"not {type(attn).__name__}."
+    )
+
+
+def _require_llama(model: nn.Module, what: str) -> HeadLayout:
+    layout = head_layout(model)
+    if layout.family != "llama":
+        raise NotImplementedError(f"{what} supports Llama-family attention only, not {type(model).__name__}.")
+    attn = _attention(decoder_blocks(model)[0])
+    config = getattr(attn, "config", None)
+    unsupported = [name for name in ("q_norm", "k_norm") if hasattr(attn, name)]
+    if getattr(config, "attn_logit_softcapping", None) or getattr(attn, "sliding_window", None):
+        unsupported.append("soft-capping/sliding window")
+    if unsupported:
+        raise NotImplementedError(
+            f"{what} recomputes attention patterns Llama-style; {type(attn).__name__} has {unsupported}."
+        )
+    return layout
+
+
+def _check_heads(layout: HeadLayout, heads: Sequence[Head]) -> list[Head]:
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    bad = [(ly, h) for ly, h in heads if not (0 <= ly < layout.n_layers and 0 <= h < layout.n_heads)]
+    if bad:
+        raise ValueError(f"Heads {bad} out of range ({layout.n_layers} layers × {layout.n_heads} heads).")
+    return heads
+
+
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    grouped: dict[int, list[int]] = {}
+    for layer, head in heads:
+        grouped.setdefault(layer, []).append(head)
+    return grouped
+
+
+def _z_hook(layout: HeadLayout, edit: Callable[[Tensor], Tensor]) -> Callable[..., tuple]:
+    """A pre-hook on the output projection that rewrites its input viewed as per-head ``z``."""
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # [batch, pos, n_heads * d_head]
+        z = x.reshape(*x.shape[:-1], layout.n_heads, layout.head_dim)  # [batch, pos, n_heads, d_head]
+        return (edit(z).reshape(x.shape), *args[1:])
+
+    return hook
+
+
+def _run(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """One forward with mask-derived position ids, stopped early by a hook raising ``_StopForward``."""
+    with torch.inference_mode(), contextlib.suppress(_StopForward):
+        model(**_forward_kwargs(model, input_ids, attention_mask))
+
+
+# --- capture -----------------------------------------------------------------------------------------
+
+
+def capture_head_outputs(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+) -> dict[int, Float[Tensor, "batch pos n_heads d_head"]]:
+    """Per-head outputs ``z`` (``hook_z``) at ``layers``; the forward stops after the last one.
+
+    Hooks registered earlier (an active ablation or patch) act before the capture, so it sees their edits.
+    """
+    layout = head_layout(model)
+    blocks = decoder_blocks(model)
+    wanted = sorted(set(int(layer) for layer in layers))
+    if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
+        raise ValueError(
+            f"layers must be a non-empty subset of 0..{layout.n_layers - 1}, got {list(layers)}."
+        )
+    captured: dict[int, Tensor] = {}
+
+    def record(layer: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]  # [batch, pos, n_heads * d_head]
+            captured[layer] = x.reshape(*x.shape[:-1], layout.n_heads, layout.head_dim).clone()
+            if layer == wanted[-1]:
+                raise _StopForward
+
+        return hook
+
+    with HookSet() as hooks:
+        for layer in wanted:
+            hooks.pre(_out_proj(blocks[layer]), record(layer), with_kwargs=False)
+        _run(model, input_ids, attention_mask)
+    return {layer: captured[layer] for layer in wanted}
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attention_call(args: tuple, kwargs: dict) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+    hidden = _hidden_from_call(args, kwargs)  # [batch, pos, d_model]
+    rotary = kwargs.get("position_embeddings")
+    if rotary is None and len(args) > 1:
+        rotary = args[1]
+    if rotary is None:
+        raise NotImplementedError("The attention module was called without position_embeddings (cos, sin).")
+    return hidden, rotary, kwargs.get("attention_mask")
+
+
+def _head_patterns(
+    attn: nn.Module,
+    layout: HeadLayout,
+    hidden: Float[Tensor, "batch pos d_model"],
+    rotary: tuple[Tensor, Tensor],
+    mask: Tensor | None,
+    heads: Sequence[int] | None = None,
+) -> Float[Tensor, "batch n_sel q_pos k_pos"]:
+    """Attention patterns of ``heads`` (all by default) recomputed Llama-style from the module's input.
+
+    ``mask`` is what the model passed the attention module: ``None`` (causal, no padding), a boolean
+    mask (True = attend) or an additive float mask, all ``[batch, 1, q_pos, k_pos]``. Masked scores are
+    set to the dtype minimum, so a fully masked (padding) query row gets a uniform, finite pattern.
+    """
+    heads = list(range(layout.n_heads)) if heads is None else list(heads)
+    batch, pos, _ = hidden.shape
+    hd = layout.head_dim
+    q = attn.q_proj(hidden).view(batch, pos, layout.n_heads, hd)[:, :, heads].transpose(1, 2)
+    kv = [layout.kv_head(h) for h in heads]
+    k = attn.k_proj(hidden).view(batch, pos, layout.n_kv_heads, hd)[:, :, kv].transpose(1, 2)
+    # q, k: [batch, n_sel, pos, d_head]
+    cos, sin = (t.unsqueeze(1) for t in rotary)  # [batch, 1, pos, d_head]
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [batch, n_sel, q_pos, k_pos]
+    lowest = torch.finfo(scores.dtype).min
+    if mask is None:
+        causal = torch.ones(pos, pos, dtype=torch.bool, device=hidden.device).tril()
+        scores = scores.masked_fill(~causal, lowest)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., :pos], lowest)
+    else:
+        scores = (scores + mask[..., :pos]).clamp(min=lowest)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(hidden.dtype)
+
+
+def _values(attn: nn.Module, layout: HeadLayout, hidden: Tensor) -> Float[Tensor, "batch pos n_kv d_head"]:
+    batch, pos, _ = hidden.shape
+    return attn.v_proj(hidden).view(batch, pos, layout.n_kv_heads, layout.head_dim)
+
+
+@dataclass(frozen=True)
+class AttentionCapture:
+    """Attention patterns per query head and value vectors per key/value head, by layer."""
+
+    patterns: dict[int, Float[Tensor, "batch n_heads q_pos k_pos"]]
+    values: dict[int, Float[Tensor, "batch pos n_kv_heads d_head"]]
+
+
+def capture_attention(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+) -> AttentionCapture:
+    """Patterns (``hook_pattern``) and values (``hook_v``) at ``layers`` of a Llama-family model.
+
+    Recomputed from each attention module's input, so they work under SDPA as well as eager attention.
+    """
+    layout = _require_llama(model, "capture_attention")
+    blocks = decoder_blocks(model)
+    wanted = sorted(set(int(layer) for layer in layers))
+    if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
+        raise ValueError(
+            f"layers must be a non-empty subset of 0..{layout.n_layers - 1}, got {list(layers)}."
+        )
+    patterns: dict[int, Tensor] = {}
+    values: dict[int, Tensor] = {}
+
+    def record(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, rotary, mask = _attention_call(args, kwargs)
+            patterns[layer] = _head_patterns(module, layout, hidden, rotary, mask)
+            values[layer] = _values(module, layout, hidden)
+            if layer == wanted[-1]:
+                raise _StopForward
+
+        return hook
+
+    with HookSet() as hooks:
+        for layer in wanted:
+            hooks.pre(_attention(blocks[layer]), record(layer))
+        _run(model, input_ids, attention_mask)
+    return AttentionCapture(
+        patterns={ly: patterns[ly] for ly in wanted}, values={ly: values[ly] for ly in wanted}
+    )
+
+
+def mean_head_outputs(
+    head_outputs: Mapping[int, Float[Tensor, "batch pos n_heads d_head"]],
+    attention_mask: Int[Tensor, "batch pos"],
+) -> dict[int, Float[Tensor, "n_heads d_head"]]:
+    """Mean ``z`` over real (non-pad) tokens of all prompts: the reference for mean ablation."""
+    keep = attention_mask.bool()  # [batch, pos]
+    return {layer: z[keep].mean(dim=0) for layer, z in head_outputs.items()}
+
+
+def shared_positions(
+    mask_a: Int[Tensor, "batch pos"], mask_b: Int[Tensor, "batch pos"]
+) -> Bool[Tensor, "batch pos"]:
+    """Positions where both runs of a left-padded pair hold a real token."""
+    if mask_a.shape != mask_b.shape:
+        raise ValueError(f"Paired batches differ in shape: {tuple(mask_a.shape)} vs {tuple(mask_b.shape)}.")
+    return mask_a.bool() & mask_b.bool()
+
+
+# --- ablation and patching -----------------------------------------------------------------------------
+
+
+@contextmanager
+def ablate_heads(
+    model: nn.Module,
+    heads: Sequence[Head],
+    mode: AblationMode = "zero",
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Iterator[None]:
+    """Zero-ablate or mean-ablate the output ``z`` of ``heads`` (``(layer, head)`` pairs) at every position."""
+    layout = head_layout(model)
+    heads = _check_heads(layout, heads)
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
+    grouped = _by_layer(heads)
+    if mode == "mean":
+        missing = [ly for ly in grouped if mean_z is None or ly not in mean_z]
+        if missing:
+            raise ValueError(f"Mean ablation needs mean_z for layers {missing} (see mean_head_outputs).")
+    blocks = decoder_blocks(model)
+
+    def edit_for(layer: int, head_ids: list[int]) -> Callable[[Tensor], Tensor]:
+        def edit(z: Tensor) -> Tensor:  # z: [batch, pos, n_heads, d_head]
+            keep = torch.ones(layout.n_heads, 1, dtype=z.dtype, device=z.device)
+            keep[head_ids] = 0
+            out = z * keep  # [batch, pos, n_heads, d_head]
+            if mode == "mean":
+                assert mean_z is not None
+                out = out + (1 - keep) * mean_z[layer].to(device=z.device, dtype=z.dtype)
+            return out
+
+        return edit
+
+    with HookSet() as hooks:
+        for layer, head_ids in grouped.items():
+            hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit_for(layer, head_ids)), with_kwargs=False)
+        yield
+
+
+def _check_source(name: str, tensor: Tensor, shape: tuple[int, ...], layer: int) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"{name} for layer {layer} has shape {tuple(tensor.shape)}, the patched run needs {shape}: source "
+            "and destination must share [batch, pos] (tokenize the pair together with left padding)."
+        )
+
+
+def _select(positions: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``positions`` ([batch, pos]) is True, else ``old``; both ``[batch, pos, d_head]``."""
+    if positions is None:
+        return new
+    if positions.shape != new.shape[:2]:
+        raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {tuple(new.shape[:2])}.")
+    return torch.where(positions.to(new.device)[:, :, None], new, old)
+
+
+@contextmanager
+def patch_heads(
+    model: nn.Module,
+    heads: Sequence[Head],
+    source_z: Mapping[int, Float[Tensor, "batch pos n_heads d_head"]] | None = None,
+    *,
+    mode: PatchMode = "z",
+    source_attention: AttentionCapture | None = None,
+    positions: Bool[Tensor, "batch pos"] | None = None,
+) -> Iterator[None]:
+    """Patch ``heads`` from a source run while the context is open (modes: see the module docstring).
+
+    ``z`` needs ``source_z`` (``capture_head_outputs``); ``v_only`` and ``pattern_v`` need
+    ``source_attention`` (``capture_attention``). ``positions`` selects query positions (``z``,
+    ``pattern_v``) or key positions whose values are replaced (``v_only``); default all.
+    """
+    if mode not in PATCH_MODES:
+        raise ValueError(f"Patch mode must be one of {PATCH_MODES}, got {mode!r}.")
+    layout = head_layout(model) if mode == "z" else _require_llama(model, f"patch mode {mode!r}")
+    heads = _check_heads(layout, heads)
+    grouped = _by_layer(heads)
+    blocks = decoder_blocks(model)
+    if mode == "z":
+        missing = [ly for ly in grouped if source_z is None or ly not in source_z]
+        if missing:
+            raise ValueError(f"z patching needs source_z for layers {missing}.")
+    else:
+        need = "patterns" if mode == "pattern_v" else "values"
+        if source_attention is None:
+            raise ValueError(f"Patch mode {mode!r} needs source_attention (capture_attention).")
+        missing = [
+            ly
+            for ly in grouped
+            if ly not in source_attention.values or ly not in getattr(source_attention, need)
+        ]
+        if missing:
+            raise ValueError(f"source_attention lacks {need}/values for layers {missing}.")
+    stash: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]] = {}
+
+    def stash_hook(layer: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stash[layer] = _attention_call(args, kwargs)
+
+        return hook
+
+    def edit_for(layer: int, head_ids: list[int]) -> Callable[[Tensor], Tensor]:
+        attn = _attention(blocks[layer])
+
+        def edit(z: Tensor) -> Tensor:  # z: [batch, pos, n_heads, d_head]
+            shape = tuple(z.shape)
+            out = z.clone()
+            if mode == "z":
+                assert source_z is not None
+                src = source_z[layer].to(device=z.device, dtype=z.dtype)
+                _check_source("source_z", src, shape, layer)
+                for h in head_ids:
+                    out[:, :, h] = _select(positions, src[:, :, h], z[:, :, h])
+                return out
+            assert source_attention is not None
+            v_src = source_attention.values[layer].to(device=z.device, dtype=z.dtype)
+            _check_source("source values", v_src, (*shape[:2], layout.n_kv_heads, shape[3]), layer)
+            if mode == "pattern_v":
+                pattern = source_attention.patterns[layer].to(device=z.device, dtype=z.dtype)
+                _check_source(
+                    "source pattern", pattern, (shape[0], layout.n_heads, shape[1], shape[1]), layer
+                )
+                for h in head_ids:
+                    z_h = pattern[:, h] @ v_src[:, :, layout.kv_head(h)]  # [batch, q_pos, d_head]
+                    out[:, :, h] = _select(positions, z_h, z[:, :, h])
+                return out
+            hidden, rotary, mask = stash.pop(layer)
+            pattern = _head_patterns(attn, layout, hidden, rotary, mask, head_ids)  # [batch, n_sel, q, k]
+            v_cur = _values(attn, layout, hidden)  # [batch, pos, n_kv_heads, d_head]
+            for i, h in enumerate(head_ids):
+                kv = layout.kv_head(h)
+                v_patched = _select(positions, v_src[:, :, kv], v_cur[:, :, kv])  # [batch, k_pos, d_head]
+                out[:, :, h] = pattern[:, i] @ v_patched
+            return out
+
+        return edit
+
+    with HookSet() as hooks:
+        for layer, head_ids in grouped.items():
+            if mode == "v_only":
+                hooks.pre(_attention(blocks[layer]), stash_hook(layer))
+            hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit_for(layer, head_ids)), with_kwargs=False)
+        try:
+            yield
+        finally:
+            stash.clear()
+
+
+# --- screening by ablation -----------------------------------------------------------------------------
+
+
+def _last_real_index(attention_mask: Tensor) -> Tensor:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [pos]
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=1)  # [batch]
+
+
+def _unit(direction: Tensor) -> Tensor:
+    direction = direction.detach().flatten().float()
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("The readout direction must be a finite, non-zero vector.")
+    return direction / norm
+
+
+def _readout(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    unit_direction: Tensor,
+    readout_boundary: int,
+    copies: int = 1,
+) -> Float[Tensor, " rows"]:
+    """Projection of the last real token's residual at ``readout_boundary`` onto ``unit_direction``.
+
+    ``copies > 1``: hooks replicate the batch inside the forward; the result has ``copies * batch`` rows.
+    """
+    hidden = capture_residuals(model, input_ids, attention_mask, [readout_boundary])[:, 0]  # [rows, pos, d]
+    if hidden.shape[0] != copies * input_ids.shape[0]:
+        raise RuntimeError(
+            f"Expected {copies * input_ids.shape[0]} rows at the readout, got {hidden.shape[0]}: the block "
+            "inputs were not replicated as expected."
+        )
+    last = _last_real_index(attention_mask).to(hidden.device).repeat(copies)  # [rows]
+    resid = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [batch, d_model]
+    return resid @ unit_direction.to(resid.device)
+
+
+def _check_readout(layout: HeadLayout, readout_boundary: int) -> None:
+    if not 0 <= readout_boundary <= layout.n_layers:
+        raise ValueError(f"readout_boundary {readout_boundary} out of range 0..{layout.n_layers}.")
+
+
+def _replicate_hook(copies: int, batch: int) -> Callable[..., tuple[tuple, dict]]:
+    """A block pre-hook repeating every batch-sized input (hidden states, masks, rotary, positions)."""
+
+    def expand(obj: Any) -> Any:
+        if isinstance(obj, Tensor) and obj.ndim >= 2 and obj.shape[0] == batch:
+            return obj.repeat(copies, *([1] * (obj.ndim - 1)))
+        if isinstance(obj, tuple | list):
+            return type(obj)(expand(o) for o in obj)
+        return obj
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return expand(args), {key: expand(value) for key, value in kwargs.items()}
+
+    return hook
+
+
+def screen_heads_by_ablation(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+    heads: Sequence[Head],
+    heads_per_pass: int = 16,
+    mode: AblationMode = "zero",
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Float[Tensor, " n_screened"]:
+    """Ablation effect of each head on the readout, many heads per forward pass.
+
+    Score of a head = mean over prompts of the change, when the head is ablated at every position, in the
+    projection of the last real token's residual at ``readout_boundary`` onto the unit ``direction``.
+    Heads at layers ``>= readout_boundary`` cannot reach the readout and score exactly 0 without a pass.
+
+    Heads are sorted by layer and taken ``heads_per_pass`` at a time. A pass runs the prompts once up to
+    the first layer ``L0`` of its heads (that prefix is the same in every copy); a pre-hook on block
+    ``L0`` then repeats the batch (and every batch-sized block input) once per head, and copy ``j`` has
+    head ``j`` ablated by a pre-hook on its output projection that only touches copy ``j``'s rows. The
+    forward stops at the readout boundary. Scores equal ``screen_heads_loop`` up to float rounding.
+    """
+    layout = head_layout(model)
+    heads = _check_heads(layout, heads)
+    _check_readout(layout, readout_boundary)
+    if heads_per_pass < 1:
+        raise ValueError(f"heads_per_pass must be >= 1, got {heads_per_pass}.")
+    if mode == "mean" and (
+        mean_z is None or any(ly not in mean_z for ly, _ in heads if ly < readout_boundary)
+    ):
+        raise ValueError("Mean ablation needs mean_z for every screened layer (see mean_head_outputs).")
+    unit = _unit(direction)
+    batch = input_ids.shape[0]
+    blocks = decoder_blocks(model)
+    clean = _readout(model, input_ids, attention_mask, unit, readout_boundary)  # [batch]
+    scores = torch.zeros(len(heads))
+    active = sorted((i for i, (ly, _) in enumerate(heads) if ly < readout_boundary), key=lambda i: heads[i])
+
+    for start in range(0, len(active), heads_per_pass):
+        chunk = active[start : start + heads_per_pass]
+        copies = len(chunk)
+        first_layer = heads[chunk[0]][0]
+        with HookSet() as hooks:
+            if copies > 1:
+                replicate = _replicate_hook(copies, batch)
+                for layer in range(first_layer, readout_boundary):
+                    hooks.pre(blocks[layer], replicate)
+            for layer in sorted({heads[i][0] for i in chunk}):
+                ablated = torch.zeros(copies * batch, layout.n_heads, dtype=torch.bool)  # [rows, n_heads]
+                for j, i in enumerate(chunk):
+                    if heads[i][0] == layer:
+                        ablated[j * batch : (j + 1) * batch, heads[i][1]] = True
+
+                def edit(z: Tensor, ablated: Tensor = ablated, layer: int = layer) -> Tensor:
+                    drop = ablated.to(z.device)[:, None, :, None]  # [rows, 1, n_heads, 1]
+                    if mode == "mean":
+                        assert mean_z is not None
+                        fill = mean_z[layer].to(device=z.device, dtype=z.dtype)  # [n_heads, d_head]
+                        return torch.where(drop, fill, z)
+                    return z.masked_fill(drop, 0.0)
+
+                hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit), with_kwargs=False)
+            ablated_readout = _readout(model, input_ids, attention_mask, unit, readout_boundary, copies)
+        effect = (ablated_readout.view(copies, batch) - clean[None]).mean(dim=1)  # [copies]
+        scores[chunk] = effect.cpu()
+    return scores
+
+
+def screen_heads_loop(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+    heads: Sequence[Head],
+    mode: AblationMode = "zero",
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Float[Tensor, " n_screened"]:
+    """The same scores as ``screen_heads_by_ablation``, one full forward per head (the baseline)."""
+    layout = head_layout(model)
+    heads = _check_heads(layout, heads)
+    _check_readout(layout, readout_boundary)
+    unit = _unit(direction)
+    clean = _readout(model, input_ids, attention_mask, unit, readout_boundary)  # [batch]
+    scores = torch.zeros(len(heads))
+    for i, head in enumerate(heads):
+        if head[0] >= readout_boundary:
+            continue
+        with ablate_heads(model, [head], mode=mode, mean_z=mean_z):
+            ablated = _readout(model, input_ids, attention_mask, unit, readout_boundary)
+        scores[i] = (ablated - clean).mean().cpu()
+    return scores
+
+
+# --- attribution patching ------------------------------------------------------------------------------
+
+
+def head_output_gradients(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """``z`` of every layer before the readout and the gradient of the readout metric with respect to it.
+
+    Metric: mean over prompts of the projection of the last real token's residual at
+    ``readout_boundary`` onto the unit ``direction``. One forward and one backward; gradients are total
+    derivatives (through every later layer). Parameter gradients are neither computed nor stored.
+    Returns ``(z, grad)``, each ``{layer: [batch, pos, n_heads, d_head]}``.
+    """
+    layout = head_layout(model)
+    _check_readout(layout, readout_boundary)
+    unit = _unit(direction)
+    blocks = decoder_blocks(model)
+    layers = list(range(readout_boundary))
+    zs: dict[int, Tensor] = {}
+    deltas: dict[int, Tensor] = {}
+    captured: dict[str, Tensor] = {}
+
+    def add_delta(layer: int) -> Callable[..., tuple]:
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            x = args[0]  # [batch, pos, n_heads * d_head]
+            delta = torch.zeros_like(x, requires_grad=True)
+            zs[layer] = x.detach().reshape(*x.shape[:-1], layout.n_heads, layout.head_dim)
+            deltas[layer] = delta
+            return (x + delta, *args[1:])
+
+        return hook
+
+    def read_pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["resid"] = _hidden_from_call(args, kwargs)
+        raise _StopForward
+
+    def read_post(_module: nn.Module, _args: tuple, output: Any) -> None:
+        captured["resid"] = _block_output(output)
+        raise _StopForward
+
+    if not layers:
+        return {}, {}
+    with HookSet() as hooks, torch.inference_mode(False), torch.enable_grad():
+        for layer in layers:
+            hooks.pre(_out_proj(blocks[layer]), add_delta(layer), with_kwargs=False)
+        if readout_boundary < layout.n_layers:
+            hooks.pre(blocks[readout_boundary], read_pre)
+        else:
+            hooks.post(blocks[-1], read_post)
+        with contextlib.suppress(_StopForward):
+            model(**_forward_kwargs(model, input_ids, attention_mask))
+        resid = captured["resid"]  # [batch, pos, d_model]
+        last = _last_real_index(attention_mask).to(resid.device)  # [batch]
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        metric = (resid[rows, last].float() @ unit.to(resid.device)).mean()
+        grads = torch.autograd.grad(metric, [deltas[ly] for ly in layers])
+    shape = (layout.n_heads, layout.head_dim)
+    return zs, {ly: g.reshape(*g.shape[:-1], *shape) for ly, g in zip(layers, grads, strict=True)}
+
+
+def attribution_scores(
+    model: nn.Module,
+    emotion_batch: Mapping[str, Tensor],
+    neutral_batch: Mapping[str, Tensor],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+    positions: Literal["all", "last"] = "all",
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Attribution patching of emotion→neutral ``z`` patching, for every head in one backward pass.
+
+    Estimate for head ``(L, h)``: ``sum (z_emotion - z_neutral) · dM/dz``, the gradient taken on the
+    neutral run, ``M`` the readout metric of ``head_output_gradients``. Summed over ``d_head`` and over
+    positions where both prompts of a pair have real tokens (``all``, the linear estimate of patching
+    every position) or the last position only (``last``); averaged over pairs (``M`` is already a mean,
+    so the sum over the batch is taken). Batches hold ``input_ids`` and ``attention_mask`` of the same
+    shape, pairs by row, left-padded so positions align. Layers ``>= readout_boundary`` score 0.
+    """
+    layout = head_layout(model)
+    emo_ids, emo_mask = emotion_batch["input_ids"], emotion_batch["attention_mask"]
+    neu_ids, neu_mask = neutral_batch["input_ids"], neutral_batch["attention_mask"]
+    shared = shared_positions(emo_mask, neu_mask)  # [batch, pos]
+    if positions == "last":
+        shared = torch.zeros_like(shared)
+        shared[:, -1] = True
+    elif positions != "all":
+        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}.")
+    scores = torch.zeros(layout.n_layers, layout.n_heads)
+    if readout_boundary == 0:
+        return scores
+    z_emotion = capture_head_outputs(model, emo_ids, emo_mask, range(readout_boundary))
+    z_neutral, grads = head_output_gradients(model, neu_ids, neu_mask, direction, readout_boundary)
+    for layer, grad in grads.items():
+        diff = (z_emotion[layer] - z_neutral[layer]).float()  # [batch, pos, n_heads, d_head]
+        weight = shared.to(grad.device)[:, :, None, None].float()
+        scores[layer] = (diff * grad.float() * weight).sum(dim=(0, 1, 3)).cpu()
+    return scores
+
+
+def ablation_attribution(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Linear estimate of zero-ablation effects, ``sum (0 - z) · dM/dz`` over all positions and ``d_head``.
+
+    The first-order counterpart of ``screen_heads_by_ablation`` (zero mode) for every head at once.
+    """
+    layout = head_layout(model)
+    scores = torch.zeros(layout.n_layers, layout.n_heads)
+    zs, grads = head_output_gradients(model, input_ids, attention_mask, direction, readout_boundary)
+    for layer, grad in grads.items():
+        scores[layer] = (-zs[layer].float() * grad.float()).sum(dim=(0, 1, 3)).cpu()
+    return scores
+
+
+# --- OV / QK readouts and roles ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OVReport:
+    """What head ``(layer, head)``'s OV circuit does to one input direction."""
+
+    layer: int
+    head: int
+    kv_head: int
+    output: Float[Tensor, " d_model"]  # OV image of the unit input direction
+    gain: float  # |output| for a unit input (the norm's gain folded in)
+    cosines: dict[str, float]  # cosine of output with each given direction
+    top_token_ids: list[int]  # tokens the output promotes most through the unembedding
+    top_logits: list[float]
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    for root in (model, getattr(model, "base_model", None)):
+        for path in ("model.norm", "norm", "transformer.ln_f", "ln_f"):
+            obj: Any = root
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.Module):
+                return obj
+    return None
+
+
+def ov_circuit(
+    model: nn.Module,
+    layer: int,
+    head: int,
+    direction_in: Float[Tensor, " d_model"],
+    emotion_directions: Mapping[str, Float[Tensor, " d_model"]] | None = None,
+    unembed_top_k: int = 10,
+) -> OVReport:
+    """OV circuit of one Llama-family head applied to a residual direction.
+
+    ``output = W_O[:, h] @ W_V[kv(h)] @ (g ⊙ x̂)``: ``x̂`` is the unit input direction and ``g`` the gain of
+    the block's input RMSNorm (folded in as TransformerLens ``fold_ln`` does; the per-token ``1/rms`` is a
+    scalar and left out, as are projection biases). ``gain = |output|``. Promoted tokens: the top-k of
+    ``lm_head(g_final ⊙ output)`` with the final norm's gain.
+    """
+    layout = _require_llama(model, "ov_circuit")
+    _check_heads(layout, [(layer, head)])
+    block = decoder_blocks(model)[layer]
+    attn = _attention(block)
+    hd, kv = layout.head_dim, layout.kv_head(head)
+    w_v = attn.v_proj.weight[kv * hd : (kv + 1) * hd]  # [d_head, d_model]
+    w_o = attn.o_proj.weight[:, head * hd : (head + 1) * hd]  # [d_model, d_head]
+    x = _unit(direction_in).to(device=w_v.device, dtype=w_v.dtype)  # [d_model]
+    norm = getattr(block, "input_layernorm", None)
+    with torch.no_grad():
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            x = x * norm.weight
+        output = (w_o @ (w_v @ x)).float().cpu()  # [d_model]
+        cosines = {
+            name: float(torch.nn.functional.cosine_similarity(output, d.detach().float().cpu(), dim=0))
+            for name, d in (emotion_directions or {}).items()
+        }
+        top_ids: list[int] = []
+        top_logits: list[float] = []
+        unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if unembed is not None and unembed_top_k > 0:
+            final = _final_norm(model)
+            y = output.to(device=unembed.weight.device, dtype=unembed.weight.dtype)
+            if final is not None and getattr(final, "weight", None) is not None:
+                y = y * final.weight
+            logits = (unembed.weight @ y).float()  # [vocab]
+            values, ids = logits.topk(min(unembed_top_k, logits.numel()))
+            top_ids, top_logits = ids.tolist(), values.tolist()
+    return OVReport(layer, head, kv, output, float(output.norm()), cosines, top_ids, top_logits)
+
+
+def qk_attention_to_positions(
+    patterns: Float[Tensor, "batch n_heads q_pos k_pos"],
+    emotion_mask: Bool[Tensor, "batch k_pos"],
+    query_position: int = -1,
+) -> Float[Tensor, "batch n_heads"]:
+    """Attention mass from ``query_position`` (the final token under left padding) onto marked tokens."""
+    weights = patterns[:, :, query_position, :].float()  # [batch, n_heads, k_pos]
+    return (weights * emotion_mask.to(weights.device)[:, None, :].float()).sum(dim=-1)
+
+
+def role_heuristic(
+    ov_cosine: float,
+    ablation_effect: float,
+    attention_emotion: float,
+    attention_neutral: float,
+    *,
+    effect_threshold: float,
+    cos_threshold: float = 0.2,
+    attention_delta: float = 0.05,
+) -> HeadRole:
+    """A documented rule of thumb for a head's role in carrying an emotion.
+
+    - ``aligned``: the OV image of the emotion direction points along it, ``|ov_cosine| >= cos_threshold``;
+    - ``attends``: the final token attends to emotion-word tokens more on emotion than on neutral prompts,
+      ``attention_emotion - attention_neutral >= attention_delta``;
+    - ``large``: ``|ablation_effect| >= effect_threshold``.
+
+    ``mover`` = attends and aligned (moves emotion content to the final token); ``writer`` = aligned and
+    large but not attending; ``reader`` = attends but not aligned; otherwise ``other``.
+    """
+    aligned = abs(ov_cosine) >= cos_threshold
+    attends = attention_emotion - attention_neutral >= attention_delta
+    large = abs(ablation_effect) >= effect_threshold
+    if attends and aligned:
+        return "mover"
+    if aligned and large:
+        return "writer"
+    if attends:
+        return "reader"
+    return "other"
