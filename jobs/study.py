@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from emotion_assets.partitions import PROFILES, REGISTRY
     from jobs.jobs import study_plan
     from resources.storage import default_results_root
+    from resources.tracking import default_tracking_uri
 
     model = args.model or REGISTRY.default_model
     if model not in REGISTRY.models:
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     print(f"Results:      {default_results_root()}/{args.profile}/")
+    print(f"Report:       {default_results_root()}/{args.profile}/findings_report/findings.html")
+    print(f"MLflow store: {default_tracking_uri()}  (browse: .venv/bin/mlflow ui --backend-store-uri ...)")
     print(f"Dagster home: {os.environ['DAGSTER_HOME']}")
     print(f"UI:           DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev -w workspace.yaml")
     return 0
