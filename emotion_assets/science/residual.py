@@ -219,12 +219,18 @@ def pool_hidden(
 def emotion_word_pattern(emotion_words: Iterable[str]) -> re.Pattern[str] | None:
     """Case-insensitive pattern matching a word that starts with any emotion word (stem prefix).
 
-    ``thank`` matches ``Thanks`` and ``thankful`` but not ``unthankful``.
+    ``thank`` matches ``Thanks`` and ``thankful`` but not ``unthankful``. An entry ending in ``$`` is a
+    whole word: ``mad$`` matches "mad" but not "made".
     """
-    stems = sorted({w.strip().lower() for w in emotion_words if w.strip()}, key=len, reverse=True)
-    if not stems:
-        return None
-    return re.compile(r"\b(?:" + "|".join(re.escape(s) for s in stems) + r")\w*", re.IGNORECASE)
+    words = {w.strip().lower() for w in emotion_words if w.strip()}
+    stems = sorted((w for w in words if not w.endswith("$")), key=len, reverse=True)
+    whole = sorted((w[:-1] for w in words if w.endswith("$") and len(w) > 1), key=len, reverse=True)
+    parts = []
+    if whole:
+        parts.append(r"\b(?:" + "|".join(re.escape(w) for w in whole) + r")\b")
+    if stems:
+        parts.append(r"\b(?:" + "|".join(re.escape(s) for s in stems) + r")\w*")
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
 def tokenize_prompts(

@@ -161,3 +161,12 @@ def test_emotion_word_positions():
     assert not (enc["emotion_mask"] & enc["special_mask"]).any()
     assert (enc["attention_mask"][:, -1] == 1).all()  # left padded
     assert enc["n_tokens"].tolist() == [14, 13, 28]
+
+
+def test_whole_word_entries_do_not_match_longer_words():
+    from emotion_assets.science.residual import emotion_word_pattern
+
+    pattern = emotion_word_pattern(["mad$", "thank"])
+    assert pattern.search("I am so mad at you")
+    assert not pattern.search("She made dinner")
+    assert pattern.search("Thanks a lot")
