@@ -19,6 +19,7 @@ from emotion_assets.science.prompts import (
 )
 from emotion_assets.science.text_scoring import binary_auroc, classification_quality
 from jobs.jobs import DATASET_GROUP
+from resources.device import resolve_device
 from resources.evaluators import EvaluatorResource
 from resources.storage import ArtifactStore, write_json, write_table
 from resources.tracking import TrackingResource
@@ -183,7 +184,7 @@ def evaluator_quality(
         phase="1-dataset",
         model="-",
         profile=profile,
-        device=evaluators.device,
+        device=str(resolve_device(evaluators.device)),
         config=config,
         throughput_unit="texts",
     ) as rec:

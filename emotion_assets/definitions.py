@@ -2,14 +2,24 @@
 
 import dagster as dg
 
-from emotion_assets import activations, alignment, dataset, model_card, patching, report, statistics, vectors
+from emotion_assets import (
+    activations,
+    alignment,
+    dataset,
+    heads,
+    model_card,
+    patching,
+    report,
+    statistics,
+    vectors,
+)
 from jobs.jobs import ALL_JOBS
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import ArtifactStore, NoPickleIOManager
 from resources.tracking import TrackingResource
 
-ASSET_MODULES = [dataset, model_card, activations, vectors, alignment, patching, statistics, report]
+ASSET_MODULES = [dataset, model_card, activations, vectors, alignment, patching, heads, statistics, report]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

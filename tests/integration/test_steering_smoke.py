@@ -16,7 +16,9 @@ def test_residual_patching_table_and_controls(smoke_study):
     kinds = set(scored["kind"])
     assert {"baseline", "emotion", "random_isotropic", "random_covariance"} <= kinds
     assert (scored["alpha"] < 0).any() and (scored["alpha"] == 0).any()
-    assert {"prompt", "continuation", "emotion_gratitude", "sentiment_compound", "politeness"} <= set(scored.columns)
+    assert {"prompt", "continuation", "emotion_gratitude", "sentiment_compound", "politeness"} <= set(
+        scored.columns
+    )
     # Every prompt × condition is present exactly once.
     assert not scored.duplicated(["prompt_index", "condition"]).any()
     n_prompts = scored["prompt_index"].nunique()
@@ -26,7 +28,9 @@ def test_residual_patching_table_and_controls(smoke_study):
     zero = scored[(scored["kind"] == "emotion") & (scored["alpha"] == 0)]
     assert (zero["continuation"].to_numpy() == base.loc[zero["prompt_index"]].to_numpy()).all()
     # Random controls have exactly the norm of the emotion vectors at the same (layer, α).
-    emo = scored[(scored["kind"] == "emotion") & (scored["alpha"] != 0)].groupby(["layer", "alpha"])["vector_norm"]
+    emo = scored[(scored["kind"] == "emotion") & (scored["alpha"] != 0)].groupby(["layer", "alpha"])[
+        "vector_norm"
+    ]
     ctrl = scored[scored["kind"].str.startswith("random")].groupby(["layer", "alpha"])["vector_norm"]
     pd.testing.assert_series_equal(emo.mean(), ctrl.mean(), check_names=False, rtol=1e-5)
     run = smoke_study.runs[f"intervention_job:{MODEL}|{SMOKE}"]
