@@ -13,7 +13,10 @@ from emotion_assets import (
     statistics,
     vectors,
 )
+from jobs.executors import executor_from_env
 from jobs.jobs import ALL_JOBS
+from jobs.schedules import backfill_schedules
+from jobs.sensors import config_change_sensor
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import ArtifactStore, NoPickleIOManager
@@ -25,6 +28,9 @@ defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=ALL_JOBS,
+    schedules=backfill_schedules,
+    sensors=[config_change_sensor],
+    executor=executor_from_env(),
     resources={
         "models": ModelResource(),
         "evaluators": EvaluatorResource(),

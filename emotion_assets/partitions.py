@@ -32,7 +32,7 @@ pair_profile_partitions = dg.MultiPartitionsDefinition(
     {"model_pair": pair_partitions, "profile": profile_partitions}
 )
 
-# A per-profile asset feeding per-(model, profile) assets: same profile, every model.
+# A per-profile asset and a (model or model_pair) × profile asset: same profile, every model / pair.
 profile_to_model_profile = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="profile")
 
 

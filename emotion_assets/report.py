@@ -89,7 +89,7 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
     deps=[
         patching_statistics_rollup,
         evaluator_quality,
-        dg.AssetDep(subspace_alignment, partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep(subspace_alignment, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
     code_version="1",

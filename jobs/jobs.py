@@ -28,8 +28,12 @@ dataset_job = dg.define_asset_job(
     description="Phase 1 for one profile: the validated prompt set and evaluator quality.",
 )
 
+# Runs that put a model on the accelerator carry this tag; dagster_home/dagster.yaml limits it to 1 run.
+MODEL_RUN_TAGS = {"emotion/accelerator": "model"}
+
 representation_job = dg.define_asset_job(
     "representation_job",
+    tags=MODEL_RUN_TAGS,
     selection=dg.AssetSelection.groups(REPRESENTATION_GROUP),
     partitions_def=model_profile_partitions,
     executor_def=dg.in_process_executor,
@@ -46,6 +50,7 @@ alignment_job = dg.define_asset_job(
 
 intervention_job = dg.define_asset_job(
     "intervention_job",
+    tags=MODEL_RUN_TAGS,
     selection=dg.AssetSelection.groups(STEERING_GROUP, HEADS_GROUP, STATISTICS_GROUP),
     partitions_def=causal_model_profile_partitions,
     executor_def=dg.in_process_executor,

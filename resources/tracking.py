@@ -9,6 +9,7 @@ terminal status whether the materialization came from the UI, a job, a schedule 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import time
@@ -79,9 +80,22 @@ class TrackingResource(dg.ConfigurableResource):
         return self.tracking_uri or default_tracking_uri()
 
     def _client(self):
+        """A client on a store whose schema exists; the first creation is serialised by a file lock.
+
+        Two processes creating a brand-new SQLite store at once race on MLflow's schema migration.
+        """
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri())
+        uri = self.uri()
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with open(db.with_name(db.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)  # creates the schema on first use
+            return client
+        return MlflowClient(tracking_uri=uri)
 
     def _experiment_id(self, client) -> str:
         found = client.get_experiment_by_name(self.experiment)
