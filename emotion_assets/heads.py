@@ -1,0 +1,924 @@
+"""Phases 6 and 8: attention heads that carry an emotion (screening, generation-level patching, circuits).
+
+Readout. Every forward-only score here is the change in the projection of the last real token's residual
+at the model's final (pre-norm) boundary onto the emotion's vector at that boundary (first pooling
+strategy of the profile). Reading out at the final boundary lets every ``(layer, head)`` reach it.
+
+Prompts. Screening, patching and circuits use each emotion's **eval** prompts (the vectors were fit on the
+train split) paired by index with eval neutral prompts, at most ``profile.heads.max_prompts`` of each. The
+two lists are tokenized together (left padding), so a pair shares its width and its last token, as head
+patching needs; mean ablation uses the mean head output over **train** neutral prompts.
+"""
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from emotion_assets.common import (
+    RunConfig,
+    all_emotion_words,
+    effective_profile,
+    limit_for_run,
+    load_dataset,
+    recorded,
+)
+from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
+from emotion_assets.partitions import (
+    REGISTRY,
+    causal_model_profile_partitions,
+    model_and_profile,
+    profile_to_model_profile,
+)
+from emotion_assets.patching import TARGET_METRICS
+from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.circuits import ablate_mlps, readout_projection
+from emotion_assets.science.heads import (
+    AblationMode,
+    Head,
+    PatchMode,
+    ablate_heads,
+    attribution_scores,
+    capture_attention,
+    capture_head_outputs,
+    head_layout,
+    mean_head_outputs,
+    ov_circuit,
+    patch_heads,
+    qk_attention_to_positions,
+    role_heuristic,
+    screen_heads_by_ablation,
+    shared_positions,
+)
+from emotion_assets.science.prefill import greedy_generate_with_prefill
+from emotion_assets.science.residual import tokenize_prompts
+from emotion_assets.science.statistics import stable_seed
+from emotion_assets.vectors import emotion_vectors, load_vectors
+from jobs.jobs import HEADS_GROUP
+from resources.evaluators import EvaluatorResource
+from resources.models import ModelHandle, ModelResource
+from resources.storage import ArtifactStore, read_table, write_table
+from resources.tracking import TrackingResource
+
+NEUTRAL = "neutral"
+SENTIMENT = "sentiment_compound"
+MAX_LENGTH = 128
+N_RANDOM_SEEDS = 2
+SCREENING_ASSET = "head_screening"
+PATCHING_ASSET = "head_patching"
+CIRCUITS_ASSET = "emotion_circuits"
+
+
+# --- shared helpers ------------------------------------------------------------------------------------
+
+
+def head_label(heads: Sequence[Head]) -> str:
+    """``[(3, 2), (5, 0)]`` → ``"L3H2,L5H0"``."""
+    return ",".join(f"L{layer}H{head}" for layer, head in heads)
+
+
+def eval_prompts(frame: pd.DataFrame, emotion: str, max_prompts: int | None) -> pd.DataFrame:
+    """Eval-split prompts of ``emotion`` in id order, optionally capped."""
+    rows = frame[(frame["split"] == "eval") & (frame["emotion"] == emotion)].sort_values("id")
+    return rows.head(max_prompts) if max_prompts else rows
+
+
+@dataclass
+class PromptPair:
+    """An emotion's eval prompts and eval neutral prompts paired by index, tokenized together."""
+
+    emotion: pd.DataFrame
+    neutral: pd.DataFrame
+    emotion_batch: dict[str, Tensor]  # input_ids, attention_mask, emotion_mask: [n, pos]
+    neutral_batch: dict[str, Tensor]
+
+    @property
+    def n(self) -> int:
+        return len(self.emotion)
+
+
+def prompt_pair(
+    handle: ModelHandle, frame: pd.DataFrame, emotion: str, max_prompts: int | None
+) -> PromptPair:
+    """Pair the first ``n`` eval prompts of ``emotion`` and of neutral (``n`` = the smaller count)."""
+    emo = eval_prompts(frame, emotion, max_prompts)
+    neu = eval_prompts(frame, NEUTRAL, max_prompts)
+    n = min(len(emo), len(neu))
+    if n == 0:
+        raise ValueError(f"No eval prompts to pair for {emotion!r} and {NEUTRAL!r}.")
+    emo, neu = emo.head(n).reset_index(drop=True), neu.head(n).reset_index(drop=True)
+    enc = tokenize_prompts(
+        handle.tokenizer, emo["text"].tolist() + neu["text"].tolist(), all_emotion_words(), MAX_LENGTH
+    )
+    keys = ("input_ids", "attention_mask", "emotion_mask")
+    first = {k: enc[k][:n].to(handle.device) for k in keys}
+    second = {k: enc[k][n:].to(handle.device) for k in keys}
+    return PromptPair(emo, neu, first, second)
+
+
+def trimmed(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` without the leading columns that are padding in every row."""
+    mask = batch["attention_mask"]
+    real_columns = mask.bool().any(dim=0).nonzero()
+    start = int(real_columns[0]) if len(real_columns) else 0
+    return batch["input_ids"][:, start:], mask[:, start:]
+
+
+def emotions_of(vectors: dict[str, Tensor], strategy: str) -> list[str]:
+    """Emotions with a target evaluator score and a vector for ``strategy``, in TARGET_METRICS order."""
+    have = {key.split("/", 1)[1] for key in vectors if key.startswith(f"{strategy}/")}
+    return [emotion for emotion in TARGET_METRICS if emotion in have]
+
+
+def final_direction(
+    vectors: dict[str, Tensor], boundaries: list[int], strategy: str, emotion: str, n_layers: int
+) -> Tensor:
+    """The emotion vector at the final boundary (``n_layers``), where every head's effect is read out."""
+    if n_layers not in boundaries:
+        raise ValueError(
+            f"emotion_vectors has no vector at the final boundary {n_layers} (captured: {boundaries}); "
+            "re-materialize activations and emotion_vectors."
+        )
+    return vectors[f"{strategy}/{emotion}"][boundaries.index(n_layers)]
+
+
+def load_screening(store: ArtifactStore, profile: str, model: str) -> pd.DataFrame:
+    return read_table(store.existing(profile, SCREENING_ASSET, model) / "screening.parquet")
+
+
+def top_heads(screening: pd.DataFrame, emotion: str, n: int) -> list[Head]:
+    """The ``n`` heads with the largest |ablation effect| for ``emotion`` (rank 1 first)."""
+    rows = screening[screening["emotion"] == emotion].sort_values("rank_by_abs_ablation").head(n)
+    return [(int(r.layer), int(r.head)) for r in rows.itertuples()]
+
+
+def random_heads(n_layers: int, n_heads: int, exclude: Sequence[Head], n: int, seed: int) -> list[Head]:
+    """``n`` distinct heads drawn uniformly from every head not in ``exclude``, sorted by (layer, head)."""
+    pool = [(ly, h) for ly in range(n_layers) for h in range(n_heads) if (ly, h) not in set(exclude)]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+    return sorted(pool[int(i)] for i in chosen)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Pearson and Spearman (Pearson of average ranks) correlation; NaN when either side is constant."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+    def pearson(x: np.ndarray, y: np.ndarray) -> float:
+        if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+            return float("nan")
+        return float(np.corrcoef(x, y)[0, 1])
+
+    return pearson(a, b), pearson(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())
+
+
+# --- head_screening ------------------------------------------------------------------------------------
+
+
+@dg.asset(
+    partitions_def=causal_model_profile_partitions,
+    group_name=HEADS_GROUP,
+    deps=[emotion_vectors, dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
+    kinds={"pytorch", "parquet"},
+    code_version="1",
+    pool="model",
+    description="Every attention head scored per emotion on eval prompts: forward-only zero-ablation effect "
+    "on the final-boundary emotion readout, and the attribution-patching estimate (one backward pass) of "
+    "patching the emotion prompt's head output into its paired neutral prompt; their correlation.",
+)
+def head_screening(
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    models: ModelResource,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+) -> dg.MaterializeResult:
+    """Ablation screening and attribution for every ``(layer, head)``.
+
+    ``ablation_effect``: mean change of the readout on the emotion's eval prompts when the head's output is
+    zeroed at every position (``screen_heads_by_ablation``, one layer's heads per pass). ``attribution``:
+    the linear estimate of the readout change on the paired neutral prompts when the head's output is
+    copied from the emotion prompts at shared positions (``attribution_scores``). Ablation removes what a
+    head adds on emotion prompts while the patch adds it to neutral ones, so heads that carry the emotion
+    have opposite signs on the two scores: agreement shows as a **negative** correlation.
+    """
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    handle = models.get(model_name, device=config.device)
+    if config.n_jobs > 1:
+        torch.set_num_threads(config.n_jobs)
+    frame = limit_for_run(load_dataset(store, profile_name), profile)
+    vectors, boundaries = load_vectors(store, profile_name, model_name)
+    strategy = profile.pooling[0]
+    layout = head_layout(handle.model)
+    n_layers = layout.n_layers
+    every_head = [(ly, h) for ly in range(n_layers) for h in range(layout.n_heads)]
+    emotions = emotions_of(vectors, strategy)
+    with recorded(
+        context, tracking=tracking, store=store, phase="6-heads", model=model_name, profile=profile,
+        device=str(handle.device), config=config, throughput_unit="head_scores",
+    ) as rec:  # fmt: skip
+        tables, corr_rows = [], []
+        for emotion in emotions:
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
+            ids, mask = trimmed(pair.emotion_batch)
+            ablation = screen_heads_by_ablation(
+                handle.model, ids, mask, direction, n_layers, every_head, heads_per_pass=layout.n_heads,
+                mode="zero",
+            )  # fmt: skip
+            attribution = attribution_scores(
+                handle.model, pair.emotion_batch, pair.neutral_batch, direction, n_layers
+            )  # [n_layers, n_heads]
+            table = pd.DataFrame(
+                {
+                    "emotion": emotion,
+                    "layer": [ly for ly, _ in every_head],
+                    "head": [h for _, h in every_head],
+                    "kv_head": [layout.kv_head(h) for _, h in every_head],
+                    "ablation_effect": ablation.double().numpy(),
+                    "attribution": [float(attribution[ly, h]) for ly, h in every_head],
+                }
+            )
+            table["abs_ablation"] = table["ablation_effect"].abs()
+            table["rank_by_abs_ablation"] = (
+                table["abs_ablation"].rank(ascending=False, method="first").astype(int)
+            )
+            table["n_prompts"] = pair.n
+            table["readout_boundary"] = n_layers
+            table["strategy"] = strategy
+            tables.append(table)
+            pearson, spearman = correlation(table["ablation_effect"], table["attribution"])
+            _, spearman_abs = correlation(table["abs_ablation"], table["attribution"].abs())
+            corr_rows.append({
+                "emotion": emotion, "n_heads": len(table), "n_prompts": pair.n, "pearson": pearson,
+                "spearman": spearman, "spearman_abs": spearman_abs,
+            })  # fmt: skip
+        rec.timing.samples = len(every_head) * len(emotions)
+        screening = pd.concat(tables, ignore_index=True)
+        correlations = pd.DataFrame(corr_rows)
+
+        out = store.directory(profile_name, SCREENING_ASSET, model_name)
+        rec.artifacts(out)
+        write_table(out / "screening.parquet", screening, csv=True)
+        write_table(out / "correlations.parquet", correlations, csv=True)
+        plots = {}
+        for emotion in emotions:
+            rows = screening[screening["emotion"] == emotion]
+            for column, what in (("ablation_effect", "zero-ablation effect"), ("attribution", "attribution")):
+                grid = rows.pivot_table(index="layer", columns="head", values=column)
+                plots[f"{column}_heatmap_{emotion}"] = save_figure(
+                    heatmap(grid.to_numpy(), list(grid.index), list(grid.columns),
+                            f"{model_name}: {what} on the {emotion} readout", "head", "layer"),
+                    out / f"{column}_heatmap_{emotion}.png",
+                )  # fmt: skip
+        top = (
+            screening[screening["rank_by_abs_ablation"] <= profile.heads.top_n]
+            .sort_values(["emotion", "rank_by_abs_ablation"])
+            .loc[:, ["emotion", "rank_by_abs_ablation", "layer", "head", "kv_head", "ablation_effect",
+                     "attribution"]]
+        )  # fmt: skip
+        rec.metrics(
+            **{f"spearman_{r.emotion}": r.spearman for r in correlations.itertuples()},
+            **{f"pearson_{r.emotion}": r.pearson for r in correlations.itertuples()},
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "screening.parquet")),
+            "dg.row_count": dg.MetadataValue.int(len(screening)),
+            "n_heads": dg.MetadataValue.int(len(every_head)),
+            "readout_boundary": dg.MetadataValue.int(n_layers),
+            "top_heads": markdown_table(top, max_rows=3 * profile.heads.top_n),
+            "correlations": markdown_table(correlations),
+            **plots,
+            **rec.metadata(),
+        }
+    )
+
+
+@dg.asset_check(asset=head_screening, blocking=True, description="Every (layer, head) of the model is "
+                "scored for every emotion, and every score is finite.")  # fmt: skip
+def head_screening_complete(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    model_name, profile_name = model_and_profile(context)
+    spec = REGISTRY.get(model_name)
+    screening = load_screening(store, profile_name, model_name)
+    expected = {(ly, h) for ly in range(spec.layers) for h in range(spec.heads)}
+    missing = {}
+    for emotion, rows in screening.groupby("emotion"):
+        got = set(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True))
+        if got != expected or len(rows) != len(expected):
+            missing[str(emotion)] = len(expected - got) + abs(len(rows) - len(expected))
+    finite = bool(np.isfinite(screening[["ablation_effect", "attribution"]].to_numpy()).all())
+    return dg.AssetCheckResult(
+        passed=finite and not missing and screening["emotion"].nunique() > 0,
+        metadata={
+            "emotions": sorted(screening["emotion"].unique().tolist()),
+            "heads_per_emotion": len(expected),
+            "incomplete": missing,
+            "all_finite": finite,
+        },
+    )
+
+
+# --- head_patching -------------------------------------------------------------------------------------
+
+ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class GenerationCondition:
+    """One generation condition of one emotion: which prompts it runs on and which hooks it opens."""
+
+    name: str
+    kind: str  # baseline | ablation | patch | random_ablation | random_patch
+    destination: str  # "emotion" or "neutral": the prompts continued
+    mode: str | None = None
+    direction: str | None = None
+    scope: str | None = None  # "single" or "joint" head set; None for baselines
+    heads: list[Head] = field(default_factory=list)
+    seed: int | None = None
+    prefill: ContextFactory | None = None
+    decode: ContextFactory | None = None
+
+    @property
+    def source(self) -> str | None:
+        if self.kind not in ("patch", "random_patch"):
+            return None
+        return NEUTRAL if self.destination == "emotion" else "emotion"
+
+
+# A patch direction names the change asked of the destination prompts (direction -> destination):
+# neutral_to_emotion continues neutral prompts carrying head outputs of the paired emotion prompts,
+# emotion_to_neutral continues emotion prompts carrying head outputs of the paired neutral prompts.
+DIRECTIONS = {"neutral_to_emotion": "neutral", "emotion_to_neutral": "emotion"}
+
+
+def _ablation(
+    model: torch.nn.Module, heads: list[Head], mode: AblationMode, mean_z: dict[int, Tensor]
+) -> ContextFactory:
+    def factory() -> contextlib.AbstractContextManager[Any]:
+        return ablate_heads(model, heads, mode=mode, mean_z=mean_z if mode == "mean" else None)
+
+    return factory
+
+
+def _patch(
+    model: torch.nn.Module, heads: list[Head], mode: PatchMode, source: Any, positions: Tensor
+) -> ContextFactory:
+    """``source``: captured ``z`` by layer for mode ``z``, an ``AttentionCapture`` for the other modes."""
+
+    def factory() -> contextlib.AbstractContextManager[Any]:
+        if mode == "z":
+            return patch_heads(model, heads, source, mode="z", positions=positions)
+        return patch_heads(model, heads, mode=mode, source_attention=source, positions=positions)
+
+    return factory
+
+
+def build_generation_conditions(
+    model: torch.nn.Module,
+    pair: PromptPair,
+    top: list[Head],
+    randoms: list[tuple[int, list[Head]]],
+    mean_z: dict[int, Tensor],
+) -> list[GenerationCondition]:
+    """Baselines, single and joint ablations, joint patching in both directions and random-head controls.
+
+    Ablations run on the emotion prompts in prefill and decoding; patches copy source tensors captured on
+    the paired prompts (same padded width) and act during the prefill only.
+    """
+    label = f"top{len(top)}"
+    conditions = [
+        GenerationCondition("baseline_emotion", "baseline", "emotion"),
+        GenerationCondition("baseline_neutral", "baseline", NEUTRAL),
+    ]
+    for mode in ("zero", "mean"):
+        for scope, heads, name in [("single", [h], head_label([h])) for h in top] + [("joint", top, label)]:
+            factory = _ablation(model, heads, mode, mean_z)
+            conditions.append(
+                GenerationCondition(
+                    f"ablate_{mode}_{name}", "ablation", "emotion", mode=mode, scope=scope, heads=heads,
+                    prefill=factory, decode=factory,
+                )
+            )  # fmt: skip
+    batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+    positions = shared_positions(pair.emotion_batch["attention_mask"], pair.neutral_batch["attention_mask"])
+    random_layers = {ly for _, heads in randoms for ly, _ in heads}
+    z_layers = sorted({ly for ly, _ in top} | random_layers)
+    top_layers = sorted({ly for ly, _ in top})
+    for direction, destination in DIRECTIONS.items():
+        source = batches[NEUTRAL if destination == "emotion" else "emotion"]
+        z_src = capture_head_outputs(model, source["input_ids"], source["attention_mask"], z_layers)
+        attention = capture_attention(model, source["input_ids"], source["attention_mask"], top_layers)
+        for mode in ("z", "v_only", "pattern_v"):
+            src = z_src if mode == "z" else attention
+            conditions.append(
+                GenerationCondition(
+                    f"patch_{mode}_{direction}_{label}", "patch", destination, mode=mode, direction=direction,
+                    scope="joint", heads=top, prefill=_patch(model, top, mode, src, positions),
+                )
+            )  # fmt: skip
+        for seed, heads in randoms:
+            conditions.append(
+                GenerationCondition(
+                    f"random{seed}_patch_z_{direction}", "random_patch", destination, mode="z",
+                    direction=direction, scope="joint", heads=heads, seed=seed,
+                    prefill=_patch(model, heads, "z", z_src, positions),
+                )
+            )  # fmt: skip
+    for seed, heads in randoms:
+        factory = _ablation(model, heads, "zero", mean_z)
+        conditions.append(
+            GenerationCondition(
+                f"random{seed}_ablate_zero", "random_ablation", "emotion", mode="zero", scope="joint",
+                heads=heads, seed=seed, prefill=factory, decode=factory,
+            )
+        )  # fmt: skip
+    return conditions
+
+
+def shift_table(scored: pd.DataFrame, metrics_by_emotion: dict[str, list[str]]) -> pd.DataFrame:
+    """Per emotion × condition: mean score and mean paired shift against the baseline on the same prompts."""
+    rows = []
+    keys = ["emotion", "condition", "kind", "mode", "direction", "scope", "heads", "seed", "destination"]
+    for values, group in scored.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, values, strict=True))
+        base = scored[
+            (scored["emotion"] == row["emotion"])
+            & (scored["kind"] == "baseline")
+            & (scored["destination"] == row["destination"])
+        ].set_index("pair_index")
+        paired = group.set_index("pair_index")
+        base = base.loc[paired.index]
+        row["n_prompts"] = len(paired)
+        row["n_changed"] = int((paired["continuation"] != base["continuation"]).sum())
+        for metric in metrics_by_emotion[row["emotion"]]:
+            name = "target" if metric.startswith("emotion_") else "sentiment"
+            row[f"{name}_metric"] = metric
+            row[f"{name}_mean"] = float(paired[metric].mean())
+            row[f"{name}_shift"] = float((paired[metric] - base[metric]).mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def top_vs_random(shifts: pd.DataFrame) -> pd.DataFrame:
+    """Joint top-N interventions next to the mean of the random-head controls of the same kind."""
+    rows = []
+    for emotion, group in shifts[shifts["scope"] == "joint"].groupby("emotion", sort=False):
+        for what, kind, mode, direction in (
+            ("zero ablation", "ablation", "zero", None),
+            ("z patch neutral_to_emotion", "patch", "z", "neutral_to_emotion"),
+            ("z patch emotion_to_neutral", "patch", "z", "emotion_to_neutral"),
+        ):
+            same = (group["mode"] == mode) & (
+                group["direction"].isna() if direction is None else group["direction"] == direction
+            )
+            top = group[same & (group["kind"] == kind)]
+            rand = group[same & (group["kind"] == f"random_{kind}")]
+            if top.empty:
+                continue
+            rows.append({
+                "emotion": emotion, "intervention": what, "heads": top["heads"].iloc[0],
+                "top_target_shift": float(top["target_shift"].iloc[0]),
+                "random_target_shift": float(rand["target_shift"].mean()) if len(rand) else float("nan"),
+                "top_sentiment_shift": float(top["sentiment_shift"].iloc[0]),
+                "random_sentiment_shift": (
+                    float(rand["sentiment_shift"].mean()) if len(rand) else float("nan")
+                ),
+                "top_changed": int(top["n_changed"].iloc[0]),
+                "random_changed": float(rand["n_changed"].mean()) if len(rand) else float("nan"),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@dg.asset(
+    partitions_def=causal_model_profile_partitions,
+    group_name=HEADS_GROUP,
+    deps=[
+        head_screening,
+        emotion_vectors,
+        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
+    ],
+    kinds={"pytorch", "parquet"},
+    code_version="1",
+    pool="model",
+    description="Greedy continuations with the top-N screened heads ablated (zero, mean; single and joint) "
+    "or patched between paired emotion and neutral prompts (z, v_only, pattern_v), next to random-head "
+    "controls; one row per prompt × condition with every evaluator score of the continuation.",
+)
+def head_patching(
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    models: ModelResource,
+    evaluators: EvaluatorResource,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+) -> dg.MaterializeResult:
+    """Does removing or transplanting an emotion's top heads change what the model writes?
+
+    Per emotion (top-N heads by |ablation effect| from ``head_screening``):
+
+    - ``baseline``: no intervention, on the emotion prompts and on the neutral prompts;
+    - ``ablation``: each top head alone and all jointly, zero and mean (mean over train neutral prompts),
+      on the emotion prompts;
+    - ``patch``: the top heads jointly, ``neutral_to_emotion`` (destination = neutral prompts, source = the
+      paired emotion prompts) and ``emotion_to_neutral`` (destination = emotion prompts, source = neutral
+      prompts), modes ``z``, ``v_only``, ``pattern_v``, at positions where both prompts have real tokens;
+    - ``random_ablation`` / ``random_patch``: 2 seeds of N random heads (never a top head), joint zero
+      ablation and joint ``z`` patching in both directions.
+
+    When interventions act. Ablations act on every forward, prompt and generated tokens alike. Patches act
+    on the **prefill** only: their source tensors exist for the prompt's positions, not for tokens the
+    destination has not generated yet. The patched prompt still shapes every generated token, through the
+    residual stream of later layers and their key/value cache; the patched heads' own outputs at generated
+    tokens are the destination's. Greedy decoding, ``profile.generation.max_new_tokens``; the continuation
+    only is scored. ``condition_shifts`` pairs every condition with the baseline on the same prompts.
+    """
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    handle = models.get(model_name, device=config.device)
+    if config.n_jobs > 1:
+        torch.set_num_threads(config.n_jobs)
+    frame = limit_for_run(load_dataset(store, profile_name), profile)
+    screening = load_screening(store, profile_name, model_name)
+    vectors, _ = load_vectors(store, profile_name, model_name)
+    emotions = [e for e in emotions_of(vectors, profile.pooling[0]) if e in set(screening["emotion"])]
+    layout = head_layout(handle.model)
+    top_n = profile.heads.top_n
+    max_new = profile.generation.max_new_tokens
+    with recorded(
+        context, tracking=tracking, store=store, phase="6-heads", model=model_name, profile=profile,
+        device=str(handle.device), config=config, throughput_unit="generations",
+    ) as rec:  # fmt: skip
+        neutral_train = frame[(frame["split"] == "train") & (frame["emotion"] == NEUTRAL)].sort_values("id")
+        enc = tokenize_prompts(handle.tokenizer, neutral_train["text"].tolist(), [], MAX_LENGTH)
+        ids, mask = enc["input_ids"].to(handle.device), enc["attention_mask"].to(handle.device)
+        mean_z = mean_head_outputs(
+            capture_head_outputs(handle.model, ids, mask, range(layout.n_layers)), mask
+        )
+
+        rows = []
+        for emotion in emotions:
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            top = top_heads(screening, emotion, top_n)
+            randoms = [
+                (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
+                                    stable_seed(profile.seed, "head_patching", emotion, seed)))
+                for seed in range(N_RANDOM_SEEDS)
+            ]  # fmt: skip
+            frames = {"emotion": pair.emotion, NEUTRAL: pair.neutral}
+            batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+            for cond in build_generation_conditions(handle.model, pair, top, randoms, mean_z):
+                batch = batches[cond.destination]
+                texts = greedy_generate_with_prefill(
+                    handle.model, handle.tokenizer, batch["input_ids"], batch["attention_mask"], max_new,
+                    prefill_context=cond.prefill, decode_context=cond.decode,
+                )  # fmt: skip
+                prompts = frames[cond.destination]
+                source = frames[cond.source] if cond.source else None
+                for i, text in enumerate(texts):
+                    rows.append({
+                        "emotion": emotion, "condition": cond.name, "kind": cond.kind, "mode": cond.mode,
+                        "direction": cond.direction, "scope": cond.scope, "heads": head_label(cond.heads),
+                        "seed": cond.seed, "destination": cond.destination, "source": cond.source,
+                        "pair_index": i,
+                        "prompt_id": prompts["id"].iloc[i], "prompt": prompts["text"].iloc[i],
+                        "source_prompt_id": source["id"].iloc[i] if source is not None else None,
+                        "continuation": text,
+                    })  # fmt: skip
+        generations = pd.DataFrame(rows)
+        rec.timing.samples = len(generations)
+        suite = evaluator_suite_for(evaluators, profile, frame)
+        scores = suite.score(generations["continuation"].tolist())  # the continuation only
+        scored = pd.concat([generations.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
+        scored["seed"] = scored["seed"].astype("Int64")
+        metrics = {e: [m for m in (TARGET_METRICS[e], SENTIMENT) if m in scored] for e in emotions}
+        shifts = shift_table(scored, metrics)
+        comparison = top_vs_random(shifts)
+
+        out = store.directory(profile_name, PATCHING_ASSET, model_name)
+        rec.artifacts(out)
+        write_table(out / "generations.parquet", scored, csv=True)
+        write_table(out / "condition_shifts.parquet", shifts, csv=True)
+        write_table(out / "top_vs_random.parquet", comparison, csv=True)
+        rec.metrics(**{
+            f"top_target_shift_{r.emotion}_{r.intervention.replace(' ', '_')}": r.top_target_shift
+            for r in comparison.itertuples()
+        })  # fmt: skip
+        examples = scored[
+            scored["kind"].isin(["baseline", "ablation", "patch"]) & (scored["pair_index"] == 0)
+        ]
+        examples = examples[examples["scope"] != "single"]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "generations.parquet")),
+            "dg.row_count": dg.MetadataValue.int(len(scored)),
+            "n_conditions": dg.MetadataValue.int(int(scored.groupby(["emotion", "condition"]).ngroups)),
+            "top_vs_random": markdown_table(comparison),
+            "condition_shifts": markdown_table(
+                shifts[["emotion", "condition", "n_prompts", "n_changed", "target_shift", "sentiment_shift"]],
+                max_rows=40,
+            ),
+            "examples": markdown_table(
+                examples[["emotion", "condition", "prompt", "continuation"]], max_rows=30
+            ),
+            "null_metrics": dg.MetadataValue.json(suite.null_reasons),
+            **rec.metadata(),
+        }
+    )
+
+
+@dg.asset_check(asset=head_patching, blocking=True, description="Every condition of every emotion has a "
+                "continuation for every prompt of its prompt set, exactly once.")  # fmt: skip
+def head_patching_complete(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    model_name, profile_name = model_and_profile(context)
+    scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+    incomplete = []
+    for (emotion, condition), group in scored.groupby(["emotion", "condition"]):
+        expected = set(
+            scored.loc[(scored["emotion"] == emotion) & (scored["kind"] == "baseline"), "pair_index"]
+        )
+        if set(group["pair_index"]) != expected or group["pair_index"].duplicated().any():
+            incomplete.append(f"{emotion}/{condition}")
+    kinds = set(scored["kind"])
+    needed = {"baseline", "ablation", "patch", "random_ablation", "random_patch"}
+    return dg.AssetCheckResult(
+        passed=not incomplete and needed <= kinds,
+        metadata={
+            "conditions": int(scored.groupby(["emotion", "condition"]).ngroups),
+            "incomplete": incomplete[:20],
+            "missing_kinds": sorted(needed - kinds),
+        },
+    )
+
+
+# --- emotion_circuits ----------------------------------------------------------------------------------
+
+
+def boundary_at_most(boundaries: list[int], target: int) -> int:
+    """The largest captured boundary ``<= target`` (what a head at block ``target`` can read), else the
+    smallest captured one."""
+    below = [b for b in boundaries if b <= target]
+    return max(below) if below else min(boundaries)
+
+
+def boundary_at_least(boundaries: list[int], target: int) -> int:
+    """The smallest captured boundary ``>= target`` (where a head's output has arrived), else the largest."""
+    above = [b for b in boundaries if b >= target]
+    return min(above) if above else max(boundaries)
+
+
+def _mean_effect(
+    model: torch.nn.Module, ids: Tensor, mask: Tensor, direction: Tensor, boundary: int, clean: Tensor,
+    context: contextlib.AbstractContextManager[Any],
+) -> float:  # fmt: skip
+    with context:
+        after = readout_projection(model, ids, mask, direction, boundary)
+    return float((after - clean).mean())
+
+
+def circuit_effects(
+    model: torch.nn.Module,
+    pair: PromptPair,
+    top: list[Head],
+    direction: Tensor,
+    boundary: int,
+    screening_effects: dict[Head, float],
+) -> tuple[pd.DataFrame, dict[Head, float]]:
+    """Joint vs summed single effects on the readout of the emotion prompts; single-head patch effects.
+
+    - ``ablate_heads``: the top heads zero-ablated jointly vs the sum of their screening effects;
+    - ``ablate_heads_and_mlps``: plus the MLPs of those heads' layers zeroed vs the sum of the single-head
+      and single-MLP effects;
+    - ``patch_heads_z``: the top heads' ``z`` copied jointly from the paired neutral prompts
+      (``emotion_to_neutral``) vs the sum of single-head patches.
+    """
+    ids, mask = pair.emotion_batch["input_ids"], pair.emotion_batch["attention_mask"]
+    neutral = pair.neutral_batch
+    clean = readout_projection(model, ids, mask, direction, boundary)
+    positions = shared_positions(mask, neutral["attention_mask"])
+    layers = sorted({ly for ly, _ in top})
+    source_z = capture_head_outputs(model, neutral["input_ids"], neutral["attention_mask"], layers)
+
+    def effect(context: contextlib.AbstractContextManager[Any]) -> float:
+        return _mean_effect(model, ids, mask, direction, boundary, clean, context)
+
+    single_patch = {
+        head: effect(patch_heads(model, [head], source_z, mode="z", positions=positions)) for head in top
+    }
+    single_mlp = {layer: effect(ablate_mlps(model, [layer])) for layer in layers}
+    joint_ablate = effect(ablate_heads(model, top))
+    with ablate_heads(model, top):
+        joint_both = effect(ablate_mlps(model, layers))
+    joint_patch = effect(patch_heads(model, top, source_z, mode="z", positions=positions))
+    sum_heads = float(sum(screening_effects[h] for h in top))
+    rows = [
+        ("ablate_heads", joint_ablate, sum_heads, len(top), []),
+        (
+            "ablate_heads_and_mlps",
+            joint_both,
+            sum_heads + sum(single_mlp.values()),
+            len(top) + len(layers),
+            layers,
+        ),
+        ("patch_heads_z", joint_patch, float(sum(single_patch.values())), len(top), []),
+    ]
+    table = pd.DataFrame([
+        {
+            "intervention": name, "heads": head_label(top), "mlp_layers": ",".join(map(str, mlps)),
+            "n_components": n, "joint_effect": joint, "sum_single_effects": total,
+            "difference": joint - total, "ratio": joint / total if abs(total) > 1e-12 else float("nan"),
+            "clean_readout": float(clean.mean()), "n_prompts": pair.n,
+        }
+        for name, joint, total, n, mlps in rows
+    ])  # fmt: skip
+    return table, single_patch
+
+
+def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
+    emotions = list(dict.fromkeys(effects["emotion"]))
+    fig, axes = plt.subplots(1, len(emotions), figsize=(3.6 * len(emotions), 3.4), squeeze=False)
+    for ax, emotion in zip(axes[0], emotions, strict=True):
+        rows = effects[effects["emotion"] == emotion]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, rows["joint_effect"], width=0.4, label="joint")
+        ax.bar(x + 0.2, rows["sum_single_effects"], width=0.4, label="sum of singles")
+        ax.set_xticks(x, [name.replace("_", "\n") for name in rows["intervention"]], fontsize=7)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(emotion)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("Δ readout (final boundary)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(
+    partitions_def=causal_model_profile_partitions,
+    group_name=HEADS_GROUP,
+    deps=[
+        head_screening,
+        emotion_vectors,
+        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
+    ],
+    kinds={"pytorch", "parquet"},
+    code_version="1",
+    pool="model",
+    description="The top heads per emotion as circuit parts: OV image of the emotion vector (gain, cosine, "
+    "promoted tokens), attention from the final token to emotion words, a role, and joint vs summed "
+    "single effects of ablating the heads (with and without their layers' MLPs) and of patching them.",
+)
+def emotion_circuits(
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    models: ModelResource,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+) -> dg.MaterializeResult:
+    """OV, QK, roles and circuit effects of each emotion's top-N heads.
+
+    OV: ``ov_circuit`` of the emotion vector at the head's ``resid_pre`` boundary (the last captured one
+    before it when that block was not captured: ``boundary_in``), cosines with every emotion's vector at
+    the first captured boundary ``>= layer + 1`` (``boundary_out``). QK: attention mass from the final
+    token to emotion-word tokens on the emotion prompts. Neutral prompts contain no emotion words (their
+    own value would be 0 by construction), so the neutral reference is the attention of the paired
+    neutral prompt to the **same positions** (same distance from the end under left padding, real tokens
+    only): it separates attending to the emotion word from attending to that position. Rows whose emotion
+    prompt has no emotion-word token are left out of both means. Role: ``role_heuristic`` with the effect
+    threshold at the 75th percentile of |ablation effect| over every screened head of the emotion.
+    Circuit effects: see ``circuit_effects``.
+    """
+    model_name, profile_name = model_and_profile(context)
+    profile = effective_profile(profile_name, config)
+    handle = models.get(model_name, device=config.device)
+    if config.n_jobs > 1:
+        torch.set_num_threads(config.n_jobs)
+    frame = limit_for_run(load_dataset(store, profile_name), profile)
+    screening = load_screening(store, profile_name, model_name)
+    vectors, boundaries = load_vectors(store, profile_name, model_name)
+    strategy = profile.pooling[0]
+    emotions = [e for e in emotions_of(vectors, strategy) if e in set(screening["emotion"])]
+    layout = head_layout(handle.model)
+    n_layers = layout.n_layers
+    with recorded(
+        context, tracking=tracking, store=store, phase="8-circuits", model=model_name, profile=profile,
+        device=str(handle.device), config=config, throughput_unit="heads",
+    ) as rec:  # fmt: skip
+        head_rows, effect_tables = [], []
+        for emotion in emotions:
+            rows = screening[screening["emotion"] == emotion]
+            effects = {(int(r.layer), int(r.head)): float(r.ablation_effect) for r in rows.itertuples()}
+            threshold = float(np.percentile(rows["ablation_effect"].abs(), 75))
+            top = top_heads(screening, emotion, profile.heads.top_n)
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
+            layers = sorted({ly for ly, _ in top})
+            emo_att = capture_attention(
+                handle.model, pair.emotion_batch["input_ids"], pair.emotion_batch["attention_mask"], layers
+            )
+            neu_att = capture_attention(
+                handle.model, pair.neutral_batch["input_ids"], pair.neutral_batch["attention_mask"], layers
+            )
+            words = pair.emotion_batch["emotion_mask"].bool()  # [n, pos]
+            same_positions = words & pair.neutral_batch["attention_mask"].bool()
+            has_words = words.any(dim=1).cpu()  # [n]
+            table, single_patch = circuit_effects(handle.model, pair, top, direction, n_layers, effects)
+            table.insert(0, "emotion", emotion)
+            effect_tables.append(table)
+            screened = rows.set_index(["layer", "head"])
+            for rank, (layer, head) in enumerate(top, start=1):
+                b_in = boundary_at_most(boundaries, layer)
+                b_out = boundary_at_least(boundaries, layer + 1)
+                outs = {e: vectors[f"{strategy}/{e}"][boundaries.index(b_out)] for e in emotions}
+                ov = ov_circuit(
+                    handle.model, layer, head, vectors[f"{strategy}/{emotion}"][boundaries.index(b_in)],
+                    emotion_directions=outs, unembed_top_k=10,
+                )  # fmt: skip
+                to_words = qk_attention_to_positions(emo_att.patterns[layer], words)[:, head].cpu()
+                to_same = qk_attention_to_positions(neu_att.patterns[layer], same_positions)[:, head].cpu()
+                att_emotion = float(to_words[has_words].mean()) if has_words.any() else float("nan")
+                att_neutral = float(to_same[has_words].mean()) if has_words.any() else float("nan")
+                ablation = float(screened.loc[(layer, head), "ablation_effect"])
+                role = role_heuristic(
+                    ov.cosines[emotion], ablation, np.nan_to_num(att_emotion), np.nan_to_num(att_neutral),
+                    effect_threshold=threshold,
+                )  # fmt: skip
+                head_rows.append({
+                    "emotion": emotion, "rank": rank, "layer": layer, "head": head, "kv_head": ov.kv_head,
+                    "ablation_effect": ablation,
+                    "attribution": float(screened.loc[(layer, head), "attribution"]),
+                    "single_patch_effect": single_patch[(layer, head)], "effect_threshold": threshold,
+                    "boundary_in": b_in, "boundary_out": b_out, "ov_gain": ov.gain,
+                    "ov_cosine_own": ov.cosines[emotion],
+                    **{f"ov_cosine_{e}": ov.cosines[e] for e in emotions},
+                    "ov_top_tokens": " | ".join(repr(handle.tokenizer.decode([t])) for t in ov.top_token_ids),
+                    "attention_emotion_words": att_emotion, "attention_neutral_same_positions": att_neutral,
+                    "attention_delta": att_emotion - att_neutral, "n_attention_prompts": int(has_words.sum()),
+                    "role": role,
+                })  # fmt: skip
+        rec.timing.samples = len(head_rows)
+        heads_table = pd.DataFrame(head_rows)
+        effects_table = pd.concat(effect_tables, ignore_index=True)
+        summary = pd.DataFrame([
+            {
+                "emotion": emotion, "heads": head_label(list(zip(g["layer"], g["head"], strict=True))),
+                "roles": ",".join(g["role"]), "mean_ov_cosine_own": float(g["ov_cosine_own"].mean()),
+                "mean_attention_delta": float(g["attention_delta"].mean()),
+                **{f"ratio_{r.intervention}": r.ratio
+                   for r in effects_table[effects_table["emotion"] == emotion].itertuples()},
+            }
+            for emotion, g in heads_table.groupby("emotion", sort=False)
+        ])  # fmt: skip
+
+        out = store.directory(profile_name, CIRCUITS_ASSET, model_name)
+        rec.artifacts(out)
+        write_table(out / "heads.parquet", heads_table, csv=True)
+        write_table(out / "circuit_effects.parquet", effects_table, csv=True)
+        write_table(out / "summary.parquet", summary, csv=True)
+        plot = save_figure(
+            _joint_vs_sum_plot(effects_table, f"{model_name}: joint vs summed single effects (top heads)"),
+            out / "joint_vs_sum.png",
+        )
+        rec.metrics(**{
+            f"ratio_{r.emotion}_{r.intervention}": r.ratio for r in effects_table.itertuples()
+        })  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "heads.parquet")),
+            "dg.row_count": dg.MetadataValue.int(len(heads_table)),
+            "summary": markdown_table(summary),
+            "heads": markdown_table(
+                heads_table[
+                    [
+                        "emotion",
+                        "rank",
+                        "layer",
+                        "head",
+                        "role",
+                        "ablation_effect",
+                        "ov_gain",
+                        "ov_cosine_own",
+                        "attention_emotion_words",
+                        "attention_neutral_same_positions",
+                        "ov_top_tokens",
+                    ]
+                ],
+                max_rows=30,
+            ),
+            "circuit_effects": markdown_table(effects_table.drop(columns=["heads"])),
+            "joint_vs_sum": plot,
+            **rec.metadata(),
+        }
+    )
