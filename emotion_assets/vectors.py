@@ -16,6 +16,7 @@ from emotion_assets.science.directions import (
     emotion_subspace,
     linear_probe_by_layer,
     neutral_subspace,
+    vector_report,
 )
 from emotion_assets.science.directions import (
     emotion_vectors as mean_difference_vectors,
@@ -88,22 +89,12 @@ def emotion_vectors(
         reports, probes, cosines = [], [], []
         for strategy, acts in pooled.items():  # acts: [n, n_boundaries, d_model]
             vectors = mean_difference_vectors(acts, labels, train, neutral_label=NEUTRAL)
-            resid_norm = acts[torch.as_tensor(train)].norm(dim=-1).mean(dim=0)  # [n_boundaries]
             for emotion, vec in vectors.items():
                 tensors[vector_key(strategy, emotion)] = vec
-                norms = vec.norm(dim=-1)  # [n_boundaries]
-                reports.append(
-                    pd.DataFrame(
-                        {
-                            "strategy": strategy,
-                            "emotion": emotion,
-                            "boundary": boundaries,
-                            "norm": norms.numpy(),
-                            "mean_resid_norm": resid_norm.numpy(),
-                            "relative_norm": (norms / resid_norm).numpy(),
-                        }
-                    )
-                )
+            report = vector_report(vectors, acts, train)  # boundary = position in the captured list
+            report["boundary"] = [boundaries[i] for i in report["boundary"]]
+            report.insert(0, "strategy", strategy)
+            reports.append(report)
             for position, boundary in enumerate(boundaries):
                 cos = cosine_matrix(vectors, position)
                 for a in cos.index:
