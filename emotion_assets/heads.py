@@ -182,6 +182,11 @@ def correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 # --- head_screening ------------------------------------------------------------------------------------
 
 
+# Heads ablated in one forward of the screen (all 270 of SmolLM2-135M): bench/bench_heads.py measured
+# 27, 90 and 270 per pass, and fewer, larger passes were fastest. The cap bounds memory for larger models.
+SCREEN_HEADS_PER_PASS = 288
+
+
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
@@ -203,7 +208,8 @@ def head_screening(
     """Ablation screening and attribution for every ``(layer, head)``.
 
     ``ablation_effect``: mean change of the readout on the emotion's eval prompts when the head's output is
-    zeroed at every position (``screen_heads_by_ablation``, one layer's heads per pass). ``attribution``:
+    zeroed at every position (``screen_heads_by_ablation``: prompts regrouped by length without padding, up
+    to ``SCREEN_HEADS_PER_PASS`` heads per forward, each head's copy joining at its layer). ``attribution``:
     the linear estimate of the readout change on the paired neutral prompts when the head's output is
     copied from the emotion prompts at shared positions (``attribution_scores``). Ablation removes what a
     head adds on emotion prompts while the patch adds it to neutral ones, so heads that carry the emotion
@@ -231,8 +237,8 @@ def head_screening(
             direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
             ids, mask = trimmed(pair.emotion_batch)
             ablation = screen_heads_by_ablation(
-                handle.model, ids, mask, direction, n_layers, every_head, heads_per_pass=layout.n_heads,
-                mode="zero",
+                handle.model, ids, mask, direction, n_layers, every_head,
+                heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
             )  # fmt: skip
             attribution = attribution_scores(
                 handle.model, pair.emotion_batch, pair.neutral_batch, direction, n_layers

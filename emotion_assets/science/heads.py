@@ -521,20 +521,104 @@ def _check_readout(layout: HeadLayout, readout_boundary: int) -> None:
         raise ValueError(f"readout_boundary {readout_boundary} out of range 0..{layout.n_layers}.")
 
 
-def _replicate_hook(copies: int, batch: int) -> Callable[..., tuple[tuple, dict]]:
-    """A block pre-hook repeating every batch-sized input (hidden states, masks, rotary, positions)."""
+def _grow_hook(batch: int, copies_in: int, copies_out: int) -> Callable[..., tuple[tuple, dict]]:
+    """A block pre-hook that appends ``copies_out - copies_in`` copies of the clean rows to the batch.
+
+    The residual stream enters with ``copies_in * batch`` rows whose first ``batch`` rows are the clean
+    run; the new copies are taken from those. Every other batch-sized block input (masks, rotary
+    embeddings, positions) is computed once per forward by the model, so it is repeated ``copies_out``
+    times.
+    """
 
     def expand(obj: Any) -> Any:
         if isinstance(obj, Tensor) and obj.ndim >= 2 and obj.shape[0] == batch:
-            return obj.repeat(copies, *([1] * (obj.ndim - 1)))
+            return obj.repeat(copies_out, *([1] * (obj.ndim - 1)))
         if isinstance(obj, tuple | list):
             return type(obj)(expand(o) for o in obj)
         return obj
 
+    def grow(hidden: Tensor) -> Tensor:  # [copies_in * batch, pos, d] -> [copies_out * batch, pos, d]
+        if hidden.shape[0] != copies_in * batch:
+            raise RuntimeError(
+                f"Expected {copies_in * batch} rows entering the block, got {hidden.shape[0]}."
+            )
+        if copies_out == copies_in:
+            return hidden
+        extra = hidden[:batch].repeat(copies_out - copies_in, *([1] * (hidden.ndim - 1)))
+        return torch.cat([hidden, extra], dim=0)
+
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return expand(args), {key: expand(value) for key, value in kwargs.items()}
+        if args and isinstance(args[0], Tensor):
+            args = (grow(args[0]), *(expand(a) for a in args[1:]))
+            return args, {key: expand(value) for key, value in kwargs.items()}
+        new_kwargs = {key: expand(value) for key, value in kwargs.items() if key != "hidden_states"}
+        new_kwargs["hidden_states"] = grow(_hidden_from_call(args, kwargs))
+        return tuple(expand(a) for a in args), new_kwargs
 
     return hook
+
+
+def _length_groups(
+    input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]
+) -> list[tuple[Int[Tensor, "group length"], Int[Tensor, "group length"]]]:
+    """The prompts with their padding removed, grouped by real length: ``(ids, all-ones mask)`` per group."""
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1)  # [batch]
+    if bool((lengths == 0).any()):
+        raise ValueError("Every prompt needs at least one real token (a row of the attention mask is all 0).")
+    groups = []
+    for length in sorted(set(lengths.tolist())):
+        rows = (lengths == length).nonzero().flatten().tolist()
+        ids = torch.stack([input_ids[r][real[r]] for r in rows])  # [group, length]
+        groups.append((ids, torch.ones_like(ids)))
+    return groups
+
+
+def _ablation_pass(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    unit: Float[Tensor, " d_model"],
+    readout_boundary: int,
+    chunk: Sequence[Head],
+    mode: AblationMode,
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None,
+) -> Float[Tensor, "n_chunk batch"]:
+    """Readout change for each head of ``chunk`` (sorted by layer) on each prompt, in one forward.
+
+    Copy 0 of the batch is the clean run; copy ``1 + j`` ablates ``chunk[j]`` and joins at its layer.
+    """
+    layout = head_layout(model)
+    blocks = decoder_blocks(model)
+    batch = input_ids.shape[0]
+    joined_by: dict[int, int] = {}  # layer -> copies present after that layer's pre-hook
+    for j, (layer, _) in enumerate(chunk):
+        joined_by[layer] = j + 2
+    copies = len(chunk) + 1
+    with HookSet() as hooks:
+        present = 1
+        for layer in range(chunk[0][0], readout_boundary):
+            after = joined_by.get(layer, present)
+            hooks.pre(blocks[layer], _grow_hook(batch, present, after))
+            present = after
+        for layer, rows in joined_by.items():
+            ablated = torch.zeros(rows * batch, layout.n_heads, dtype=torch.bool)  # [rows, n_heads]
+            for j, (head_layer, head) in enumerate(chunk):
+                if head_layer == layer:
+                    ablated[(j + 1) * batch : (j + 2) * batch, head] = True
+
+            def edit(z: Tensor, ablated: Tensor = ablated, layer: int = layer) -> Tensor:
+                drop = ablated.to(z.device)[:, None, :, None]  # [rows, 1, n_heads, 1]
+                if mode == "mean":
+                    assert mean_z is not None
+                    fill = mean_z[layer].to(device=z.device, dtype=z.dtype)  # [n_heads, d_head]
+                    return torch.where(drop, fill, z)
+                return z.masked_fill(drop, 0.0)
+
+            hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit), with_kwargs=False)
+        readout = _readout(model, input_ids, attention_mask, unit, readout_boundary, copies)
+    readout = readout.view(copies, batch)  # [copies, batch]
+    return readout[1:] - readout[:1]
 
 
 def screen_heads_by_ablation(
@@ -544,7 +628,7 @@ def screen_heads_by_ablation(
     direction: Float[Tensor, " d_model"],
     readout_boundary: int,
     heads: Sequence[Head],
-    heads_per_pass: int = 16,
+    heads_per_pass: int = 90,
     mode: AblationMode = "zero",
     mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
 ) -> Float[Tensor, " n_screened"]:
@@ -554,11 +638,15 @@ def screen_heads_by_ablation(
     projection of the last real token's residual at ``readout_boundary`` onto the unit ``direction``.
     Heads at layers ``>= readout_boundary`` cannot reach the readout and score exactly 0 without a pass.
 
-    Heads are sorted by layer and taken ``heads_per_pass`` at a time. A pass runs the prompts once up to
-    the first layer ``L0`` of its heads (that prefix is the same in every copy); a pre-hook on block
-    ``L0`` then repeats the batch (and every batch-sized block input) once per head, and copy ``j`` has
-    head ``j`` ablated by a pre-hook on its output projection that only touches copy ``j``'s rows. The
-    forward stops at the readout boundary. Scores equal ``screen_heads_loop`` up to float rounding.
+    The batch dimension is spent on heads, not on padding: the prompts are regrouped by real length with
+    their padding removed (positions still start at 0, as in the padded run). Heads are sorted by layer
+    and taken ``heads_per_pass`` at a time. A pass runs a group's clean prompts up to the first layer of
+    its heads; from there the batch grows: a pre-hook on each block appends one copy of the clean rows for
+    every head of that block's layer (and repeats the masks, rotary embeddings and positions to match),
+    and an output-projection pre-hook ablates head ``j`` in copy ``j`` only. Each copy therefore runs
+    exactly the blocks between its head and the readout, as that head's own forward would, but inside
+    large matrix products; the clean copy that travels along is the reference. The forward stops at the
+    readout boundary. Scores equal ``screen_heads_loop`` up to float rounding.
     """
     layout = head_layout(model)
     heads = _check_heads(layout, heads)
@@ -570,40 +658,16 @@ def screen_heads_by_ablation(
     ):
         raise ValueError("Mean ablation needs mean_z for every screened layer (see mean_head_outputs).")
     unit = _unit(direction)
-    batch = input_ids.shape[0]
-    blocks = decoder_blocks(model)
-    clean = _readout(model, input_ids, attention_mask, unit, readout_boundary)  # [batch]
-    scores = torch.zeros(len(heads))
+    totals = torch.zeros(len(heads), dtype=torch.float64)
     active = sorted((i for i, (ly, _) in enumerate(heads) if ly < readout_boundary), key=lambda i: heads[i])
-
-    for start in range(0, len(active), heads_per_pass):
-        chunk = active[start : start + heads_per_pass]
-        copies = len(chunk)
-        first_layer = heads[chunk[0]][0]
-        with HookSet() as hooks:
-            if copies > 1:
-                replicate = _replicate_hook(copies, batch)
-                for layer in range(first_layer, readout_boundary):
-                    hooks.pre(blocks[layer], replicate)
-            for layer in sorted({heads[i][0] for i in chunk}):
-                ablated = torch.zeros(copies * batch, layout.n_heads, dtype=torch.bool)  # [rows, n_heads]
-                for j, i in enumerate(chunk):
-                    if heads[i][0] == layer:
-                        ablated[j * batch : (j + 1) * batch, heads[i][1]] = True
-
-                def edit(z: Tensor, ablated: Tensor = ablated, layer: int = layer) -> Tensor:
-                    drop = ablated.to(z.device)[:, None, :, None]  # [rows, 1, n_heads, 1]
-                    if mode == "mean":
-                        assert mean_z is not None
-                        fill = mean_z[layer].to(device=z.device, dtype=z.dtype)  # [n_heads, d_head]
-                        return torch.where(drop, fill, z)
-                    return z.masked_fill(drop, 0.0)
-
-                hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit), with_kwargs=False)
-            ablated_readout = _readout(model, input_ids, attention_mask, unit, readout_boundary, copies)
-        effect = (ablated_readout.view(copies, batch) - clean[None]).mean(dim=1)  # [copies]
-        scores[chunk] = effect.cpu()
-    return scores
+    for ids, mask in _length_groups(input_ids, attention_mask):
+        for start in range(0, len(active), heads_per_pass):
+            chunk = active[start : start + heads_per_pass]
+            change = _ablation_pass(
+                model, ids, mask, unit, readout_boundary, [heads[i] for i in chunk], mode, mean_z
+            )  # [len(chunk), group]
+            totals[chunk] += change.sum(dim=1).double().cpu()
+    return (totals / input_ids.shape[0]).float()
 
 
 def screen_heads_loop(

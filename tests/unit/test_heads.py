@@ -388,3 +388,19 @@ def test_hook_z_matches_transformer_lens_bridge(tiny_llama_dir, pair):
         torch.testing.assert_close(
             attention.values[layer], cache[f"blocks.{layer}.attn.hook_v"], rtol=0, atol=1e-5
         )
+
+
+def test_batched_screening_ignores_padding_side_and_rejects_empty_prompts(model, pair):
+    batch, _ = pair
+    heads = [(layer, head) for layer in range(N_LAYERS) for head in range(N_HEADS)]
+    direction = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(5))
+    left = H.screen_heads_by_ablation(model, batch["input_ids"], batch["attention_mask"], direction, 3, heads)
+    right = byte_tokenizer()(EMOTION, padding=True, padding_side="right", return_tensors="pt")
+    assert (right["attention_mask"][:, -1] == 0).any()  # really right-padded
+    got = H.screen_heads_by_ablation(model, right["input_ids"], right["attention_mask"], direction, 3, heads)
+    torch.testing.assert_close(got, left, rtol=0, atol=1e-5)
+
+    empty = batch["attention_mask"].clone()
+    empty[0] = 0
+    with pytest.raises(ValueError, match="at least one real token"):
+        H.screen_heads_by_ablation(model, batch["input_ids"], empty, direction, 3, heads)
