@@ -36,6 +36,22 @@ def _pair_mapping() -> dg.MultiPartitionMapping:
     )
 
 
+def beyond_embeddings(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an alignment sweep whose boundaries are both past the token embeddings (layer > 0).
+
+    At boundary 0 a representation is a function of token identities alone, so any two models that read
+    the same words align there (on ``baseline`` the random-weight twin reaches cos² ≈ 0.99 at k = 1). That
+    is lexical overlap, not learned emotion structure, so "best layer" choices skip it.
+    """
+    inner = sweep[(sweep["layer_a"] > 0) & (sweep["layer_b"] > 0)]
+    if inner.empty:
+        raise ValueError(
+            "The alignment sweep has no layer pair past the token embeddings (boundary 0); give the profile "
+            "`layers` that include a boundary > 0 for both models (data/profiles.yaml)."
+        )
+    return inner
+
+
 def paired_rows(index_a: pd.DataFrame, index_b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Row positions of the prompts both models saw, in the same order (joined on prompt id)."""
     a = index_a.reset_index(names="row_a")
@@ -107,12 +123,13 @@ def subspace_alignment(
         rec.artifacts(out)
         write_table(out / "alignment_sweep.parquet", sweep, csv=True)
         write_table(out / "cka_matrix.parquet", cka_table, csv=True)
-        best = sweep.loc[(sweep["overlap"] - sweep["null_p95"]).idxmax()]
+        inner = beyond_embeddings(sweep).assign(margin=lambda f: f["overlap"] - f["null_p95"])
+        best = inner.loc[inner["margin"].idxmax()]
         summary = (
-            sweep.sort_values("overlap", ascending=False)
+            inner.sort_values("margin", ascending=False)
             .groupby(["method", "emotion"], as_index=False)
-            .first()[["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "chance",
-                      "null_mean", "null_p95", "beats_null", "r2_heldout"]]
+            .first()[["method", "emotion", "layer_a", "layer_b", "k", "overlap", "null_p95", "margin", "chance",
+                      "null_mean", "overlap_before", "beats_null", "r2_heldout"]]
         )  # fmt: skip
         write_table(out / "summary.parquet", summary, csv=True)
         cka_plot = save_figure(

@@ -7,8 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from emotion_assets.alignment import subspace_alignment
+from emotion_assets.alignment import beyond_embeddings, subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
+from emotion_assets.heads import PATCHING_ASSET, head_patching
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
     model_and_profile,
@@ -24,6 +25,8 @@ from emotion_assets.science.statistics import (
     power_table,
     select_k_from_bounds,
     stable_seed,
+    two_sample_t_power,
+    unpaired_comparison,
 )
 from jobs.jobs import ALIGNMENT_GROUP, STATISTICS_GROUP
 from resources.storage import ArtifactStore, read_table, write_table
@@ -76,24 +79,125 @@ def comparison_matrices(
     return specs, np.column_stack(control), np.column_stack(treatment), prompts
 
 
+HEAD_CONDITION_KEYS = ["condition", "kind", "mode", "direction", "scope", "heads", "seed", "destination"]
+
+
+def _head_specs(
+    wide: dict[str, pd.DataFrame], conditions: pd.DataFrame, emotion: str, metrics: list[str]
+) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
+    """Paired comparisons on one emotion's destination prompts (see :func:`head_comparisons`)."""
+    baseline = conditions.index[conditions["kind"] == "baseline"][0]
+    specs, control, treatment = [], [], []
+    for name, cond in conditions.iterrows():
+        if cond["kind"] == "baseline":
+            continue
+        for metric in metrics:
+            specs.append({"comparison": "vs_baseline", "metric": metric, "condition": name, **cond.to_dict()})
+            control.append(wide[metric][baseline].to_numpy())
+            treatment.append(wide[metric][name].to_numpy())
+    target = TARGET_METRICS.get(emotion)
+    if target not in wide:
+        return specs, control, treatment
+    same_direction = conditions["direction"].fillna("")
+    for name, cond in conditions[conditions["kind"].isin(["ablation", "patch"]) & (conditions["scope"] == "joint")
+                                 ].iterrows():  # fmt: skip
+        randoms = conditions[
+            (conditions["kind"] == f"random_{cond['kind']}")
+            & (conditions["mode"] == cond["mode"])
+            & (same_direction == ("" if pd.isna(cond["direction"]) else cond["direction"]))
+        ].index
+        if len(randoms) == 0:
+            continue
+        specs.append({"comparison": "vs_random_heads", "metric": target, "condition": name, **cond.to_dict()})
+        control.append(wide[target][list(randoms)].mean(axis=1).to_numpy())
+        treatment.append(wide[target][name].to_numpy())
+    return specs, control, treatment
+
+
+def head_comparisons(
+    scored: pd.DataFrame, metrics: list[str], *, n_boot: int, seed_parts: tuple[str | int, ...]
+) -> pd.DataFrame:
+    """Statistics of ``head_patching``: one row per comparison, fields of ``paired_family`` or unpaired ones.
+
+    Per emotion, on the prompts each condition continued (its ``destination``):
+
+    - ``vs_baseline``: every ablation, patch and random-head condition against the unintervened
+      continuation of the same prompts, paired per unique prompt, every metric;
+    - ``vs_random_heads``: each joint top-N intervention (zero and mean ablation, ``z``/``v_only``/
+      ``pattern_v`` patch per direction) against the mean of the random-head controls of the same mode and
+      direction on the same prompts, paired, the emotion's target score;
+    - ``emotion_vs_neutral_prompts`` (unpaired: different prompts): unintervened continuations of the
+      emotion prompts against those of the neutral prompts, Welch t and Hedges' g on the target score, the
+      gap the patches try to move.
+
+    Bootstrap seeds come from ``seed_parts`` + emotion + destination, so reruns reproduce every CI.
+    """
+    table = scored.groupby(["emotion", "destination", "prompt_id", "condition"], sort=False)[metrics].mean()
+    table = table.reset_index()
+    attributes = scored.drop_duplicates(["emotion", "condition"]).set_index(["emotion", "condition"])
+    frames = []
+    for (emotion, destination), group in table.groupby(["emotion", "destination"], sort=False):
+        prompts = np.sort(group["prompt_id"].unique())
+        wide = {m: group.pivot_table(index="prompt_id", columns="condition", values=m, dropna=False)
+                .reindex(prompts) for m in metrics}  # fmt: skip
+        names = list(dict.fromkeys(group["condition"]))
+        conditions = attributes.loc[emotion].loc[names, HEAD_CONDITION_KEYS[1:]]
+        specs, control, treatment = _head_specs(wide, conditions, emotion, metrics)
+        if not specs:
+            continue
+        seed = stable_seed(*seed_parts, "heads", emotion, destination)
+        results = paired_family(
+            np.column_stack(control), np.column_stack(treatment), n_boot=n_boot, seed=seed
+        )
+        results = results.rename(columns={"seed": "bootstrap_seed"})
+        frame = pd.concat([pd.DataFrame(specs), results], axis=1).assign(emotion=emotion)
+        frames.append(frame.assign(effect_size=frame["d_z"], effect_measure="d_z"))
+    unpaired = []
+    for emotion, group in scored[scored["kind"] == "baseline"].groupby("emotion", sort=False):
+        metric = TARGET_METRICS.get(emotion)
+        if metric not in metrics:
+            continue
+        per_prompt_scores = group.groupby(["destination", "prompt_id"])[metric].mean()
+        seed = stable_seed(*seed_parts, "heads", emotion, "emotion_vs_neutral_prompts")
+        result = unpaired_comparison(
+            per_prompt_scores.loc["neutral"].to_numpy(), per_prompt_scores.loc["emotion"].to_numpy(),
+            n_boot=n_boot, seed=seed,
+        )  # fmt: skip
+        unpaired.append({
+            "comparison": "emotion_vs_neutral_prompts", "metric": metric, "condition": "baseline",
+            "kind": "baseline", "emotion": emotion, "destination": "emotion vs neutral",
+            **{("bootstrap_seed" if k == "seed" else k): v for k, v in result.items()},
+            "n": result["n_a"] + result["n_b"], "effect_size": result["hedges_g"], "effect_measure": "hedges_g",
+        })  # fmt: skip
+    return pd.concat([*frames, pd.DataFrame(unpaired)], ignore_index=True)
+
+
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=STATISTICS_GROUP,
-    deps=[residual_patching],
+    deps=[residual_patching, head_patching],
     kinds={"scipy", "parquet"},
-    code_version="1",
-    description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores) "
-    "and every emotion vector vs its norm-matched random controls (target score). Mean difference, Cohen's "
-    "d_z with a variance floor, paired t, Wilcoxon, seeded bootstrap CIs, BH-FDR and Bonferroni across the "
-    "declared family, exact noncentral-t power.",
+    code_version="2",
+    description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores), "
+    "every emotion vector vs its norm-matched random controls (target score), every head ablation/patch vs "
+    "the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "
+    "prompts (Welch, Hedges' g). Mean difference, Cohen's d_z with a variance floor, paired t, Wilcoxon, "
+    "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power.",
 )
 def patching_statistics(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
 ) -> dg.MaterializeResult:
+    """Effect sizes, tests and corrections for ``residual_patching`` and ``head_patching`` of one model.
+
+    Family: every row of this model and profile (both sources, every comparison × emotion × metric ×
+    condition); BH-FDR and Bonferroni run over all of it and the family is written beside each p.
+    """
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
     scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
+    head_scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
     metrics = [m for m in FAMILY_METRICS if m in scored and scored[m].notna().all()]
+    head_metrics = [m for m in FAMILY_METRICS if m in head_scored and head_scored[m].notna().all()]
     with recorded(
         context, tracking=tracking, store=store, phase="7-statistics", model=model_name, profile=profile,
         device="cpu", config=config, throughput_unit="comparisons",
@@ -103,24 +207,34 @@ def patching_statistics(
         seed = stable_seed("patching_statistics", model_name, profile_name, profile.seed)
         results = paired_family(control, treatment, n_boot=profile.n_bootstrap, seed=seed)
         results = results.rename(columns={"seed": "bootstrap_seed"})
-        stats = pd.concat([pd.DataFrame(specs), results], axis=1)
+        residual = pd.concat([pd.DataFrame(specs), results], axis=1)
+        residual = residual.assign(source="residual", effect_size=residual["d_z"], effect_measure="d_z")
+        heads = head_comparisons(
+            head_scored, head_metrics, n_boot=profile.n_bootstrap,
+            seed_parts=("patching_statistics", model_name, profile_name, profile.seed),
+        ).assign(source="heads")  # fmt: skip
+        stats = pd.concat([residual, heads], ignore_index=True)
         stats.insert(0, "profile", profile_name)
         stats.insert(0, "model", model_name)
-        stats = correct_family(
-            stats, "p_t", ["model", "profile"], within_columns=["comparison", "metric", "condition"]
-        )
+        within = ["source", "comparison", "emotion", "metric", "condition"]
+        stats = correct_family(stats, "p_t", ["model", "profile"], within_columns=within)
         stats = stats.rename(columns={"family": "family_t", "family_size": "family_size_t"})
-        stats = correct_family(stats, "p_wilcoxon", ["model", "profile"], within_columns=["comparison", "metric",
-                               "condition"], suffix="_wilcoxon")  # fmt: skip
-        stats["power_at_n"] = [paired_t_power(abs(d), int(n)) if np.isfinite(d) else np.nan
-                               for d, n in zip(stats["d_z"], stats["n"], strict=True)]  # fmt: skip
+        stats = correct_family(stats, "p_wilcoxon", ["model", "profile"], within_columns=within,
+                               suffix="_wilcoxon")  # fmt: skip
+        stats["power_at_n"] = [
+            (two_sample_t_power(abs(g), int(na), int(nb)) if measure == "hedges_g"
+             else paired_t_power(abs(g), int(n))) if np.isfinite(g) else np.nan
+            for g, measure, n, na, nb in zip(stats["effect_size"], stats["effect_measure"], stats["n"],
+                                              stats.get("n_a", np.nan), stats.get("n_b", np.nan), strict=True)
+        ]  # fmt: skip
         stats["survives_bh"] = stats["p_bh"] < 0.05
         rec.timing.samples = len(stats)
 
         out = store.directory(profile_name, "patching_statistics", model_name)
         rec.artifacts(out)
         write_table(out / "comparisons.parquet", stats, csv=True)
-        power = power_table(None, int(stats["n"].iloc[0]))
+        paired_n = sorted(stats.loc[stats["effect_measure"] == "d_z", "n"].astype(int).unique())
+        power = pd.concat([power_table(None, n) for n in paired_n], ignore_index=True)
         write_table(out / "power.parquet", power, csv=True)
         plots = {
             "volcano": save_figure(_volcano(stats, model_name), out / "volcano.png"),
@@ -138,20 +252,26 @@ def patching_statistics(
                 out / f"effect_heatmap_{emotion}.png",
             )  # fmt: skip
         survivors = stats[stats["survives_bh"]].sort_values("p_bh")
+        n_by_source = stats[stats["effect_measure"] == "d_z"].groupby("source")["n"].max()
         rec.metrics(n_comparisons=len(stats), n_survive_bh=int(stats["survives_bh"].sum()),
-                    n_prompts=int(stats["n"].iloc[0]))  # fmt: skip
-    headline = ["comparison", "metric", "emotion", "layer", "alpha", "n", "mean_diff", "d_z",
+                    n_prompts=int(n_by_source.get("residual", 0)))  # fmt: skip
+    headline = ["source", "comparison", "metric", "emotion", "condition", "n", "mean_diff", "effect_size",
                 "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
+    by_source = stats.groupby(["source", "comparison"]).agg(
+        comparisons=("p_t", "size"), survive_bh=("survives_bh", "sum"),
+        survive_bonferroni=("p_bonferroni", lambda p: int((p < 0.05).sum())),
+    ).reset_index()  # fmt: skip
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / "comparisons.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(stats)),
-            "n_unique_prompts": dg.MetadataValue.int(int(stats["n"].iloc[0])),
+            "n_unique_prompts": dg.MetadataValue.json({k: int(v) for k, v in n_by_source.items()}),
             "family": dg.MetadataValue.text(str(stats["family_t"].iloc[0])),
             "n_survive_bh": dg.MetadataValue.int(int(stats["survives_bh"].sum())),
             "n_survive_bonferroni": dg.MetadataValue.int(int((stats["p_bonferroni"] < 0.05).sum())),
+            "by_comparison": markdown_table(by_source),
             "top_effects": markdown_table(
-                survivors[headline] if len(survivors) else stats.nsmallest(10, "p_t")[headline]
+                survivors[headline] if len(survivors) else stats.nsmallest(10, "p_t")[headline], max_rows=30
             ),
             "power": markdown_table(power),
             **plots,
@@ -162,10 +282,11 @@ def patching_statistics(
 
 def _volcano(stats: pd.DataFrame, model: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for kind, group in stats.groupby("kind"):
-        ax.scatter(group["d_z"], -np.log10(group["p_bh"].clip(lower=1e-300)), s=10, alpha=0.6, label=kind)
+    for (source, comparison), group in stats.groupby(["source", "comparison"]):
+        ax.scatter(group["effect_size"], -np.log10(group["p_bh"].clip(lower=1e-300)), s=10, alpha=0.6,
+                   label=f"{source}: {comparison}")  # fmt: skip
     ax.axhline(-np.log10(0.05), color="grey", ls="--", lw=1, label="BH q = 0.05")
-    ax.set_xlabel("Cohen's d_z")
+    ax.set_xlabel("effect size (Cohen's d_z; Hedges' g for unpaired)")
     ax.set_ylabel("−log10 BH-corrected p")
     ax.set_title(f"{model}: every comparison of the family")
     ax.legend(fontsize=7)
@@ -183,7 +304,7 @@ def _p_histogram(stats: pd.DataFrame) -> plt.Figure:
 
 
 @dg.asset_check(asset=patching_statistics, description="Every p lies in [0, 1], corrected p ≥ raw p, and "
-                "every d_z is finite.")  # fmt: skip
+                "every effect size (d_z or Hedges' g) is finite.")  # fmt: skip
 def patching_statistics_sane(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
@@ -192,8 +313,10 @@ def patching_statistics_sane(
         store.existing(profile_name, "patching_statistics", model_name) / "comparisons.parquet"
     )
     p_ok = bool(stats["p_t"].between(0, 1).all() and (stats["p_bh"] >= stats["p_t"] - 1e-12).all())
-    d_ok = bool(np.isfinite(stats["d_z"]).all())
-    return dg.AssetCheckResult(passed=p_ok and d_ok, metadata={"p_values_ok": p_ok, "d_z_finite": d_ok})
+    d_ok = bool(np.isfinite(stats["effect_size"]).all())
+    return dg.AssetCheckResult(
+        passed=p_ok and d_ok, metadata={"p_values_ok": p_ok, "effect_sizes_finite": d_ok}
+    )
 
 
 @dg.asset(
@@ -202,8 +325,9 @@ def patching_statistics_sane(
     deps=[subspace_alignment],
     kinds={"pandas"},
     code_version="1",
-    description="Per method and emotion at the best-aligned layer pair: the subspace dimension k chosen by a "
-    "stated rule from the bootstrap overlap over prompts compared with the null band.",
+    description="Per method and emotion at the best-aligned layer of model A past the token embeddings (largest "
+    "mean overlap above the null p95): the subspace dimension k chosen by a stated rule from the bootstrap "
+    "overlap over prompts compared with the null band.",
 )
 def k_selection(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
@@ -216,7 +340,7 @@ def k_selection(
         context, tracking=tracking, store=store, phase="7-statistics", model=pair, profile=profile,
         device="cpu", config=config, throughput_unit="selections",
     ) as rec:  # fmt: skip
-        margin = sweep.assign(margin=sweep["overlap"] - sweep["null_p95"])
+        margin = beyond_embeddings(sweep).assign(margin=lambda f: f["overlap"] - f["null_p95"])
         best_layer = margin.groupby("layer_a")["margin"].mean().idxmax()
         tables, decisions = [], []
         for (method, emotion), group in sweep[sweep["layer_a"] == best_layer].groupby(["method", "emotion"]):

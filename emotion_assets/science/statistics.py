@@ -442,6 +442,20 @@ def paired_t_power(d: float, n: int, alpha: float = 0.05, alternative: str = "tw
     return power
 
 
+def two_sample_t_power(d: float, n_a: int, n_b: int, alpha: float = 0.05) -> float:
+    """Exact two-sided power of the two-sample (pooled-variance) t test at Hedges/Cohen ``d``.
+
+    Noncentral t with df = n_a + n_b − 2 and nc = d·√(n_a·n_b / (n_a + n_b)), both rejection tails (as
+    statsmodels ``TTestIndPower``). Used as the planning power of an unpaired comparison; the reported test
+    is Welch's, whose power is close to this one for similar arm variances.
+    """
+    if n_a < 2 or n_b < 2:
+        return math.nan
+    df, nc = n_a + n_b - 2, d * math.sqrt(n_a * n_b / (n_a + n_b))
+    crit = stats.t.isf(alpha / 2.0, df)
+    return float(stats.nct.sf(crit, df, nc)) + float(stats.nct.sf(crit, df, -nc))
+
+
 def required_n(
     d: float,
     power: float = 0.8,

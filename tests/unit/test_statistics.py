@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestPower
+from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from emotion_assets.science.statistics import (
     SD_FLOOR_FRACTION,
@@ -31,6 +31,7 @@ from emotion_assets.science.statistics import (
     required_n,
     select_k,
     stable_seed,
+    two_sample_t_power,
     unpaired_comparison,
 )
 
@@ -218,6 +219,15 @@ def test_power_matches_statsmodels(alternative):
         for n in (5, 24, 150):
             ref = tp.power(effect_size=d, nobs=n, alpha=0.05, alternative=alternative)
             assert paired_t_power(d, n, alternative=alternative) == pytest.approx(ref, abs=1e-6)
+
+
+def test_two_sample_power_matches_statsmodels():
+    tp = TTestIndPower()
+    for d in (0.2, 0.5, -0.8):
+        for n_a, n_b in ((5, 5), (24, 40), (150, 90)):
+            ref = tp.power(effect_size=d, nobs1=n_a, ratio=n_b / n_a, alpha=0.05)
+            assert two_sample_t_power(d, n_a, n_b) == pytest.approx(ref, abs=1e-6)
+    assert math.isnan(two_sample_t_power(0.5, 1, 10))
 
 
 def test_required_n_matches_statsmodels():
