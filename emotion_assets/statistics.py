@@ -43,6 +43,25 @@ def per_prompt(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return scored.groupby(keys, dropna=False, sort=False)[metrics].mean().reset_index()
 
 
+def vs_baseline_specs(
+    wide: dict[str, pd.DataFrame], conditions: pd.DataFrame, metrics: list[str]
+) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
+    """Every non-baseline condition against the (single) baseline condition of ``conditions``, every metric.
+
+    ``wide[metric]``: [prompt, condition] scores; ``conditions``: one row per condition (index = name).
+    """
+    baseline = conditions.index[conditions["kind"] == "baseline"][0]
+    specs, control, treatment = [], [], []
+    for name, cond in conditions.iterrows():
+        if cond["kind"] == "baseline":
+            continue
+        for metric in metrics:
+            specs.append({"comparison": "vs_baseline", "metric": metric, "condition": name, **cond.to_dict()})
+            control.append(wide[metric][baseline].to_numpy())
+            treatment.append(wide[metric][name].to_numpy())
+    return specs, control, treatment
+
+
 def comparison_matrices(
     table: pd.DataFrame, metrics: list[str]
 ) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
@@ -56,15 +75,7 @@ def comparison_matrices(
     wide = {m: table.pivot_table(index="prompt_id", columns="condition", values=m, dropna=False).reindex(prompts)
             for m in metrics}  # fmt: skip
     conditions = table.drop_duplicates("condition").set_index("condition")[CONDITION_KEYS[1:]]
-    baseline = conditions.index[conditions["kind"] == "baseline"][0]
-    specs, control, treatment = [], [], []
-    for name, cond in conditions.iterrows():
-        if cond["kind"] == "baseline":
-            continue
-        for metric in metrics:
-            specs.append({"comparison": "vs_baseline", "metric": metric, "condition": name, **cond.to_dict()})
-            control.append(wide[metric][baseline].to_numpy())
-            treatment.append(wide[metric][name].to_numpy())
+    specs, control, treatment = vs_baseline_specs(wide, conditions, metrics)
     randoms = conditions[conditions["kind"].str.startswith("random")]
     for name, cond in conditions[(conditions["kind"] == "emotion") & (conditions["alpha"] != 0)].iterrows():
         metric = TARGET_METRICS.get(cond["emotion"])
@@ -86,15 +97,7 @@ def _head_specs(
     wide: dict[str, pd.DataFrame], conditions: pd.DataFrame, emotion: str, metrics: list[str]
 ) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
     """Paired comparisons on one emotion's destination prompts (see :func:`head_comparisons`)."""
-    baseline = conditions.index[conditions["kind"] == "baseline"][0]
-    specs, control, treatment = [], [], []
-    for name, cond in conditions.iterrows():
-        if cond["kind"] == "baseline":
-            continue
-        for metric in metrics:
-            specs.append({"comparison": "vs_baseline", "metric": metric, "condition": name, **cond.to_dict()})
-            control.append(wide[metric][baseline].to_numpy())
-            treatment.append(wide[metric][name].to_numpy())
+    specs, control, treatment = vs_baseline_specs(wide, conditions, metrics)
     target = TARGET_METRICS.get(emotion)
     if target not in wide:
         return specs, control, treatment
