@@ -61,7 +61,7 @@ def patching_statistics_rollup(
             stats.groupby(["model", "source", "comparison"])
             .agg(comparisons=("p_t", "size"), survive_bh=("survives_bh", "sum"),
                  survive_bonferroni=("p_bonferroni", lambda p: int((p < 0.05).sum())),
-                 max_abs_d_z=("d_z", lambda d: float(d.abs().max())))
+                 max_abs_effect_size=("effect_size", lambda d: float(d.abs().max())))
             .reset_index()
         )  # fmt: skip
         rec.timing.samples = len(rollup)
