@@ -43,6 +43,21 @@ def per_prompt(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return scored.groupby(keys, dropna=False, sort=False)[metrics].mean().reset_index()
 
 
+def metrics_to_test(scored: pd.DataFrame, source: str) -> tuple[list[str], dict[str, str]]:
+    """The family metrics ``scored`` has for every row, and why each other one is not tested."""
+    tested, untested = [], {}
+    for metric in FAMILY_METRICS:
+        if metric not in scored:
+            untested[f"{source}.{metric}"] = "not scored (evaluator not configured for this profile)"
+        elif scored[metric].isna().any():
+            untested[f"{source}.{metric}"] = (
+                f"null for {int(scored[metric].isna().sum())} of {len(scored)} rows"
+            )
+        else:
+            tested.append(metric)
+    return tested, untested
+
+
 def vs_baseline_specs(
     wide: dict[str, pd.DataFrame], conditions: pd.DataFrame, metrics: list[str]
 ) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
@@ -126,9 +141,9 @@ def head_comparisons(
 
     - ``vs_baseline``: every ablation, patch and random-head condition against the unintervened
       continuation of the same prompts, paired per unique prompt, every metric;
-    - ``vs_random_heads``: each joint top-N intervention (zero and mean ablation, ``z``/``v_only``/
-      ``pattern_v`` patch per direction) against the mean of the random-head controls of the same mode and
-      direction on the same prompts, paired, the emotion's target score;
+    - ``vs_random_heads``: each joint top-N intervention that has random-head controls of the same mode and
+      direction (``head_patching`` runs them for zero ablation and ``z`` patching in both directions)
+      against their mean on the same prompts, paired, the emotion's target score;
     - ``emotion_vs_neutral_prompts`` (unpaired: different prompts): unintervened continuations of the
       emotion prompts against those of the neutral prompts, Welch t and Hedges' g on the target score, the
       gap the patches try to move.
@@ -199,8 +214,8 @@ def patching_statistics(
     profile = effective_profile(profile_name, config)
     scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
     head_scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
-    metrics = [m for m in FAMILY_METRICS if m in scored and scored[m].notna().all()]
-    head_metrics = [m for m in FAMILY_METRICS if m in head_scored and head_scored[m].notna().all()]
+    metrics, untested = metrics_to_test(scored, "residual_patching")
+    head_metrics, head_untested = metrics_to_test(head_scored, PATCHING_ASSET)
     with recorded(
         context, tracking=tracking, store=store, phase="7-statistics", model=model_name, profile=profile,
         device="cpu", config=config, throughput_unit="comparisons",
@@ -270,6 +285,7 @@ def patching_statistics(
             "dg.row_count": dg.MetadataValue.int(len(stats)),
             "n_unique_prompts": dg.MetadataValue.json({k: int(v) for k, v in n_by_source.items()}),
             "family": dg.MetadataValue.text(str(stats["family_t"].iloc[0])),
+            "metrics_not_tested": dg.MetadataValue.json({**untested, **head_untested}),
             "n_survive_bh": dg.MetadataValue.int(int(stats["survives_bh"].sum())),
             "n_survive_bonferroni": dg.MetadataValue.int(int((stats["p_bonferroni"] < 0.05).sum())),
             "by_comparison": markdown_table(by_source),

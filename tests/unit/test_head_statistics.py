@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from emotion_assets.science.statistics import paired_comparison, stable_seed, unpaired_comparison
-from emotion_assets.statistics import head_comparisons
+from emotion_assets.statistics import head_comparisons, metrics_to_test
 
 METRICS = ["emotion_gratitude", "sentiment_compound"]
 N = 6
@@ -89,3 +89,12 @@ def test_same_seed_parts_give_identical_cis(scored):
     other = head_comparisons(scored, METRICS, n_boot=300, seed_parts=("t", 2))
     pd.testing.assert_frame_equal(first, again)
     assert not np.allclose(first["diff_ci_low"], other["diff_ci_low"])
+
+
+def test_unmetrics_to_test_are_named_with_a_reason(scored):
+    frame = scored.copy()
+    frame.loc[frame.index[:3], "sentiment_compound"] = np.nan
+    tested, untested = metrics_to_test(frame, "head_patching")
+    assert tested == ["emotion_gratitude"]
+    assert untested["head_patching.sentiment_compound"] == f"null for 3 of {len(frame)} rows"
+    assert untested["head_patching.politeness"].startswith("not scored")
