@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,22 @@ def emotion_words(path: Path = EMOTION_WORDS_PATH) -> dict[str, list[str]]:
 
 def all_emotion_words(path: Path = EMOTION_WORDS_PATH) -> list[str]:
     return sorted({w for words in emotion_words(path).values() for w in words})
+
+
+def progress_logger(
+    context: dg.AssetExecutionContext, unit: str, every: float = 0.1
+) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that writes a run-log line each time another ``every`` of the
+    work is done (and at the end), so long materializations show where they are in the Dagster UI."""
+    logged = [-1]
+
+    def progress(done: int, total: int) -> None:
+        step = int(done / total / every) if total else 0
+        if step > logged[0] or done == total:
+            logged[0] = step
+            context.log.info(f"{done} of {total} {unit} ({100 * done / max(total, 1):.0f} %)")
+
+    return progress
 
 
 def json_metadata(payload: Any) -> dg.MetadataValue:

@@ -232,7 +232,8 @@ def head_screening(
         device=str(handle.device), config=config, throughput_unit="head_scores",
     ) as rec:  # fmt: skip
         tables, corr_rows = [], []
-        for emotion in emotions:
+        for number, emotion in enumerate(emotions, start=1):
+            context.log.info(f"Screening {len(every_head)} heads for {emotion} ({number} of {len(emotions)})")
             pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
             direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
             ids, mask = trimmed(pair.emotion_batch)
@@ -573,7 +574,8 @@ def head_patching(
         )
 
         rows = []
-        for emotion in emotions:
+        for number, emotion in enumerate(emotions, start=1):
+            context.log.info(f"Generating the {emotion} conditions ({number} of {len(emotions)})")
             pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
             top = top_heads(screening, emotion, top_n)
             randoms = [

@@ -6,7 +6,14 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import load_activations
-from emotion_assets.common import RunConfig, effective_profile, limit_for_run, load_dataset, recorded
+from emotion_assets.common import (
+    RunConfig,
+    effective_profile,
+    limit_for_run,
+    load_dataset,
+    progress_logger,
+    recorded,
+)
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
@@ -108,6 +115,7 @@ def residual_patching(
             max_new_tokens=gen.max_new_tokens, batch_size=profile.batch_size, decoding=gen.decoding,
             temperature=gen.temperature, top_p=gen.top_p, seed=profile.seed,
             prompt_positions=profile.steering.prompt_positions, device=handle.device,
+            progress=progress_logger(context, "generations"),
         )  # fmt: skip
         rec.timing.samples = int(sweep["n_new_tokens"].sum())
         suite = evaluator_suite_for(evaluators, profile, frame)

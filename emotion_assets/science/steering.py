@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -240,6 +240,7 @@ def generate_sweep(
     seed: int = 0,
     prompt_positions: PromptPositions = "all",
     device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Generate a continuation for every prompt × condition; one row each, in condition then prompt order.
 
@@ -248,7 +249,8 @@ def generate_sweep(
     (``add_to_residual`` with ``[batch, d_model]`` vectors), so conditions share batches. Greedy by default;
     ``decoding="sample"`` seeds each batch from ``(seed, layer, batch number)`` without touching the global
     RNG. ``continuation`` holds the new tokens only, up to the first EOS, decoded without special tokens;
-    ``n_new_tokens`` counts them (the EOS included).
+    ``n_new_tokens`` counts them (the EOS included). ``progress(rows_done, rows_total)`` is called after
+    every ``generate`` call.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -322,6 +324,8 @@ def generate_sweep(
                 n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
                 text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
                 results[key] = (text, n_new)
+            if progress is not None:
+                progress(len(results), len(conditions) * len(prompts))
 
     records = []
     for ci, cond in enumerate(conditions):

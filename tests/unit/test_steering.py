@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from emotion_assets.common import progress_logger
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.steering import (
     SteeringCondition,
@@ -157,9 +160,25 @@ def test_sweep_layout_and_hooks_removed(model, conditions, sweep):
 
 def test_batch_size_does_not_change_greedy_results(model, tokenizer, conditions, sweep):
     subset = conditions[::4]
-    small = generate_sweep(model, tokenizer, PROMPTS, subset, max_new_tokens=NEW, batch_size=3)
+    calls: list[tuple[int, int]] = []
+    small = generate_sweep(
+        model, tokenizer, PROMPTS, subset, max_new_tokens=NEW, batch_size=3,
+        progress=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
     expected = sweep[sweep.condition.isin([c.name for c in subset])]
     assert list(small.continuation) == list(expected.continuation)
+    total = len(subset) * len(PROMPTS)
+    done = [d for d, _ in calls]  # one call per generate, batches of at most 3 rows
+    assert calls[-1] == (total, total) and all(0 < b - a <= 3 for a, b in zip([0, *done], done, strict=False))
+
+
+def test_progress_logger_logs_each_tenth_once():
+    lines: list[str] = []
+    context = SimpleNamespace(log=SimpleNamespace(info=lines.append))
+    progress = progress_logger(context, "rows")
+    for done in range(0, 101):
+        progress(done, 100)
+    assert len(lines) == 11 and lines[0] == "0 of 100 rows (0 %)" and lines[-1] == "100 of 100 rows (100 %)"
 
 
 def test_sampling_is_seeded(model, tokenizer, conditions):
