@@ -239,6 +239,8 @@ def patching_statistics(
         stats = stats.rename(columns={"family": "family_t", "family_size": "family_size_t"})
         stats = correct_family(stats, "p_wilcoxon", ["model", "profile"], within_columns=within,
                                suffix="_wilcoxon")  # fmt: skip
+        # the same family; m differs only where a comparison has no Wilcoxon p (the unpaired ones)
+        stats = stats.rename(columns={"family": "family_wilcoxon", "family_size": "family_size_wilcoxon"})
         stats["power_at_n"] = [
             (two_sample_t_power(abs(g), int(na), int(nb)) if measure == "hedges_g"
              else paired_t_power(abs(g), int(n))) if np.isfinite(g) else np.nan
