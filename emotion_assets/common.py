@@ -139,12 +139,13 @@ def progress_logger(
 ) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that writes a run-log line each time another ``every`` of the
     work is done (and at the end), so long materializations show where they are in the Dagster UI."""
-    logged = [-1]
+    logged = -1
 
     def progress(done: int, total: int) -> None:
+        nonlocal logged
         step = int(done / total / every) if total else 0
-        if step > logged[0] or done == total:
-            logged[0] = step
+        if step > logged or done == total:
+            logged = step
             context.log.info(f"{done} of {total} {unit} ({100 * done / max(total, 1):.0f} %)")
 
     return progress

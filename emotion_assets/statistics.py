@@ -58,6 +58,20 @@ def metrics_to_test(scored: pd.DataFrame, source: str) -> tuple[list[str], dict[
     return tested, untested
 
 
+def observed_power(stats: pd.DataFrame) -> list[float]:
+    """Power at each row's |effect_size| and n: paired noncentral t for d_z, two-sample for Hedges' g.
+
+    ``n_a``/``n_b`` exist only when some row is unpaired; a frame without them is all paired.
+    """
+    arms = stats.reindex(columns=["n_a", "n_b"])
+    return [
+        (two_sample_t_power(abs(g), int(na), int(nb)) if measure == "hedges_g" else paired_t_power(abs(g), int(n)))
+        if np.isfinite(g) else np.nan
+        for g, measure, n, na, nb in zip(stats["effect_size"], stats["effect_measure"], stats["n"], arms["n_a"],
+                                          arms["n_b"], strict=True)
+    ]  # fmt: skip
+
+
 def vs_baseline_specs(
     wide: dict[str, pd.DataFrame], conditions: pd.DataFrame, metrics: list[str]
 ) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
@@ -241,12 +255,7 @@ def patching_statistics(
                                suffix="_wilcoxon")  # fmt: skip
         # the same family; m differs only where a comparison has no Wilcoxon p (the unpaired ones)
         stats = stats.rename(columns={"family": "family_wilcoxon", "family_size": "family_size_wilcoxon"})
-        stats["power_at_n"] = [
-            (two_sample_t_power(abs(g), int(na), int(nb)) if measure == "hedges_g"
-             else paired_t_power(abs(g), int(n))) if np.isfinite(g) else np.nan
-            for g, measure, n, na, nb in zip(stats["effect_size"], stats["effect_measure"], stats["n"],
-                                              stats.get("n_a", np.nan), stats.get("n_b", np.nan), strict=True)
-        ]  # fmt: skip
+        stats["power_at_n"] = observed_power(stats)
         stats["survives_bh"] = stats["p_bh"] < 0.05
         rec.timing.samples = len(stats)
 

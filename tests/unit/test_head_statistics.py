@@ -6,8 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emotion_assets.science.statistics import paired_comparison, stable_seed, unpaired_comparison
-from emotion_assets.statistics import head_comparisons, metrics_to_test
+from emotion_assets.science.statistics import (
+    paired_comparison,
+    paired_t_power,
+    stable_seed,
+    two_sample_t_power,
+    unpaired_comparison,
+)
+from emotion_assets.statistics import head_comparisons, metrics_to_test, observed_power
 
 METRICS = ["emotion_gratitude", "sentiment_compound"]
 N = 6
@@ -98,3 +104,13 @@ def test_unmetrics_to_test_are_named_with_a_reason(scored):
     assert tested == ["emotion_gratitude"]
     assert untested["head_patching.sentiment_compound"] == f"null for 3 of {len(frame)} rows"
     assert untested["head_patching.politeness"].startswith("not scored")
+
+
+def test_observed_power_uses_the_test_of_each_row_and_needs_no_unpaired_columns(scored):
+    stats = head_comparisons(scored, METRICS, n_boot=200, seed_parts=("t", 1))
+    power = observed_power(stats)
+    gap = stats.index[stats["effect_measure"] == "hedges_g"][0]
+    row = stats.loc[gap]
+    assert power[gap] == pytest.approx(two_sample_t_power(abs(row["hedges_g"]), N, N))
+    paired = stats[stats["effect_measure"] == "d_z"].drop(columns=["n_a", "n_b"])
+    assert observed_power(paired) == pytest.approx([paired_t_power(abs(d), N) for d in paired["d_z"]])
