@@ -6,16 +6,32 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from emotion_assets.common import RunConfig, effective_profile, load_dataset, recorded
+from emotion_assets.common import (
+    RunConfig,
+    all_emotion_words,
+    effective_profile,
+    json_metadata,
+    load_dataset,
+    recorded,
+)
 from emotion_assets.partitions import profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.prompts import (
     EMOTIONS,
+    ROLE_STEERING,
     assign_splits,
     dataset_summary,
+    fitting_mask,
     limit_per_emotion,
     load_prompts,
     normalize_text,
+)
+from emotion_assets.science.surface import (
+    ALL_REGISTERS,
+    prompt_surface,
+    share_matrix,
+    surface_balance_problems,
+    surface_table,
 )
 from emotion_assets.science.text_scoring import binary_auroc, classification_quality
 from jobs.jobs import DATASET_GROUP
@@ -25,6 +41,7 @@ from resources.storage import ArtifactStore, write_json, write_table
 from resources.tracking import TrackingResource
 
 EMOTION_COLUMNS = {emotion: f"emotion_{emotion}" for emotion in EMOTIONS}
+SURFACE_FILE = "surface.parquet"
 
 
 def file_sha256(path) -> str:
@@ -43,9 +60,10 @@ def file_sha256(path) -> str:
     partitions_def=profile_partitions,
     group_name=DATASET_GROUP,
     kinds={"pandas", "parquet"},
-    code_version="1",
-    description="The profile's prompt set, validated (labels, duplicates, balance, UTF-8) and split "
-    "into train (fit) and eval (held out).",
+    code_version="2",
+    description="The profile's prompt set, validated (labels, roles, duplicates, balance, UTF-8) and split "
+    "into train (fit) and eval (held out) per role; surface features (final punctuation, person, 'The', "
+    "length, register, emotion keywords) of the fitting prompts per class × register.",
 )
 def emotion_dataset(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
@@ -75,13 +93,29 @@ def emotion_dataset(
         out = store.directory(profile.name, "emotion_dataset")
 
         rec.artifacts(out)
-        columns = ["id", "text", "emotion", "lang", "register", "split", "n_words"]
+        columns = ["id", "text", "emotion", "lang", "register", "split", "role", "n_words"]
         write_table(out / "prompts.parquet", frame[columns], csv=True)
         source_sha = file_sha256(source)
         write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
 
+        surface = surface_table(prompt_surface(frame, all_emotion_words()))  # fitting prompts only
+        write_table(out / SURFACE_FILE, surface, csv=True)
+        shares, classes, features = share_matrix(surface)
+        surface_plot = save_figure(
+            heatmap(
+                shares,
+                classes,
+                features,
+                "Surface features of the fitting prompts (share per class, all registers)",
+                "feature",
+                "class",
+                center=False,
+            ),
+            out / "surface_shares.png",
+        )
+
         counts = frame.pivot_table(
-            index="emotion", columns="split", values="id", aggfunc="count", fill_value=0
+            index=["emotion", "role"], columns="split", values="id", aggfunc="count", fill_value=0
         )
         counts = counts.reset_index()
     return dg.MaterializeResult(
@@ -90,12 +124,18 @@ def emotion_dataset(
             "dg.row_count": dg.MetadataValue.int(len(frame)),
             "source": dg.MetadataValue.path(str(source)),
             "source_sha256": dg.MetadataValue.text(source_sha),
-            "counts_by_emotion_and_split": markdown_table(counts),
+            "counts_by_emotion_role_and_split": markdown_table(counts),
+            "n_steering_prompts": dg.MetadataValue.int(int((frame["role"] == ROLE_STEERING).sum())),
+            "surface_table": markdown_table(surface, max_rows=len(surface), floatfmt=".3f"),
+            "surface_table_all_registers": markdown_table(
+                surface[surface["register"] == ALL_REGISTERS], floatfmt=".3f"
+            ),
+            "surface_shares": surface_plot,
             "words_min": dg.MetadataValue.int(int(frame["n_words"].min())),
             "words_mean": dg.MetadataValue.float(round(float(frame["n_words"].mean()), 2)),
             "words_max": dg.MetadataValue.int(int(frame["n_words"].max())),
             "preview": markdown_table(
-                frame[["id", "emotion", "register", "split", "text"]].sample(
+                frame[["id", "emotion", "register", "split", "role", "text"]].sample(
                     n=min(12, len(frame)), random_state=profile.seed
                 )
             ),
@@ -108,14 +148,15 @@ def emotion_dataset(
 @dg.asset_check(
     asset=emotion_dataset,
     blocking=True,
-    description="Every emotion has train and eval prompts "
-    "and the largest class is at most max_imbalance_ratio times the smallest.",
+    description="Every emotion has train and eval fitting prompts "
+    "and the largest class is at most max_imbalance_ratio times the smallest (fitting prompts).",
 )
 def emotion_dataset_balance(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
     profile = effective_profile(context.partition_key, None)
     frame = load_dataset(store, profile.name)
+    frame = frame[fitting_mask(frame)]  # steering prompts fit nothing and do not count
     counts = frame.groupby(["emotion", "split"]).size().unstack(fill_value=0)
     missing = sorted(set(EMOTIONS) - set(counts.index))
     per_emotion = frame.groupby("emotion").size()
@@ -151,9 +192,49 @@ def emotion_dataset_unique(
     )
 
 
+@dg.asset_check(
+    asset=emotion_dataset,
+    blocking=True,
+    description="Fitting prompts differ only in emotion: for every emotion class vs neutral, the shares of "
+    "final punctuation, '!', '?', first/second person, 'The' as first word and each register differ by at "
+    "most dataset.surface_balance.max_share_difference, and mean lengths by at most max_length_ratio.",
+)
+def emotion_dataset_surface_balance(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    profile = effective_profile(context.partition_key, None)
+    frame = load_dataset(store, profile.name)
+    thresholds = profile.dataset.surface_balance
+    problems = surface_balance_problems(prompt_surface(frame, all_emotion_words()), thresholds)
+    table = pd.DataFrame(
+        problems,
+        columns=["feature", "emotion", "neutral_value", "emotion_value", "difference", "threshold", "fix"],
+    )
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description=(
+            "Fitting prompts are balanced on every surface feature."
+            if not problems
+            else f"{len(problems)} surface imbalance(s): "
+            + "; ".join(f"{p['feature']} ({p['emotion']} vs neutral)" for p in problems)
+            + ". Fix: "
+            + problems[0]["fix"]
+        ),
+        metadata={
+            "n_problems": len(problems),
+            "features": sorted({p["feature"] for p in problems}),
+            "classes": sorted({p["emotion"] for p in problems}),
+            "problems": markdown_table(table, max_rows=len(table) or 1, floatfmt=".3f"),
+            "fixes": json_metadata([f"{p['feature']} / {p['emotion']}: {p['fix']}" for p in problems]),
+            "max_share_difference": float(thresholds.max_share_difference),
+            "max_length_ratio": float(thresholds.max_length_ratio),
+        },
+    )
+
+
 def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFrame):
-    """The profile's evaluator suite; the embedded emotion classifier is fit on the train split only."""
-    train = frame[frame["split"] == "train"]
+    """The profile's evaluator suite; the embedded emotion classifier is fit on train fitting prompts only."""
+    train = frame[(frame["split"] == "train").to_numpy() & fitting_mask(frame)]
     return evaluators.suite(
         profile.evaluators, train["text"].tolist(), train["emotion"].tolist(), profile.seed
     )
@@ -164,8 +245,9 @@ def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFr
     group_name=DATASET_GROUP,
     deps=[emotion_dataset],
     kinds={"sklearn"},
-    code_version="1",
-    description="How well each evaluator recovers the eval split's labels: accuracy, macro-F1, AUROC.",
+    code_version="2",
+    description="How well each evaluator recovers the labels of the eval split's fitting prompts (the "
+    "embedded classifier is fit on train fitting prompts): accuracy, macro-F1, AUROC.",
 )
 def evaluator_quality(
     context: dg.AssetExecutionContext,
@@ -176,7 +258,7 @@ def evaluator_quality(
 ) -> dg.MaterializeResult:
     profile = effective_profile(context.partition_key, config)
     frame = load_dataset(store, profile.name)
-    evaluation = frame[frame["split"] == "eval"].reset_index(drop=True)
+    evaluation = frame[(frame["split"] == "eval").to_numpy() & fitting_mask(frame)].reset_index(drop=True)
     with recorded(
         context,
         tracking=tracking,

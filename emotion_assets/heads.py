@@ -4,10 +4,11 @@ Readout. Every forward-only score here is the change in the projection of the la
 at the model's final (pre-norm) boundary onto the emotion's vector at that boundary (first pooling
 strategy of the profile). Reading out at the final boundary lets every ``(layer, head)`` reach it.
 
-Prompts. Screening, patching and circuits use each emotion's **eval** prompts (the vectors were fit on the
-train split) paired by index with eval neutral prompts, at most ``profile.heads.max_prompts`` of each. The
-two lists are tokenized together (left padding), so a pair shares its width and its last token, as head
-patching needs; mean ablation uses the mean head output over **train** neutral prompts.
+Prompts. Screening, patching and circuits use each emotion's **eval** fitting prompts (the vectors were fit
+on the train split) paired by index with eval neutral fitting prompts (never the unfinished steering
+openings, whose form differs), at most ``profile.heads.max_prompts`` of each. The two lists are tokenized
+together (left padding), so a pair shares its width and its last token, as head patching needs; mean
+ablation uses the mean head output over **train** neutral fitting prompts.
 """
 
 import contextlib
@@ -58,6 +59,7 @@ from emotion_assets.science.heads import (
     shared_positions,
 )
 from emotion_assets.science.prefill import greedy_generate_with_prefill
+from emotion_assets.science.prompts import fitting_mask
 from emotion_assets.science.residual import tokenize_prompts
 from emotion_assets.science.statistics import stable_seed
 from emotion_assets.vectors import emotion_vectors, load_vectors
@@ -85,8 +87,11 @@ def head_label(heads: Sequence[Head]) -> str:
 
 
 def eval_prompts(frame: pd.DataFrame, emotion: str, max_prompts: int | None) -> pd.DataFrame:
-    """Eval-split prompts of ``emotion`` in id order, optionally capped."""
-    rows = frame[(frame["split"] == "eval") & (frame["emotion"] == emotion)].sort_values("id")
+    """Eval-split fitting prompts of ``emotion`` in id order, optionally capped."""
+    rows = frame[
+        ((frame["split"] == "eval") & (frame["emotion"] == emotion)).to_numpy() & fitting_mask(frame)
+    ]
+    rows = rows.sort_values("id")
     return rows.head(max_prompts) if max_prompts else rows
 
 
@@ -192,7 +197,7 @@ SCREEN_HEADS_PER_PASS = 288
     group_name=HEADS_GROUP,
     deps=[emotion_vectors, dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
     kinds={"pytorch", "parquet"},
-    code_version="1",
+    code_version="2",
     pool="model",
     description="Every attention head scored per emotion on eval prompts: forward-only zero-ablation effect "
     "on the final-boundary emotion readout, and the attribution-patching estimate (one backward pass) of "
@@ -516,7 +521,7 @@ def top_vs_random(shifts: pd.DataFrame) -> pd.DataFrame:
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="1",
+    code_version="2",
     pool="model",
     description="Greedy continuations with the top-N screened heads ablated (zero, mean; single and joint) "
     "or patched between paired emotion and neutral prompts (z, v_only, pattern_v), next to random-head "
@@ -566,7 +571,9 @@ def head_patching(
         context, tracking=tracking, store=store, phase="6-heads", model=model_name, profile=profile,
         device=str(handle.device), config=config, throughput_unit="generations",
     ) as rec:  # fmt: skip
-        neutral_train = frame[(frame["split"] == "train") & (frame["emotion"] == NEUTRAL)].sort_values("id")
+        neutral_train = frame[
+            ((frame["split"] == "train") & (frame["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(frame)
+        ].sort_values("id")
         enc = tokenize_prompts(handle.tokenizer, neutral_train["text"].tolist(), [], MAX_LENGTH)
         ids, mask = enc["input_ids"].to(handle.device), enc["attention_mask"].to(handle.device)
         mean_z = mean_head_outputs(
@@ -782,7 +789,7 @@ def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="1",
+    code_version="2",
     pool="model",
     description="The top heads per emotion as circuit parts: OV image of the emotion vector (gain, cosine, "
     "promoted tokens), attention from the final token to emotion words, a role, and joint vs summed "

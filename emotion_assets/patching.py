@@ -21,6 +21,7 @@ from emotion_assets.partitions import (
     profile_to_model_profile,
 )
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.prompts import fitting_mask, steering_starts
 from emotion_assets.science.steering import build_conditions, generate_sweep
 from emotion_assets.vectors import emotion_vectors, load_vectors
 from jobs.jobs import STEERING_GROUP
@@ -35,12 +36,11 @@ TARGET_METRICS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "a
 CONDITION_COLUMNS = ["condition", "kind", "emotion", "layer", "alpha", "seed"]
 
 
-def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> pd.DataFrame:
-    """Eval-split neutral prompts (never used to fit the vectors), in id order, optionally capped."""
-    prompts = frame[(frame["split"] == "eval") & (frame["emotion"] == NEUTRAL)].sort_values("id")
-    if prompts.empty:
-        raise ValueError("The dataset has no eval-split neutral prompts to steer.")
-    return prompts.head(max_prompts) if max_prompts else prompts
+def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.DataFrame, str]:
+    """Eval-split ``steering_prompt`` rows (else eval neutral fitting rows), in id order, optionally capped,
+    and the role they have; neither was used to fit the vectors."""
+    prompts, role = steering_starts(frame)
+    return (prompts.head(max_prompts) if max_prompts else prompts), role
 
 
 def shift_table(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -63,11 +63,12 @@ def shift_table(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     group_name=STEERING_GROUP,
     deps=[emotion_vectors, dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
     kinds={"pytorch", "parquet"},
-    code_version="1",
+    code_version="2",
     pool="model",
-    description="Steered generations on eval neutral prompts: baseline, every emotion × layer × α "
-    "(α relative to the layer's residual norm, 0 and negative included) and norm-matched random "
-    "directions (isotropic, covariance-matched), one row per prompt × condition with every evaluator score.",
+    description="Steered generations on eval steering prompts (unfinished neutral openings; eval neutral "
+    "fitting prompts when the dataset has none, recorded as steering_prompts_role): baseline, every "
+    "emotion × layer × α (α relative to the layer's residual norm, 0 and negative included) and "
+    "norm-matched random directions (isotropic, covariance-matched), one row per prompt × condition with every evaluator score.",
 )
 def residual_patching(
     context: dg.AssetExecutionContext,
@@ -81,7 +82,7 @@ def residual_patching(
     profile = effective_profile(profile_name, config)
     handle = models.get(model_name, device=config.device)
     frame = limit_for_run(load_dataset(store, profile_name), profile)
-    prompts = steering_prompts(frame, profile.steering.max_prompts)
+    prompts, prompts_role = steering_prompts(frame, profile.steering.max_prompts)
     strategy = profile.pooling[0]
     vectors, boundaries = load_vectors(store, profile_name, model_name)
     pooled, index, act_bounds = load_activations(store, profile_name, model_name)
@@ -96,7 +97,9 @@ def residual_patching(
     per_emotion = {e: {L: vectors[f"{strategy}/{e}"][boundaries.index(L)] for L in layers} for e in emotions}
     norms = read_table(store.existing(profile_name, "activations", model_name) / "residual_norms.parquet")
     resid_norms = {L: float(norms.loc[norms["boundary"] == L, "mean_residual_norm"].iloc[0]) for L in layers}
-    neutral_train = torch.as_tensor(((index["split"] == "train") & (index["emotion"] == NEUTRAL)).to_numpy())
+    neutral_train = torch.as_tensor(
+        ((index["split"] == "train") & (index["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(index)
+    )
     neutral_centered = {}
     for layer in layers:
         x = pooled[strategy][neutral_train, act_bounds.index(layer)]  # [m, d_model]
@@ -124,7 +127,8 @@ def residual_patching(
         )  # continuation only; the prompt is kept, unscored
         scored = pd.concat([sweep.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
         scored.insert(1, "prompt_id", prompts["id"].to_numpy()[scored["prompt_index"].to_numpy()])
-        metrics = [m for m in scores.columns if scores[m].notna().any()]
+        # `degenerate` (broken-text flag of the suite) stays in the generations table; it is not a score.
+        metrics = [m for m in scores.columns if m != "degenerate" and scores[m].notna().any()]
         shifts = shift_table(scored, metrics)
 
         out = store.directory(profile_name, "residual_patching", model_name)
@@ -152,6 +156,7 @@ def residual_patching(
             "path": dg.MetadataValue.path(str(out / "generations.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(scored)),
             "n_prompts": dg.MetadataValue.int(len(prompts)),
+            "steering_prompts_role": dg.MetadataValue.text(prompts_role),
             "n_conditions": dg.MetadataValue.int(len(conditions)),
             "generated_tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
             "best_per_emotion": markdown_table(best),

@@ -23,12 +23,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SurfaceBalanceConfig(_Strict):
+    """How far a surface feature may differ between neutral and an emotion class (fitting prompts)."""
+
+    max_share_difference: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed |share(emotion) - share(neutral)| of a binary surface feature "
+        "(final punctuation, first/second person, starts with 'The', emotion keyword outside `implicit`).",
+    )
+    max_length_ratio: float = Field(
+        1.3, ge=1.0, description="Largest allowed ratio of mean lengths in words (longer / shorter)."
+    )
+
+
 class DatasetConfig(_Strict):
     """Where the prompts come from and how they are split."""
 
     path: str = Field(description="JSONL / CSV / per-emotion JSON file or folder, relative to the project.")
     eval_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Held-out share per emotion.")
     max_imbalance_ratio: float = Field(3.0, ge=1.0, description="Largest allowed max/min class count.")
+    surface_balance: SurfaceBalanceConfig = SurfaceBalanceConfig()
 
     def resolved_path(self) -> Path:
         p = Path(self.path)
@@ -76,6 +92,21 @@ class AlignmentConfig(_Strict):
     n_boot: int = Field(100, ge=10, description="Bootstrap resamples of the emotion prompts.")
 
 
+class SinkConfig(_Strict):
+    """Which positions ``mean`` / ``emotion_tokens`` pooling treats as attention sinks and never reads."""
+
+    exclude_first: bool = Field(
+        True,
+        description="Exclude the first real position (BOS when the tokenizer adds one, else the first token).",
+    )
+    norm_ratio: float | None = Field(
+        10.0,
+        gt=1.0,
+        description="Also exclude any token whose residual norm at a boundary exceeds this multiple of the "
+        "prompt's median token norm there (None = off).",
+    )
+
+
 class Profile(_Strict):
     """One experiment configuration (SPEC §5)."""
 
@@ -96,6 +127,16 @@ class Profile(_Strict):
     batch_size: int = Field(32, gt=0)
     seed: int = Field(0, ge=0)
     evaluators: dict[str, Any] = Field(default_factory=dict)
+    sinks: SinkConfig = SinkConfig()
+    validation_sets: list[str] = Field(
+        default_factory=list,
+        description="External prompt files (same formats as the dataset) that nothing is fitted on; probes "
+        "and the embedded evaluator fitted on the train split are scored on each.",
+    )
+
+    def resolved_validation_sets(self) -> list[Path]:
+        """``validation_sets`` as absolute paths (relative ones are taken from the project root)."""
+        return [Path(p) if Path(p).is_absolute() else PROJECT_ROOT / p for p in self.validation_sets]
 
     @field_validator("layers")
     @classmethod

@@ -6,8 +6,8 @@ Usage::
     python data/prompts/build_prompts.py --check   # exit 1 if the JSONL differs from what would be built
 
 The output is deterministic: ids follow list order and splits come from
-:func:`emotion_assets.science.prompts.assign_splits` (70 % train / 30 % eval, stratified per emotion and
-register, seed 13).
+:func:`emotion_assets.science.prompts.assign_splits` (70 % train / 30 % eval, stratified per emotion, role
+and register, seed 13).
 
 Registers:
 
@@ -17,15 +17,21 @@ Registers:
 - ``implicit``: the emotion comes across through the situation alone, without any word listed for it in
   ``data/emotion_words.yaml``. For ``neutral`` this is narrative, scene-setting prose.
 
-Neutral prompts are factual or everyday statements, and (for more than half of them) sentence openings
-without final punctuation, used as steering prompts that invite a continuation.
+Roles. Every prompt in ``PROMPTS`` is a complete sentence with ``role: fit``: these fit vectors, subspaces,
+maps, probes and classifiers. Neutral fitting prompts are plain everyday statements, plans, facts and
+requests, written to match the emotion classes on the surface so that the classes differ only in emotion:
+final punctuation (mostly ".", a few "!" and "?" where the emotion classes have them), grammatical person
+(mostly first/second person), sentence-initial words (few start with "The"), register and length (per
+register as well as overall). ``NEUTRAL_OPENINGS`` are unfinished sentence openings without final
+punctuation ("Walking home through the park, they"), written as ``role: steering_prompt``: starts for steered
+generations, never fitted on. The build refuses sentence lists whose fitting prompts are unbalanced
+(:func:`emotion_assets.science.surface.surface_balance_problems` with the default thresholds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -33,9 +39,20 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from emotion_assets.science.prompts import EMOTIONS, assign_splits, load_prompts  # noqa: E402
+from emotion_assets.profiles import SurfaceBalanceConfig  # noqa: E402
+from emotion_assets.science.prompts import (  # noqa: E402
+    EMOTIONS,
+    ROLE_FIT,
+    ROLE_STEERING,
+    STEERING_EMOTION,
+    assign_splits,
+    load_prompts,
+)
+from emotion_assets.science.residual import emotion_word_pattern  # noqa: E402
+from emotion_assets.science.surface import prompt_surface, surface_balance_problems  # noqa: E402
 
 OUTPUT = ROOT / "data" / "prompts" / "emotion_prompts.jsonl"
 WORDS_FILE = ROOT / "data" / "emotion_words.yaml"
@@ -749,34 +766,358 @@ APOLOGY = {
     ),
 }
 
+# Complete everyday statements, plans, facts and requests, matched to the emotion classes in final
+# punctuation, person, register, sentence-initial words and length (see the module docstring).
 NEUTRAL = {
     "polite": (
-        "The quarterly report will be circulated to all departments on Monday.",
-        "Visitors are requested to sign in at the front desk.",
-        "The library will close at six o'clock during the holiday period.",
-        "Please find attached the agenda for next week's meeting.",
-        "Passengers may board through either door of the carriage.",
-        "Kindly note that the office is located on the third floor.",
-        "The committee meets on the first Tuesday of each month.",
-        "Your appointment has been scheduled for half past ten on Thursday.",
-        "The museum offers guided tours in four languages.",
-        "Residents are reminded that bins are collected on Wednesdays.",
-        "The seminar will be held in Room 214 of the science building.",
-        "Please ensure your seatbelt is fastened while the sign is illuminated.",
-        "The invoice lists each item with its unit price and quantity.",
-        "Could you let me know which date suits you for the inspection?",
-        "The conference registration desk opens at eight in the morning.",
-        "Patients should bring a list of their current medications.",
-        "The new timetable takes effect from the first of September.",
+        "I would like to book a table for four at seven o'clock.",
+        "Could you send me the agenda for tomorrow's meeting?",
         "May I ask which platform the train to Leeds departs from?",
-        "The form should be completed in black ink.",
+        "We have moved the weekly meeting to Thursday at ten.",
+        "Please let me know if the new delivery date suits you.",
+        "I am writing to confirm our appointment on the fourteenth of March.",
+        "We will send the revised contract to your office by Friday.",
+        "Your appointment has been scheduled for half past ten on Thursday.",
         "Our offices will be closed on the public holiday.",
-        "Would you mind telling me where the lifts are?",
-        "The report summarises the survey results from three regions.",
+        "I have attached the minutes of last week's meeting for your records.",
+        "Please note that our reception is on the third floor.",
+        "I'm calling to ask about the opening hours of your branch.",
+        "We would like to reserve two rooms for the nights of the fifth and sixth.",
+        "I will be out of the office until Monday morning.",
+        "Please find attached the invoice for your order of twelfth May.",
+        "I'd like to change my booking from Tuesday to Wednesday.",
+        "We are updating our records and need your current postal address.",
+        "Kindly send us a copy of your passport before the trip.",
+        "I am enclosing the completed form and a copy of my licence.",
+        "We'd like to schedule the site visit for early next week.",
+        "Please bring your identity card to the registration desk.",
+        "I have forwarded your question to the billing department.",
+        "We're holding the training session in the main hall this year.",
+        "Our team will review the application and reply within ten working days.",
+        "I am the new contact for questions about the project budget.",
+        "With reference to your letter, I have updated the delivery address.",
+        "Please use the side entrance while we repaint the main door.",
+        "I will circulate the quarterly report to your department on Monday.",
+        "We would like to invite you to the annual general meeting in June.",
+        "I'd suggest that we meet at the station and walk from there.",
+        "It would help us to receive your measurements before the fitting.",
+        "I am available for a phone call any afternoon this week.",
+        "Please complete the enclosed form in black ink and return it to us.",
+        "We have reserved a parking space for you next to the entrance.",
+        "I have booked the conference room on the second floor for our meeting.",
+        "Our next newsletter will include the dates of the autumn courses.",
+        "Please ensure your seatbelt is fastened while the sign is illuminated.",
+        "I would like to request a copy of my latest bank statement.",
+        "We will confirm the final number of guests by the end of the month.",
+        "I'm forwarding the updated timetable that takes effect in September.",
+        "Please submit your expense claims by the last working day of the month.",
+        "I shall be attending the workshop on budgeting on Thursday.",
+        "We kindly ask you to sign in at the front desk on arrival.",
+        "I'd like to know whether the museum offers tours in Spanish.",
+        "Our hotel serves breakfast between seven and ten in the dining room.",
+        "I will send you the directions to the venue in a separate email.",
+        "Please inform us of any dietary requirements before the dinner.",
+        "I have added your name to the list of speakers for Friday.",
+        "We recommend that you arrive fifteen minutes before the tour begins.",
+        "I am the duty manager for the weekend shift at this store.",
+        "Please keep your ticket until the end of your journey.",
+        "We can deliver the furniture on any weekday between eight and four.",
+        "I will return the signed documents to your assistant by noon.",
+        "The seminar will be held in Room 214 of the science building.",
         "Staff parking is available behind the main building.",
-        "Kindly submit the expense claims by the end of the month.",
-        "The hotel serves breakfast between seven and ten.",
-        "Applicants are asked to include two references.",
+        "Applicants are asked to include two references with their letter.",
+        "Please could you confirm the delivery address for the replacement parts.",
+        "I am writing to request a meeting with the planning officer.",
+        "We will hold the quarterly review in the boardroom on Tuesday afternoon.",
+        "Would you be able to send the updated floor plan by Wednesday?",
+        "I have enclosed a copy of the signed lease for your files.",
+        "Our accounts team will process the payment within five working days.",
+        "Please note that our library will close at four on Friday.",
+        "I would like to register for the evening course in French.",
+        "We have arranged a taxi to collect you from the airport.",
+        "Kindly let us know the number of delegates attending from your office.",
+        "I will be covering the front desk while my colleague is on leave.",
+        "Please find enclosed our programme for the three-day conference in York.",
+        "We can arrange a guided tour of the factory for your group.",
+        "I should like to renew my membership for another twelve months.",
+        "Your room will be ready for check-in from two o'clock.",
+        "I have asked the caretaker to unlock the hall at eight.",
+        "Please direct any questions about parking to our facilities manager.",
+        "We will send a reminder to all participants two days before the event.",
+        "I would like to order two printed copies of the annual report.",
+        "I would ask that the documents be sent to me by registered post.",
+        "Our reception desk is staffed from eight in the morning until six.",
+        "I can confirm that the order was dispatched from our warehouse this morning.",
+        "Please return the borrowed projector to our office by Thursday.",
+        "We have updated your contact details as requested in your email.",
+        "I will present the revised budget at the committee meeting next month.",
+        "Your application number is printed at the top of the enclosed letter.",
+        "Visitors are asked to wear the badge issued at reception at all times.",
+        "Please allow two weeks for your new card to arrive by post.",
+    ),
+    "casual": (
+        "I'm gonna grab some groceries after work.",
+        "We watched a documentary about octopuses last night.",
+        "My cousin just started learning the guitar.",
+        "Pretty sure the café on the corner opens at eight.",
+        "I think it's supposed to rain on Saturday.",
+        "We ended up ordering noodles for dinner.",
+        "My phone's at forty percent, so I'll charge it later.",
+        "I switched to a new toothpaste this week.",
+        "Our neighbour painted his fence green.",
+        "I've been walking to work since the weather got warmer.",
+        "We're thinking of repainting the kitchen at some point.",
+        "My brother's flight lands around midnight.",
+        "So the new season of that cooking show is out.",
+        "I picked up a couple of library books on the way home.",
+        "We usually do laundry on Sundays.",
+        "I'm trying a new recipe with lentils tonight.",
+        "My laptop's doing an update, so give me a minute.",
+        "We took the long way home through the park.",
+        "My sister's moving to a flat near the river.",
+        "I had toast and an egg for breakfast.",
+        "They're building a new roundabout near the school.",
+        "Okay, so dinner's at seven at my place.",
+        "Heads-up, I'm running about ten minutes behind.",
+        "Honestly, I just take the bus to work most days.",
+        "Anyway, we're meeting at the library at four.",
+        "Oh, I left your charger on the kitchen table.",
+        "Just so you know, the wifi password changed.",
+        "Yeah, I'll pick up bread on my way back.",
+        "Btw, my mum's visiting this weekend!",
+        "Hey, can you grab some milk on your way home?",
+        "You left your umbrella in my car yesterday.",
+        "I'm off to the gym, back in an hour!",
+        "So my flatmate's getting a second cat next month.",
+        "We're doing pizza and a movie on Friday night!",
+        "My bike's in the shop till Thursday, so I'm walking.",
+        "Gonna watch the match at Dave's place later.",
+        "I'm halfway through the second book of the series.",
+        "You can borrow my drill whenever, it's in the garage.",
+        "Okay, I moved our call to three o'clock.",
+        "We got a new sofa, it arrives Tuesday!",
+        "My train's delayed by ten minutes, so start without me.",
+        "So I finally set up the new printer at home.",
+        "I'm making soup tonight, there's plenty if you want some.",
+        "Just parked, I'll be at the entrance in five.",
+        "We went to the farmers' market this morning.",
+        "My neighbour's kid is learning the trumpet.",
+        "Honestly, I've never tried sushi with a fork.",
+        "Your package came, I left it by the door.",
+        "I'm switching phones, so text my new number next week.",
+        "We're at table nine near the window, come find us!",
+        "My gran still writes all her shopping lists by hand.",
+        "Yeah, the kids are at football practice till six.",
+        "Dinner's in the oven, should be ready by eight.",
+        "Traffic on the ring road is moving slowly today.",
+        "Looks like the bakery closes early on Sundays.",
+        "Apparently it's going to be windy all week.",
+        "I'm heading to the hardware store for some screws.",
+        "We've got a dentist appointment at half three.",
+        "My flatmate's cooking curry, so I'll eat at home.",
+        "Oh, your mum called while you were out.",
+        "Yeah, I'll drop the keys off after lunch.",
+        "So we're taking the train to Bristol on Saturday!",
+        "I usually grab a coffee before the morning meeting.",
+        "Btw, the bins go out on Wednesday now.",
+        "We're out of washing-up liquid, can you pick some up?",
+        "My cousin's band is playing at the pub tonight.",
+        "Just finished the laundry, it's all out on the line.",
+        "I've got a spare ticket for the match on Sunday.",
+        "Okay, we're swapping shifts, so I'm in on Monday.",
+        "Your sister said she'd bring the board games!",
+        "I'm repotting the tomatoes this afternoon, if you're around.",
+        "We always get the same table at that pizza place.",
+        "My dad's fixing the shed roof this weekend.",
+        "Honestly, I just use the app to track the bus.",
+        "Apparently the pool's closed for cleaning until Friday.",
+        "So I finally sorted out my sock drawer last night.",
+        "You'll need a jacket, it's chilly by the lake.",
+        "I'm picking the kids up from school today.",
+        "We're having leftovers tonight, nothing fancy.",
+        "Heads-up, my phone's on silent during the film.",
+        "Quick update, the plumber's coming at ten tomorrow.",
+        "I swapped my old bike for a second-hand scooter.",
+        "Yeah, we're doing the big shop on Thursday evening.",
+        "My neighbour lent me her ladder for the gutters.",
+    ),
+    "direct": (
+        "I work from home on Fridays.",
+        "We leave at nine tomorrow.",
+        "I'm at the station now.",
+        "Your train leaves at six.",
+        "I need the report by Monday.",
+        "We meet in room four.",
+        "My office is on floor two.",
+        "I am taking the bus.",
+        "You can park behind the shop.",
+        "I'll call you after lunch.",
+        "We have two spare chairs.",
+        "My car is in the garage.",
+        "I moved the meeting to Thursday.",
+        "Send me the file, please.",
+        "I'm in the kitchen.",
+        "We close at five today.",
+        "Your order ships on Tuesday.",
+        "I read the first chapter.",
+        "I'm working late tonight.",
+        "We need more printer paper.",
+        "You have a meeting at ten.",
+        "I am a nurse.",
+        "My flight lands at noon.",
+        "I've booked the tickets.",
+        "We live near the river.",
+        "I'll bring the chairs.",
+        "Your keys are on the table.",
+        "I walk to work.",
+        "We eat dinner at seven.",
+        "I'm meeting Sam at noon.",
+        "Call me when you land.",
+        "I drink tea, not coffee.",
+        "We'll take the early train.",
+        "My phone number has changed.",
+        "I wrote the shopping list.",
+        "You need a ticket to enter.",
+        "I'm cooking pasta tonight.",
+        "We start work at eight.",
+        "Pass me the salt, please.",
+        "I need a new charger.",
+        "Our flat has two bedrooms.",
+        "I'll be home by six.",
+        "Your parcel is at reception.",
+        "Bananas are usually sold by weight.",
+        "The museum is closed on Mondays.",
+        "Paris is the capital of France.",
+        "A week has seven days.",
+        "Tickets cost fifteen euros each.",
+        "This laptop has sixteen gigabytes of memory.",
+        "We booked a table for four.",
+        "This bus goes to the airport.",
+        "They open at nine.",
+        "It rains a lot where we live.",
+        "Dinner is at seven.",
+        "Sam lives next door.",
+        "This printer needs toner.",
+        "I start work at nine.",
+        "We need more milk.",
+        "Your bus is running late.",
+        "I'll email the slides.",
+        "My desk is by the window.",
+        "We're out of coffee.",
+        "I take the tram.",
+        "You sit in row three.",
+        "I finished the first draft.",
+        "Our meeting ends at four.",
+        "I'll collect the parcel tomorrow.",
+        "We use the back door.",
+        "My sister is a teacher.",
+        "You can wait in reception.",
+        "I need two copies of this.",
+        "We're painting the hall.",
+        "I've paid the rent.",
+        "Your room is upstairs.",
+        "I cycle on Sundays.",
+        "We moved here last spring.",
+        "I'll lock up tonight.",
+        "Print the agenda for me, please.",
+        "Water boils at one hundred degrees.",
+        "Our lunch break is at one.",
+        "Tom drives a delivery van.",
+        "This road leads north.",
+        "Shops close early today.",
+        "I sent the invoice this morning.",
+    ),
+    "implicit": (
+        "I put the groceries away and started on dinner.",
+        "We sorted the old photographs into shoeboxes.",
+        "Our suitcases stood by the door, ready for the morning.",
+        "The receptionist typed my name into the system.",
+        "I checked the map once more before turning left.",
+        "You turn left after the bakery and the school is on the right.",
+        "We set the table for four and switched on the oven.",
+        "My train stopped at every station on the way to the coast.",
+        "I folded the laundry and stacked it on the chair.",
+        "You can leave the spare key with the neighbour at number six.",
+        "I watered the plants on the balcony before leaving for work.",
+        "We drove along the coast road and stopped for fuel in Dover.",
+        "My neighbour was washing his car when I came home.",
+        "I took the stairs because the lift was being serviced.",
+        "You can see the river from our kitchen window.",
+        "Our landlord came by to read the gas meter this morning.",
+        "I sat by the window and read the paper until my stop.",
+        "We bought a second-hand desk for the spare room.",
+        "My sister called to ask what time the film starts.",
+        "I rinsed the cups and left them on the rack to dry.",
+        "You were still asleep when the post arrived at eight.",
+        "I spent the afternoon sorting receipts for my tax return.",
+        "We walked to the end of the pier and back.",
+        "That was the first time I had taken the ferry to the island.",
+        "My father still winds the clock every Sunday evening.",
+        "I wrote the delivery number on a sticky note by the phone.",
+        "Your brother said he would bring the folding chairs on Saturday.",
+        "We changed trains in Birmingham and arrived just after six.",
+        "I've kept the receipts in the blue folder on my desk.",
+        "It took us about an hour to assemble the bookshelf.",
+        "I noticed the bakery now opens at seven on weekdays.",
+        "We stopped at the petrol station and bought a map.",
+        "My daughter practised her spelling words while I cooked.",
+        "They painted our hallway a pale grey over the weekend.",
+        "I moved the plants to the other side of the room for the light.",
+        "You mentioned the bookshop on the corner has a reading room.",
+        "I still have the bus timetable from our trip to Porto.",
+        "Did you take the blue umbrella or the black one this morning?",
+        "What time does your train get in on Sunday evening?",
+        "We waited at the crossing while a long goods train went past.",
+        "My grandmother keeps her buttons in an old biscuit tin.",
+        "I copied the files to the new laptop overnight.",
+        "After lunch we sorted the books in the attic by author.",
+        "I counted the chairs twice before the guests arrived.",
+        "Our ferry left the harbour at exactly noon.",
+        "Every morning I buy a paper at the kiosk by the station.",
+        "I wiped the table and put the chairs back in a row.",
+        "We found the address on the second try and parked outside.",
+        "The kettle clicked off while the radio played the morning news.",
+        "Rain tapped against the window of the quiet office.",
+        "The laptop fan hummed as the files copied across.",
+        "A row of bicycles leaned against the library wall.",
+        "The waiter set down two glasses of water and a menu.",
+        "Steam rose from the pot of soup on the stove.",
+        "She picked up the phone and read out the order number.",
+        "The streetlights came on one by one along the avenue.",
+        "I hung the coats on the hooks by the back door.",
+        "We loaded the dishwasher and wiped down the counters.",
+        "My brother parked the van outside and carried in the boxes.",
+        "I sharpened the pencils and laid them next to the notebook.",
+        "You left the spare blankets on the top shelf of the wardrobe.",
+        "We caught the last bus and got off at the market square.",
+        "I emptied the bins and put the recycling out for Tuesday.",
+        "My aunt sent a postcard from the lakes with a picture of a ferry.",
+        "I measured the window twice before ordering the blinds.",
+        "We took turns reading the instructions aloud while assembling the cot.",
+        "Our neighbours moved their piano into the front room on Saturday.",
+        "I labelled the jars of rice, lentils and flour in the pantry.",
+        "You can hear the church bells from our garden on Sunday mornings.",
+        "I renewed my library card and borrowed two books on gardening.",
+        "We queued at the post office to send the parcel to Lisbon.",
+        "My son lined up his shoes by the front door before bed.",
+        "I changed the batteries in the smoke alarm after breakfast.",
+        "Did you leave the car keys on the hall table or in your coat?",
+        "We planted the bulbs along the fence in neat rows of five.",
+        "I wrote the meter reading on the back of an envelope.",
+        "My colleague pinned the new rota to the noticeboard in the kitchen.",
+        "We took the ring road to avoid the roadworks in the centre.",
+        "I ironed five shirts and hung them in the wardrobe for the week.",
+        "You can collect the repaired watch from the shop after three.",
+        "The ferry timetable was pinned beside the ticket office window.",
+        "The postman left a card saying the parcel was at the depot.",
+        "A delivery van idled at the kerb while the driver checked his list.",
+        "Two cyclists waited at the lights outside the town hall.",
+    ),
+}
+
+# Unfinished openings: role steering_prompt (starts for steered generations, never fitted on).
+NEUTRAL_OPENINGS = {
+    "polite": (
         "Good morning, the purpose of today's meeting is to",
         "Ladies and gentlemen, the next item on the agenda concerns",
         "Please be advised that the building will",
@@ -809,32 +1150,6 @@ NEUTRAL = {
         "On behalf of the planning team, I can confirm that the venue",
     ),
     "casual": (
-        "I'm gonna grab some groceries after work.",
-        "We watched a documentary about octopuses last night.",
-        "The bus was pretty empty this morning.",
-        "My cousin just started learning the guitar.",
-        "Pretty sure the café on the corner opens at eight.",
-        "I think it's supposed to rain on Saturday.",
-        "We ended up ordering noodles for dinner.",
-        "My phone's at forty percent, so I'll charge it later.",
-        "The kids spent the afternoon building a fort out of boxes.",
-        "I switched to a new toothpaste this week.",
-        "Our neighbour painted his fence green.",
-        "I've been walking to work since the weather got warmer.",
-        "We're thinking of repainting the kitchen at some point.",
-        "The cat sleeps on the windowsill most afternoons.",
-        "My brother's flight lands around midnight.",
-        "I picked up a couple of library books on the way home.",
-        "So the new season of that cooking show is out.",
-        "We usually do laundry on Sundays.",
-        "The supermarket moved the cereal to aisle six.",
-        "I'm trying a new recipe with lentils tonight.",
-        "My laptop's doing an update, so give me a minute.",
-        "We took the long way home through the park.",
-        "The plumber said he'd come by on Tuesday.",
-        "My sister's moving to a flat near the river.",
-        "I had toast and an egg for breakfast.",
-        "They're building a new roundabout near the school.",
         "So yesterday I went to the",
         "Okay, so the plan for tonight is",
         "Guess what I found in the back of the cupboard:",
@@ -867,32 +1182,6 @@ NEUTRAL = {
         "When I checked the weather app, it said",
     ),
     "direct": (
-        "Water boils at one hundred degrees Celsius at sea level.",
-        "The train to Manchester leaves at 9:15.",
-        "The meeting is in room four.",
-        "Paris is the capital of France.",
-        "The store opens at nine on weekdays.",
-        "A week has seven days.",
-        "The package weighs two kilograms.",
-        "The report has twelve pages.",
-        "The pharmacy is next to the bank.",
-        "Tomorrow's forecast is cloudy with light wind.",
-        "The bridge is four hundred metres long.",
-        "The printer is on the second floor.",
-        "The flight takes about three hours.",
-        "Our class has twenty-six students.",
-        "The recipe needs two cups of flour.",
-        "The parking garage closes at midnight.",
-        "Tickets cost fifteen euros each.",
-        "The river flows north into the lake.",
-        "The new policy starts in January.",
-        "The library has a quiet study room.",
-        "The hospital has three entrances.",
-        "This laptop has sixteen gigabytes of memory.",
-        "The school year ends in late June.",
-        "Bananas are usually sold by weight.",
-        "The apartment has two bedrooms and a balcony.",
-        "The museum is closed on Mondays.",
         "The meeting this afternoon will",
         "The train to the airport",
         "The results of the survey show that",
@@ -925,32 +1214,6 @@ NEUTRAL = {
         "The old railway line now",
     ),
     "implicit": (
-        "The kettle clicked off while the radio played the morning news.",
-        "Rain tapped against the window of the quiet office.",
-        "A delivery van stopped outside number twelve.",
-        "She folded the laundry and stacked it on the chair.",
-        "The train slowed as it approached the coastal town.",
-        "He checked the map once more before turning left.",
-        "Two pigeons walked along the edge of the platform.",
-        "The classroom smelled of fresh paint and chalk.",
-        "Our suitcases stood by the door, ready for the morning.",
-        "The nurse wrote the time on the chart and moved on.",
-        "Leaves collected in the corner of the schoolyard.",
-        "A man in a grey coat waited at the crosswalk.",
-        "The shop assistant scanned each item without a word.",
-        "They set the table for four and lit the oven.",
-        "Morning fog covered the fields beyond the motorway.",
-        "The laptop fan hummed as the files copied across.",
-        "A row of bicycles leaned against the library wall.",
-        "The ferry left the harbour at exactly noon.",
-        "We sorted the old photographs into shoeboxes.",
-        "The lift stopped on every floor on the way down.",
-        "Steam rose from the pot of soup on the stove.",
-        "The waiter set down two glasses of water.",
-        "Snow had settled on the roofs of the parked cars.",
-        "The receptionist typed my name into the system.",
-        "Grandfather wound the clock every Sunday evening.",
-        "The streetlights came on one by one along the avenue.",
         "When I opened the letter, I",
         "The door to the old house creaked open and",
         "As the plane began its descent, the captain",
@@ -991,8 +1254,6 @@ PROMPTS: dict[str, dict[str, tuple[str, ...]]] = {
     "neutral": NEUTRAL,
 }
 
-_WORD = re.compile(r"[a-z]+")
-
 
 def load_emotion_words(path: Path = WORDS_FILE) -> dict[str, list[str]]:
     """Emotion-word stems per emotion from ``data/emotion_words.yaml``."""
@@ -1001,8 +1262,9 @@ def load_emotion_words(path: Path = WORDS_FILE) -> dict[str, list[str]]:
 
 
 def emotion_words_in(text: str, stems: list[str]) -> list[str]:
-    """Words of ``text`` that start with one of ``stems`` (the matching rule of the pooling code)."""
-    return [w for w in _WORD.findall(text.lower()) if any(w.startswith(s) for s in stems)]
+    """Words of ``text`` matching one of ``stems`` (the matching rule of the pooling code)."""
+    pattern = emotion_word_pattern(stems)
+    return [] if pattern is None else [m.group(0).lower() for m in pattern.finditer(text)]
 
 
 def is_opening(text: str) -> bool:
@@ -1010,8 +1272,13 @@ def is_opening(text: str) -> bool:
     return text.rstrip()[-1] not in ".!?"
 
 
-def check_sentences(prompts: dict[str, dict[str, tuple[str, ...]]], words: dict[str, list[str]]) -> list[str]:
-    """Problems with the sentence lists: length, lexicon rules and the share of neutral openings."""
+def check_sentences(
+    prompts: dict[str, dict[str, tuple[str, ...]]],
+    words: dict[str, list[str]],
+    openings: dict[str, tuple[str, ...]] | None = None,
+) -> list[str]:
+    """Problems with the sentence lists: length, lexicon rules, complete fitting sentences, openings."""
+    openings = NEUTRAL_OPENINGS if openings is None else openings
     problems = []
     for emotion, registers in prompts.items():
         others = [s for other, stems in words.items() if other != emotion for s in stems]
@@ -1024,16 +1291,23 @@ def check_sentences(prompts: dict[str, dict[str, tuple[str, ...]]], words: dict[
                     problems.append(f"{emotion}/{register}: words of another emotion {found}: {text!r}")
                 if register == "implicit" and (found := emotion_words_in(text, words.get(emotion, []))):
                     problems.append(f"{emotion}/implicit: explicit emotion words {found}: {text!r}")
-    neutral = [t for texts in prompts["neutral"].values() for t in texts]
-    if 2 * sum(map(is_opening, neutral)) < len(neutral):
-        problems.append("neutral: fewer than half of the prompts are sentence openings")
+                if is_opening(text):
+                    problems.append(
+                        f"{emotion}/{register}: a fitting prompt must be a complete sentence; move openings "
+                        f"to NEUTRAL_OPENINGS (role {ROLE_STEERING}): {text!r}"
+                    )
+    every_word = [s for stems in words.values() for s in stems]
+    for register, texts in openings.items():
+        for text in texts:
+            if not is_opening(text):
+                problems.append(f"opening/{register}: ends in final punctuation: {text!r}")
+            if found := emotion_words_in(text, every_word):
+                problems.append(f"opening/{register}: emotion words {found}: {text!r}")
     return problems
 
 
 def build_records() -> list[dict[str, str]]:
-    """All prompts with ids, registers and splits, in file order."""
-    import pandas as pd
-
+    """All prompts with ids, registers, roles and splits, in file order (openings last)."""
     rows = []
     for emotion in EMOTIONS:
         number = 0
@@ -1047,10 +1321,36 @@ def build_records() -> list[dict[str, str]]:
                         "emotion": emotion,
                         "lang": "en",
                         "register": register,
+                        "role": ROLE_FIT,
                     }
                 )
+    number = 0
+    for register in REGISTERS:
+        for text in NEUTRAL_OPENINGS[register]:
+            number += 1
+            rows.append(
+                {
+                    "id": f"{STEERING_EMOTION}-opening-{number:04d}",
+                    "text": text,
+                    "emotion": STEERING_EMOTION,
+                    "lang": "en",
+                    "register": register,
+                    "role": ROLE_STEERING,
+                }
+            )
     frame = assign_splits(pd.DataFrame(rows), eval_fraction=EVAL_FRACTION, seed=SEED)
     return [{**row, "split": split} for row, split in zip(rows, frame["split"], strict=True)]
+
+
+def balance_problems(records: list[dict[str, str]]) -> list[str]:
+    """Surface imbalances between the fitting neutral prompts and each emotion class (default thresholds)."""
+    words = [s for stems in load_emotion_words().values() for s in stems]
+    features = prompt_surface(pd.DataFrame(records), words)
+    return [
+        f"{p['feature']} ({p['emotion']} vs neutral): {p['emotion_value']} vs {p['neutral_value']}, "
+        f"difference {p['difference']} > {p['threshold']}. Fix: {p['fix']}"
+        for p in surface_balance_problems(features, SurfaceBalanceConfig())
+    ]
 
 
 def render(records: list[dict[str, str]]) -> str:
@@ -1063,11 +1363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the JSONL is up to date")
     args = parser.parse_args(argv)
 
-    problems = check_sentences(PROMPTS, load_emotion_words())
+    records = build_records()
+    problems = check_sentences(PROMPTS, load_emotion_words()) + balance_problems(records)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1
-    content = render(build_records())
+    content = render(records)
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
         if current != content:
@@ -1077,7 +1378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     OUTPUT.write_text(content, encoding="utf-8")
     frame = load_prompts(OUTPUT)  # full validation: duplicates, near-duplicates, balance
-    counts = frame.groupby(["emotion", "split"]).size().unstack(fill_value=0)
+    counts = frame.groupby(["emotion", "role", "split"]).size().unstack(fill_value=0)
     print(f"Wrote {len(frame)} prompts to {OUTPUT}\n{counts}")
     return 0
 

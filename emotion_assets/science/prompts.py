@@ -3,11 +3,17 @@
 Accepted inputs:
 
 - JSONL: one object per line with ``text`` and ``emotion`` (or ``label``); optional ``id``, ``lang``,
-  ``register`` and ``split``.
+  ``register``, ``split`` and ``role``.
 - CSV with a header row naming the same columns.
 - Per-emotion JSON ``{"prompts": [...]}`` whose items are strings or objects with ``text``; the emotion
   comes from a top-level ``"emotion"`` key, otherwise from the file stem (``anger.json``).
 - A directory of such per-emotion JSON files.
+
+``role`` is ``fit`` (the default) or ``steering_prompt``. Fitting prompts fit vectors, subspaces, maps,
+probes and classifiers; steering prompts (e.g. unfinished openings such as "Walking home through the park,
+they") only serve as starts for steering and patching generations. Steering prompts must be ``neutral``:
+steering adds an emotion to a neutral start, so an emotion-labelled start has no use in the pipeline. Class
+balance and the per-emotion coverage check count fitting prompts only; duplicates are checked across roles.
 
 Every problem found (encoding, syntax, missing fields, unknown labels, duplicates, near-duplicates, class
 balance) is collected first and reported together in one :class:`DatasetError` with file names, line
@@ -35,12 +41,18 @@ from scipy import sparse
 
 EMOTIONS: tuple[str, ...] = ("gratitude", "anger", "apology", "neutral")
 SPLITS: tuple[str, ...] = ("train", "eval")
-COLUMNS: tuple[str, ...] = ("id", "text", "emotion", "lang", "register", "split", "source_line")
+COLUMNS: tuple[str, ...] = ("id", "text", "emotion", "lang", "register", "split", "role", "source_line")
 DEFAULT_REGISTER = "unspecified"
+# A prompt's role: ``fit`` prompts fit vectors, subspaces, maps, probes and classifiers; ``steering_prompt``
+# rows (e.g. unfinished neutral openings) only serve as starts for steering and patching generations.
+ROLE_FIT = "fit"
+ROLE_STEERING = "steering_prompt"
+ROLES: tuple[str, ...] = (ROLE_FIT, ROLE_STEERING)
+STEERING_EMOTION = "neutral"  # the only emotion whose prompts may have role steering_prompt
 MAX_PROBLEMS_SHOWN = 20
 
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-_OPTIONAL_FIELDS = ("id", "lang", "register", "split")
+_OPTIONAL_FIELDS = ("id", "lang", "register", "split", "role")
 _APOSTROPHES = frozenset("'\u2019\u02bc")
 
 
@@ -92,6 +104,16 @@ class DatasetError(ValueError):
 
 # --------------------------------------------------------------------------------------------------------
 # Text normalisation and near-duplicate search
+
+
+def fitting_mask(frame: pd.DataFrame) -> np.ndarray:
+    """True for rows that may fit vectors, subspaces, maps, probes and classifiers (role ``fit``).
+
+    A frame without a ``role`` column (older artifacts) counts every row as a fitting row.
+    """
+    if "role" not in frame.columns:
+        return np.ones(len(frame), dtype=bool)
+    return (frame["role"].fillna(ROLE_FIT) == ROLE_FIT).to_numpy()
 
 
 def normalize_text(text: str) -> str:
@@ -335,7 +357,7 @@ def _read_emotion_json(path: Path, parsed: _Parsed) -> None:
         )
         return
     emotion = doc.get("emotion", path.stem)
-    defaults = {k: doc[k] for k in ("lang", "register", "split") if k in doc}
+    defaults = {k: doc[k] for k in ("lang", "register", "split", "role") if k in doc}
     item_lines = _array_item_lines(text, "prompts")
     if item_lines is None or len(item_lines) != len(doc["prompts"]):
         item_lines = [1] * len(doc["prompts"])
@@ -455,6 +477,27 @@ def _validate_record(
             )
             ok = False
         row["split"] = split
+    role = (row["role"] or ROLE_FIT).lower()
+    if role not in ROLES:
+        problems.append(
+            Problem(
+                loc,
+                f"unknown role {row['role']!r}",
+                f"use one of: {', '.join(ROLES)} (or leave role out for {ROLE_FIT!r})",
+            )
+        )
+        ok = False
+    elif role == ROLE_STEERING and row.get("emotion") not in (None, STEERING_EMOTION):
+        problems.append(
+            Problem(
+                loc,
+                f"role {ROLE_STEERING!r} on a {row['emotion']!r} prompt; steering prompts are neutral "
+                "generation starts",
+                f"label it {STEERING_EMOTION!r}, or drop the role to use it as a fitting prompt",
+            )
+        )
+        ok = False
+    row["role"] = role
     row["lang"] = row["lang"] or default_lang
     row["register"] = (row["register"] or DEFAULT_REGISTER).lower()
     return row if ok else None
@@ -523,8 +566,8 @@ def _check_dataset(
                 )
             )
 
-    # Class coverage and balance.
-    counts = Counter(r["emotion"] for r in rows)
+    # Class coverage and balance, counted on fitting prompts (steering prompts fit nothing).
+    counts = Counter(r["emotion"] for r in rows if r["role"] == ROLE_FIT)
     if not rows:
         problems.append(Problem((), "no valid prompts", "add prompts with text and emotion"))
         return
@@ -533,7 +576,7 @@ def _check_dataset(
         problems.append(
             Problem(
                 (),
-                f"no prompts for emotion(s) {', '.join(missing)}",
+                f"no fitting prompts (role {ROLE_FIT!r}) for emotion(s) {', '.join(missing)}",
                 "add prompts for them, or restrict allowed_emotions to the emotions you have",
             )
         )
@@ -545,9 +588,10 @@ def _check_dataset(
             problems.append(
                 Problem(
                     (),
-                    f"classes are imbalanced: {largest} has {present[largest]} prompts, {smallest} has "
-                    f"{present[smallest]} (ratio {ratio:.2f} > max_imbalance_ratio {max_imbalance_ratio})",
-                    f"add prompts to {smallest}, subsample {largest}, or raise max_imbalance_ratio",
+                    f"classes are imbalanced: {largest} has {present[largest]} fitting prompts, {smallest} "
+                    f"has {present[smallest]} (ratio {ratio:.2f} > "
+                    f"max_imbalance_ratio {max_imbalance_ratio})",
+                    f"add fitting prompts to {smallest}, subsample {largest}, or raise max_imbalance_ratio",
                 )
             )
 
@@ -564,8 +608,9 @@ def load_prompts(
     """Read and validate a prompt dataset (JSONL, CSV, per-emotion JSON file or directory).
 
     Returns one row per prompt with columns :data:`COLUMNS` (``split`` is None where the file has none;
-    ``source_line`` is the 1-based line in its file). Raises :class:`DatasetError` listing every problem.
-    ``near_duplicate_threshold=None`` disables the near-duplicate check.
+    ``role`` is ``fit`` where the file has none; ``source_line`` is the 1-based line in its file). Raises
+    :class:`DatasetError` listing every problem. ``near_duplicate_threshold=None`` disables the
+    near-duplicate check.
     """
     path = Path(path)
     if not path.exists():
@@ -646,11 +691,37 @@ def _eval_count(n: int, eval_fraction: float) -> int:
     return min(max(math.floor(eval_fraction * n + 0.5), 1), n - 1)
 
 
-def assign_splits(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
-    """Assign ``train``/``eval`` per row, stratified by emotion (and register when there is more than one).
+def _role_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's role (``fit`` where the frame has no ``role`` column or the value is missing)."""
+    if "role" not in df.columns:
+        return pd.Series(ROLE_FIT, index=df.index)
+    return df["role"].fillna(ROLE_FIT).astype(str)
 
-    Existing splits are kept when every row has a valid one. Each emotion with at least two prompts gets at
-    least one prompt in each split. The result depends only on the rows' ids/texts and the seed.
+
+def _groups(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """``(emotion, role, rows)`` for every emotion × role present, in a stable order."""
+    roles = _role_column(df)
+    return [
+        (emotion, role, df[(df["emotion"] == emotion) & (roles == role)])
+        for emotion in sorted(df["emotion"].unique())
+        for role in ROLES
+        if ((df["emotion"] == emotion) & (roles == role)).any()
+    ]
+
+
+def _key(role: str, *parts: Hashable) -> tuple[Hashable, ...]:
+    """Random-stream key of a stratum: fitting prompts keep the key they had before roles existed."""
+    return parts if role == ROLE_FIT else (*parts, role)
+
+
+def assign_splits(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
+    """Assign ``train``/``eval`` per row, stratified by emotion × role (and register when there is more than
+    one).
+
+    Each role keeps its own eval share: fitting prompts and steering prompts of an emotion are split
+    separately, so the eval split holds both held-out fitting prompts and steering starts. Existing splits
+    are kept when every row has a valid one. Each emotion × role with at least two prompts gets at least one
+    prompt in each split. The result depends only on the rows' ids/texts/roles and the seed.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
@@ -659,25 +730,28 @@ def assign_splits(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataF
     out = df.reset_index(drop=True)
     out["split"] = "train"
     strata = _strata_column(out)
-    for emotion in sorted(out["emotion"].unique()):
-        members = out[out["emotion"] == emotion]
+    for emotion, role, members in _groups(out):
         n_eval = _eval_count(len(members), eval_fraction)
         sizes = strata[members.index].value_counts().to_dict()
         for stratum, k in sorted(_allocate(sizes, n_eval).items(), key=lambda kv: str(kv[0])):
             if k == 0:
                 continue
             group = _ordered(members[strata[members.index] == stratum])
-            picks = _rng(seed, ("split", emotion, stratum)).choice(len(group), size=k, replace=False)
+            rng = _rng(seed, _key(role, "split", emotion, stratum))
+            picks = rng.choice(len(group), size=k, replace=False)
             out.loc[group.index[picks], "split"] = "eval"
     out.index = df.index
     return out
 
 
 def limit_per_emotion(df: pd.DataFrame, n_per_emotion: int | None, seed: int) -> pd.DataFrame:
-    """Deterministic subsample of at most ``n_per_emotion`` prompts per emotion, keeping split proportions.
+    """Deterministic subsample of at most ``n_per_emotion`` prompts per emotion and role, keeping split
+    proportions.
 
-    ``None`` keeps everything. When splits are assigned, each split present for an emotion keeps at least one
-    prompt; within a split the sample is stratified by register.
+    ``None`` keeps everything. Fitting prompts are capped at ``n_per_emotion`` per emotion; steering prompts
+    (which fit nothing and do not enter class balance) are capped separately at the same number, so a small
+    run keeps steering starts in its eval split. When splits are assigned, each split present for an
+    emotion × role keeps at least one prompt; within a split the sample is stratified by register.
     """
     if n_per_emotion is None:
         return df.copy()
@@ -688,13 +762,12 @@ def limit_per_emotion(df: pd.DataFrame, n_per_emotion: int | None, seed: int) ->
     df = df.reset_index(drop=True)
     keep: list[Hashable] = []
     has_splits = "split" in df.columns and df["split"].notna().all()
-    for emotion in sorted(df["emotion"].unique()):
-        members = df[df["emotion"] == emotion]
+    for emotion, role, members in _groups(df):
         if len(members) <= n_per_emotion:
             keep.extend(members.index)
             continue
         if not has_splits:
-            keep.extend(_pick(members, n_per_emotion, seed, ("limit", emotion)))
+            keep.extend(_pick(members, n_per_emotion, seed, _key(role, "limit", emotion)))
             continue
         sizes = members["split"].value_counts().to_dict()
         quota = _allocate(sizes, n_per_emotion)
@@ -706,8 +779,28 @@ def limit_per_emotion(df: pd.DataFrame, n_per_emotion: int | None, seed: int) ->
                     quota[name] = 1
         for name, k in sorted(quota.items()):
             part = members[members["split"] == name]
-            keep.extend(_pick(part, k, seed, ("limit", emotion, name)))
+            keep.extend(_pick(part, k, seed, _key(role, "limit", emotion, name)))
     return df.loc[sorted(keep)].reset_index(drop=True)
+
+
+def steering_starts(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Eval-split prompts to steer from, in id order, and the role they have.
+
+    The eval-split ``steering_prompt`` rows when there are any; otherwise the eval-split neutral fitting
+    prompts (which the vectors were not fit on either). The returned role says which, so callers record it.
+    """
+    evaluation = frame[frame["split"] == "eval"]
+    steering = evaluation[(_role_column(evaluation) == ROLE_STEERING).to_numpy()]
+    if not steering.empty:
+        return steering.sort_values("id"), ROLE_STEERING
+    neutral = evaluation[(evaluation["emotion"] == STEERING_EMOTION).to_numpy() & fitting_mask(evaluation)]
+    if neutral.empty:
+        raise ValueError(
+            "The dataset has no eval-split prompts to steer (neither role steering_prompt nor neutral "
+            "fitting prompts); add neutral prompts (role fit or steering_prompt) so that the eval split "
+            "gets some."
+        )
+    return neutral.sort_values("id"), ROLE_FIT
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -721,7 +814,7 @@ def _length_stats(words: pd.Series) -> dict[str, float]:
 
 
 def dataset_summary(df: pd.DataFrame, near_duplicate_threshold: float = 0.9) -> dict[str, Any]:
-    """JSON-ready summary: counts per emotion × split and register, word-length stats, uniqueness report."""
+    """JSON-ready summary: counts per emotion × split, role and register, word-length stats, uniqueness."""
     split = (
         df["split"].fillna("unassigned") if "split" in df.columns else pd.Series("unassigned", index=df.index)
     )
@@ -731,6 +824,10 @@ def dataset_summary(df: pd.DataFrame, near_duplicate_threshold: float = 0.9) -> 
         per_split = split[mask].value_counts()
         counts[emotion] = {name: int(per_split.get(name, 0)) for name in (*SPLITS, "unassigned")}
         counts[emotion]["total"] = int(mask.sum())
+    roles = _role_column(df)
+    role_counts: dict[str, dict[str, int]] = {}
+    for (emotion, role), n in df.groupby([df["emotion"], roles]).size().items():
+        role_counts.setdefault(str(emotion), {})[str(role)] = int(n)
     registers: dict[str, dict[str, int]] = {}
     if "register" in df.columns:
         for (emotion, register), n in df.groupby(["emotion", "register"]).size().items():
@@ -742,6 +839,7 @@ def dataset_summary(df: pd.DataFrame, near_duplicate_threshold: float = 0.9) -> 
     return {
         "n_prompts": len(df),
         "counts": counts,
+        "roles": role_counts,
         "registers": registers,
         "langs": {str(k): int(v) for k, v in df["lang"].value_counts().items()}
         if "lang" in df.columns

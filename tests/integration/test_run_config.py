@@ -41,7 +41,7 @@ def test_override_changes_only_that_run(tmp_path, monkeypatch):
     quick = {"ops": {"activations": {"config": {"max_samples_per_emotion": 4, "batch_size": 4}}}}
     result = _run_study(root, monkeypatch, quick)
     index = pd.read_parquet(root / "smoke" / "activations" / ENCODER / "index.parquet")
-    assert len(index) == 16
+    assert len(index) == 20  # 4 fitting prompts per emotion + 4 neutral steering prompts
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path == ["activations"]]
     assert event.materialization.metadata["run_config_overrides"].value == {
         "batch_size": 4,
@@ -49,7 +49,7 @@ def test_override_changes_only_that_run(tmp_path, monkeypatch):
     }
     _run_study(root, monkeypatch)
     index = pd.read_parquet(root / "smoke" / "activations" / ENCODER / "index.parquet")
-    assert len(index) == 80  # the profile's 20 per emotion again
+    assert len(index) == 100  # the profile's 20 per emotion again, + 20 neutral steering prompts
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,27 @@ import itertools
 import json
 import random
 import string
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from emotion_assets.profiles import get_profile
 from emotion_assets.science.prompts import (
     COLUMNS,
     EMOTIONS,
+    ROLE_FIT,
+    ROLE_STEERING,
     DatasetError,
     assign_splits,
     dataset_summary,
     find_near_duplicates,
+    fitting_mask,
     limit_per_emotion,
     load_prompts,
     normalize_text,
+    steering_starts,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,13 +86,22 @@ def test_shipped_dataset_loads_with_unique_prompts_and_both_splits(shipped: pd.D
     assert list(shipped.columns) == list(COLUMNS)
     assert shipped["id"].is_unique
     assert set(shipped["lang"]) == {"en"}
+    fitting = shipped[fitting_mask(shipped)]
     for emotion in EMOTIONS:
-        part = shipped[shipped["emotion"] == emotion]
-        assert part["text"].map(normalize_text).nunique() >= 200
+        part = fitting[fitting["emotion"] == emotion]
+        # Neutral has more fitting prompts (84 per register): cross-model maps are fit on them alone.
+        per_register = 84 if emotion == "neutral" else 56
+        assert part["text"].map(normalize_text).nunique() == len(part) == 4 * per_register
         assert set(part["split"]) == {"train", "eval"}
         assert 0.25 <= (part["split"] == "eval").mean() <= 0.35
-        assert set(part["register"]) == {"polite", "casual", "direct", "implicit"}
-        assert part["register"].value_counts().min() >= 40
+        assert part["register"].value_counts().to_dict() == {
+            r: per_register for r in ("polite", "casual", "direct", "implicit")
+        }
+    steering = shipped[shipped["role"] == ROLE_STEERING]
+    assert set(steering["emotion"]) == {"neutral"} and len(steering) == 120
+    assert 0.25 <= (steering["split"] == "eval").mean() <= 0.35
+    assert not steering["text"].str.rstrip().str[-1].isin(list(".!?")).any()  # unfinished openings
+    assert fitting["text"].str.rstrip().str[-1].isin(list(".!?")).all()  # complete sentences
 
 
 def test_shipped_dataset_has_no_near_duplicates_and_sane_lengths(shipped: pd.DataFrame) -> None:
@@ -103,8 +116,14 @@ def test_shipped_dataset_rebuilds_identically_and_obeys_lexicon_rules() -> None:
     spec.loader.exec_module(module)
     assert module.render(module.build_records()) == DATASET.read_text(encoding="utf-8")
     assert module.check_sentences(module.PROMPTS, module.load_emotion_words()) == []
-    neutral = [t for texts in module.PROMPTS["neutral"].values() for t in texts]
-    assert sum(map(module.is_opening, neutral)) >= len(neutral) / 2
+    assert module.balance_problems(module.build_records()) == []
+    assert not any(module.is_opening(t) for texts in module.PROMPTS["neutral"].values() for t in texts)
+    assert all(module.is_opening(t) for texts in module.NEUTRAL_OPENINGS.values() for t in texts)
+    # The build refuses an opening among fitting prompts and a neutral keyword.
+    bad = {"neutral": {"direct": ("The meeting this afternoon will", "We were so grateful for the lift.")}}
+    problems = module.check_sentences(bad, module.load_emotion_words(), openings={})
+    assert any("complete sentence" in p for p in problems)
+    assert any("grateful" in p for p in problems)
 
 
 def test_normalize_text() -> None:
@@ -257,7 +276,7 @@ def test_imbalance_and_missing_class_are_detected(tmp_path: Path) -> None:
 
     rows = [r for r in _rows() if r["emotion"] != "apology"]
     err = _error(_write_jsonl(tmp_path / "partial.jsonl", rows))
-    assert "no prompts for emotion(s) apology" in str(err)
+    assert "no fitting prompts (role 'fit') for emotion(s) apology" in str(err)
 
 
 def test_find_near_duplicates_matches_brute_force() -> None:
@@ -287,12 +306,10 @@ def test_find_near_duplicates_matches_brute_force() -> None:
     assert counts[0] > counts[1] > counts[2] > 0
 
 
-def test_find_near_duplicates_is_fast_for_5000_texts() -> None:
+def test_find_near_duplicates_finds_the_one_pair_among_5000_texts() -> None:
     texts = _random_texts(5000, seed=7)
     texts[4999] = texts[17] + "s"
-    start = time.perf_counter()
     pairs = find_near_duplicates(texts, 0.9)
-    assert time.perf_counter() - start < 5.0
     assert [(i, j) for i, j, _ in pairs] == [(17, 4999)]
 
 
@@ -357,3 +374,125 @@ def test_dataset_summary(shipped: pd.DataFrame) -> None:
     assert summary["length_words"]["min"] >= 3 and summary["length_words"]["max"] <= 25
     assert summary["uniqueness"]["n_unique"] == len(shipped)
     assert summary["uniqueness"]["n_near_duplicate_pairs"] == 0
+    assert summary["roles"]["neutral"] == {ROLE_FIT: 336, ROLE_STEERING: 120}
+    assert summary["roles"]["anger"] == {ROLE_FIT: 224}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Roles: fitting prompts and steering prompts
+
+
+def _with_openings(rows: list[dict], n: int, seed: int = 9) -> list[dict]:
+    """``rows`` plus ``n`` neutral steering prompts (unfinished openings)."""
+    return rows + [
+        {"text": f"{t} and then", "emotion": "neutral", "role": ROLE_STEERING}
+        for t in _random_texts(n, seed=seed)
+    ]
+
+
+def test_role_is_read_from_jsonl_csv_and_json_and_defaults_to_fit(tmp_path: Path) -> None:
+    rows = _with_openings(_rows(), 3)
+    frame = load_prompts(_write_jsonl(tmp_path / "roles.jsonl", rows))
+    assert frame["role"].value_counts().to_dict() == {ROLE_FIT: 24, ROLE_STEERING: 3}
+    csv_frame = load_prompts(_write_csv(tmp_path / "roles.csv", rows, ("text", "emotion", "role")))
+    assert csv_frame["role"].tolist() == frame["role"].tolist()  # empty CSV cells are "fit"
+
+    folder = tmp_path / "per_emotion"
+    folder.mkdir()
+    texts = iter(_random_texts(30, seed=4))
+    for emotion in EMOTIONS:
+        doc: dict = {"prompts": [next(texts) for _ in range(4)]}
+        if emotion == "neutral":
+            doc["prompts"].append({"text": next(texts) + " and", "role": "Steering_Prompt"})
+        (folder / f"{emotion}.json").write_text(json.dumps(doc), encoding="utf-8")
+    per_emotion = load_prompts(folder)
+    assert per_emotion.loc[per_emotion["role"] == ROLE_STEERING, "emotion"].tolist() == ["neutral"]
+    assert (per_emotion["role"] == ROLE_FIT).sum() == 16
+
+
+def test_unknown_role_and_emotion_steering_prompt_name_the_line(tmp_path: Path) -> None:
+    rows = _rows()
+    rows[1] = {**rows[1], "role": "generation"}
+    rows[2] = {**rows[2], "role": ROLE_STEERING}  # a gratitude prompt
+    err = _error(_write_jsonl(tmp_path / "roles.jsonl", rows))
+    message = str(err)
+    assert "roles.jsonl line 2: unknown role 'generation'" in message
+    assert "use one of: fit, steering_prompt" in message
+    assert f"roles.jsonl line 3: role '{ROLE_STEERING}' on a 'gratitude' prompt" in message
+    assert "label it 'neutral'" in message
+
+
+def test_class_balance_counts_fitting_prompts_only(tmp_path: Path) -> None:
+    # 6 fitting prompts per class plus 30 neutral openings: balanced (openings fit nothing).
+    frame = load_prompts(_write_jsonl(tmp_path / "ok.jsonl", _with_openings(_rows(), 30)))
+    assert len(frame) == 54
+    # Neutral with 1 fitting prompt and 30 openings: imbalanced although it has the most rows.
+    rows = [r for r in _rows() if r["emotion"] != "neutral"] + _rows(2, seed=5)[-1:]
+    err = _error(_write_jsonl(tmp_path / "skewed.jsonl", _with_openings(rows, 30)))
+    assert "gratitude has 6 fitting prompts, neutral has 1 (ratio 6.00" in str(err)
+    # Neutral with openings only: no fitting neutral prompts at all.
+    rows = [r for r in _rows() if r["emotion"] != "neutral"]
+    err = _error(_write_jsonl(tmp_path / "openings.jsonl", _with_openings(rows, 6)))
+    assert "no fitting prompts (role 'fit') for emotion(s) neutral" in str(err)
+
+
+def _role_frame(n_fit: int = 40, n_steer: int = 20) -> pd.DataFrame:
+    frame = _frame(n_fit).assign(role=ROLE_FIT)
+    texts = _random_texts(n_steer, seed=21)
+    openings = pd.DataFrame(
+        {
+            "text": [t + " and" for t in texts],
+            "emotion": "neutral",
+            "register": [("polite", "casual", "direct", "implicit")[i % 4] for i in range(n_steer)],
+            "id": [f"o{i:03d}" for i in range(n_steer)],
+            "role": ROLE_STEERING,
+        }
+    )
+    return pd.concat([frame, openings], ignore_index=True)
+
+
+def test_assign_splits_gives_each_role_its_own_eval_share() -> None:
+    df = _role_frame()
+    split = assign_splits(df, 0.3, seed=13)
+    for (emotion, role), part in split.groupby(["emotion", "role"]):
+        expected = 6 if role == ROLE_STEERING else 12
+        assert (part["split"] == "eval").sum() == expected, (emotion, role)
+    # Fitting prompts keep the splits they had before roles existed.
+    plain = assign_splits(_frame(), 0.3, seed=13)
+    assert split.iloc[: len(plain)]["split"].tolist() == plain["split"].tolist()
+
+
+def test_limit_per_emotion_caps_each_role_and_keeps_eval_steering_prompts() -> None:
+    df = assign_splits(_role_frame(40, 30), 0.3, seed=13)
+    small = limit_per_emotion(df, 10, seed=13)
+    pd.testing.assert_frame_equal(small, limit_per_emotion(df, 10, seed=13))
+    fitting = small[fitting_mask(small)]
+    assert fitting["emotion"].value_counts().to_dict() == {e: 10 for e in EMOTIONS}
+    steering = small[small["role"] == ROLE_STEERING]
+    assert len(steering) == 10 and (steering["split"] == "eval").sum() == 3
+
+
+def test_smoke_profile_keeps_eval_steering_prompts(shipped: pd.DataFrame) -> None:
+    profile = get_profile("smoke", ROOT / "data" / "profiles.yaml")
+    frame = limit_per_emotion(
+        assign_splits(shipped, profile.dataset.eval_fraction, profile.seed),
+        profile.samples_per_emotion,
+        profile.seed,
+    )
+    counts = frame[fitting_mask(frame)]["emotion"].value_counts()
+    assert counts.to_dict() == {e: profile.samples_per_emotion for e in EMOTIONS}
+    starts, role = steering_starts(frame)
+    assert role == ROLE_STEERING and len(starts) >= 5
+    assert set(starts["split"]) == {"eval"} and set(starts["emotion"]) == {"neutral"}
+
+
+def test_steering_starts_fall_back_to_eval_neutral_fitting_prompts() -> None:
+    with_roles = assign_splits(_role_frame(), 0.3, seed=13)
+    starts, role = steering_starts(with_roles)
+    assert role == ROLE_STEERING and set(starts["role"]) == {ROLE_STEERING} and len(starts) == 6
+    plain = assign_splits(_frame(), 0.3, seed=13)  # no role column: every row is a fitting row
+    starts, role = steering_starts(plain)
+    assert role == ROLE_FIT and set(starts["emotion"]) == {"neutral"} and set(starts["split"]) == {"eval"}
+    assert starts["id"].is_monotonic_increasing
+    with pytest.raises(ValueError, match="no eval-split prompts to steer"):
+        steering_starts(plain[plain["emotion"] != "neutral"])
