@@ -15,8 +15,10 @@ from emotion_assets.common import (
 )
 from emotion_assets.dataset import emotion_dataset
 from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
-from emotion_assets.plots import line_plot, save_figure
+from emotion_assets.plots import line_plot, markdown_table, save_figure
 from emotion_assets.profiles import Profile
+from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
+from emotion_assets.science.residual import residual_norm_table, sink_exclusion_table
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
@@ -24,6 +26,7 @@ from resources.tracking import TrackingResource
 
 ACTIVATIONS_FILE = "activations.safetensors"
 INDEX_FILE = "index.parquet"
+SINKS_FILE = "sinks.safetensors"  # sink_excluded, token_norm: [n_prompts, n_boundaries]
 
 
 def capture_boundaries(profile: Profile, handle: ModelHandle) -> list[int]:
@@ -44,15 +47,30 @@ def load_activations(
     return tensors, read_table(folder / INDEX_FILE), boundaries
 
 
+def load_token_norms(store: ArtifactStore, profile: str, model: str) -> torch.Tensor:
+    """``token_norm`` ``[n, n_boundaries]`` written by ``activations``: mean ‖resid‖ over each prompt's real
+    non-sink tokens, rows and boundaries as in ``load_activations``."""
+    folder = store.existing(profile, "activations", model)
+    path = folder / SINKS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing (activations written before sink exclusion); re-materialize activations "
+            f"for {model}|{profile}."
+        )
+    return read_tensors(path)["token_norm"]
+
+
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,
     deps=[dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
     kinds={"pytorch", "safetensors"},
-    code_version="1",
+    code_version="2",
     pool="model",
     description="Residual stream at every block boundary (resid_pre of each block + final pre-norm), pooled "
-    "per prompt over real tokens: last, mean, emotion_tokens. [n_prompts, n_boundaries, d_model] per strategy.",
+    "per prompt over real tokens: last, mean, emotion_tokens (mean / emotion_tokens skip attention sinks: the "
+    "first position and massive-norm tokens, recorded per boundary). [n_prompts, n_boundaries, d_model] per "
+    "strategy; residual_norms = mean non-sink token norm of train fitting prompts (the steering α reference).",
 )
 def activations(
     context: dg.AssetExecutionContext,
@@ -86,33 +104,52 @@ def activations(
             strategies=profile.pooling,
             emotion_words=all_emotion_words(),
             batch_size=profile.batch_size,
+            exclude_first=profile.sinks.exclude_first,
+            norm_ratio=profile.sinks.norm_ratio,
         )
         rec.timing.samples = int(result.n_tokens.sum())
 
         out = store.directory(profile_name, "activations", model_name)
 
         rec.artifacts(out)
-        tensors = {**result.pooled, "boundaries": torch.tensor(boundaries, dtype=torch.int64)}
+        boundary_tensor = torch.tensor(boundaries, dtype=torch.int64)
+        tensors = {**result.pooled, "boundaries": boundary_tensor}
         write_tensors(
             out / ACTIVATIONS_FILE, tensors, metadata={"boundary_names": ",".join(result.boundary_names)}
         )
+        write_tensors(
+            out / SINKS_FILE,
+            {
+                "sink_excluded": result.sink_excluded,
+                "token_norm": result.token_norm,
+                "boundaries": boundary_tensor,
+            },
+            metadata={
+                "exclude_first": str(profile.sinks.exclude_first),
+                "norm_ratio": str(profile.sinks.norm_ratio),
+            },
+        )
         index = prompts[["id", "emotion", "split", "register"]].copy()
+        index["role"] = prompts["role"].fillna(ROLE_FIT) if "role" in prompts else ROLE_FIT
         index["n_tokens"] = result.n_tokens.numpy()
         index["emotion_token_fallback"] = result.emotion_fallback.numpy()
+        index["first_position_excluded"] = result.first_excluded.numpy()
+        index["n_norm_sinks"] = result.norm_excluded.sum(dim=1).numpy()  # summed over boundaries
+        index["mean_fallback_boundaries"] = result.mean_fallback.sum(dim=1).numpy()
         write_table(out / INDEX_FILE, index)
 
-        reference = result.pooled[profile.pooling[0]]  # [n, n_boundaries, d_model]
-        norms = pd.DataFrame(
-            {"boundary": boundaries, "mean_residual_norm": reference.norm(dim=-1).mean(dim=0).numpy()}
-        )
+        sinks = sink_exclusion_table(result)
+        write_table(out / "sink_exclusions.parquet", sinks, csv=True)
+        reference_rows = (index["split"] == "train").to_numpy() & fitting_mask(index)
+        norms = residual_norm_table(result, reference_rows, profile.pooling[0])
         write_table(out / "residual_norms.parquet", norms)
         plot = save_figure(
             line_plot(
-                norms,
+                norms.melt("boundary", ["mean_residual_norm", "pooled_vector_norm"], "norm", "value"),
                 "boundary",
-                "mean_residual_norm",
-                None,
-                f"{model_name}: mean residual norm ({profile.pooling[0]} pooling)",
+                "value",
+                "norm",
+                f"{model_name}: non-sink token norm (train fit) vs ‖{profile.pooling[0]} vector‖",
                 "‖resid‖",
             ),
             out / "residual_norm_by_layer.png",
@@ -121,7 +158,9 @@ def activations(
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / ACTIVATIONS_FILE)),
-            "shape": dg.MetadataValue.text(str(list(reference.shape)) + " per strategy"),
+            "shape": dg.MetadataValue.text(
+                str(list(result.pooled[profile.pooling[0]].shape)) + " per strategy"
+            ),
             "strategies": dg.MetadataValue.json(list(result.pooled)),
             "boundaries": dg.MetadataValue.json(boundaries),
             "boundary_names": dg.MetadataValue.json(result.boundary_names),
@@ -129,6 +168,13 @@ def activations(
             "dg.row_count": dg.MetadataValue.int(len(index)),
             "tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
             "emotion_token_fallbacks": dg.MetadataValue.int(int(index["emotion_token_fallback"].sum())),
+            "sink_rules": dg.MetadataValue.json(profile.sinks.model_dump()),
+            "sink_positions_excluded": dg.MetadataValue.int(int(result.sink_excluded.sum())),
+            "sink_first_positions_excluded": dg.MetadataValue.int(int(result.first_excluded.sum())),
+            "sink_norm_positions_excluded": dg.MetadataValue.int(int(result.norm_excluded.sum())),
+            "mean_fallbacks": dg.MetadataValue.int(int(result.mean_fallback.sum())),
+            "sink_exclusions": markdown_table(sinks, max_rows=len(sinks)),
+            "residual_norm_reference_prompts": dg.MetadataValue.int(int(reference_rows.sum())),
             "residual_norm_by_layer": plot,
             **rec.metadata(),
         }

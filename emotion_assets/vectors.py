@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emotion_assets.activations import activations, load_activations
+from emotion_assets.activations import activations, load_activations, load_token_norms
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.partitions import REGISTRY, model_and_profile, model_profile_partitions
 from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
@@ -21,6 +21,7 @@ from emotion_assets.science.directions import (
 from emotion_assets.science.directions import (
     emotion_vectors as mean_difference_vectors,
 )
+from emotion_assets.science.prompts import fitting_mask
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
 from resources.tracking import TrackingResource
@@ -51,7 +52,7 @@ def load_subspaces(
 def twin_of(model: str) -> str | None:
     """The random-weight twin registered for ``model`` (its chance curve), if any."""
     for name, spec in REGISTRY.models.items():
-        if getattr(spec.source, "of", None) == model:
+        if spec.source.type == "random_twin" and spec.source.of == model:
             return name
     return None
 
@@ -61,7 +62,7 @@ def twin_of(model: str) -> str | None:
     group_name=REPRESENTATION_GROUP,
     deps=[activations],
     kinds={"pytorch", "sklearn"},
-    code_version="1",
+    code_version="2",
     description="Per emotion × boundary × pooling: mean(train emotion) − mean(train neutral); norms relative "
     "to the residual norm, the cosine matrix between emotions, and a held-out linear probe per layer.",
 )
@@ -71,9 +72,11 @@ def emotion_vectors(
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
     pooled, index, boundaries = load_activations(store, profile_name, model_name)
+    token_norm = load_token_norms(store, profile_name, model_name)  # [n, n_boundaries]
     labels = index["emotion"].tolist()
-    train = (index["split"] == "train").to_numpy()
-    held_out = (index["split"] == "eval").to_numpy()
+    fitting = fitting_mask(index)  # steering-only prompts never fit a vector or a probe
+    train = (index["split"] == "train").to_numpy() & fitting
+    held_out = (index["split"] == "eval").to_numpy() & fitting
     with recorded(
         context,
         tracking=tracking,
@@ -91,7 +94,8 @@ def emotion_vectors(
             vectors = mean_difference_vectors(acts, labels, train, neutral_label=NEUTRAL)
             for emotion, vec in vectors.items():
                 tensors[vector_key(strategy, emotion)] = vec
-            report = vector_report(vectors, acts, train)  # boundary = position in the captured list
+            # Relative norms against the typical non-sink token norm (the steering α reference).
+            report = vector_report(vectors, acts, train, token_norm=token_norm)  # boundary = list position
             report["boundary"] = [boundaries[i] for i in report["boundary"]]
             report.insert(0, "strategy", strategy)
             reports.append(report)
@@ -198,7 +202,7 @@ def emotion_vectors_nonzero(
     group_name=REPRESENTATION_GROUP,
     deps=[activations],
     kinds={"pytorch"},
-    code_version="1",
+    code_version="2",
     description="Per emotion × boundary × pooling: top-k right singular vectors of (train emotion "
     "activations − train neutral mean), explained variance over the total; plus the neutral PCA subspace.",
 )
@@ -209,7 +213,7 @@ def emotion_subspaces(
     profile = effective_profile(profile_name, config)
     pooled, index, boundaries = load_activations(store, profile_name, model_name)
     labels = index["emotion"].to_numpy()
-    train = (index["split"] == "train").to_numpy()
+    train = (index["split"] == "train").to_numpy() & fitting_mask(index)
     with recorded(
         context,
         tracking=tracking,

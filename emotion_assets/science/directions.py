@@ -69,11 +69,23 @@ def vector_report(
     vectors: dict[str, Float[Tensor, "n_boundaries d_model"]],
     acts: Float[Tensor, "n n_boundaries d_model"],
     train_mask: Bool[Tensor, " n"] | Sequence[bool],
+    token_norm: Float[Tensor, "n n_boundaries"] | None = None,
 ) -> pd.DataFrame:
-    """One row per emotion × boundary: ``norm``, ``mean_resid_norm`` (mean ‖act‖ over train prompts) and
-    ``relative_norm`` = norm / mean_resid_norm."""
+    """One row per emotion × boundary: ``norm``, ``mean_resid_norm`` and ``relative_norm`` = norm /
+    mean_resid_norm.
+
+    ``mean_resid_norm`` is the mean of ``token_norm`` (per-prompt mean ‖resid‖ over real non-sink tokens,
+    ``PooledActivations.token_norm``) over train prompts when given, else the mean ‖act‖ over train prompts.
+    """
     train = torch.as_tensor(_as_bool_mask(train_mask, acts.shape[0], "train_mask"), device=acts.device)
-    resid_norm = acts[train].double().norm(dim=-1).mean(dim=0)  # [n_boundaries]
+    if token_norm is None:
+        resid_norm = acts[train].double().norm(dim=-1).mean(dim=0)  # [n_boundaries]
+    else:
+        if tuple(token_norm.shape) != tuple(acts.shape[:2]):
+            raise ValueError(
+                f"token_norm has shape {tuple(token_norm.shape)}, expected {tuple(acts.shape[:2])}."
+            )
+        resid_norm = token_norm.to(acts.device)[train].double().mean(dim=0)  # [n_boundaries]
     rows = []
     for emotion, vec in vectors.items():
         norms = vec.double().norm(dim=-1)  # [n_boundaries]

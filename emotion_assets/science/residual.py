@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
@@ -168,52 +170,161 @@ def capture_residuals(
     return torch.stack([captured[b] for b in boundaries], dim=1)  # [batch, n_boundaries, pos, d_model]
 
 
+# Defaults of ``Profile.sinks`` (``emotion_assets.profiles.SinkConfig``; a unit test keeps them equal).
+DEFAULT_EXCLUDE_FIRST = True
+DEFAULT_NORM_RATIO: float | None = 10.0
+
+
+@dataclass(frozen=True)
+class SinkPositions:
+    """Attention-sink positions of one batch: what ``mean`` / ``emotion_tokens`` pooling never reads.
+
+    Two rules, both applied to content tokens (real and non-special; pads and special tokens are never
+    pooled anyway):
+
+    - ``first``: the first real position of each row when ``exclude_first``. With a BOS the first real
+      position is the BOS (already special, so no content token is removed); without one (SmolLM2) it is
+      the first word, which such models turn into an attention sink.
+    - ``by_norm``: any other content token whose residual norm at a boundary exceeds ``norm_ratio`` × the
+      row's median norm at that boundary, the median taken over the content tokens left after ``first``
+      (``numpy.median`` convention: the mean of the two middle values for an even count). Per boundary.
+    """
+
+    content: Bool[Tensor, "batch pos"]
+    first: Bool[Tensor, "batch pos"]  # the content position excluded as the row's first real position
+    by_norm: Bool[Tensor, "batch n_boundaries pos"]  # content positions excluded by the norm rule
+    norms: Float[Tensor, "batch n_boundaries pos"]  # ‖residual‖ per position
+    ratio: Float[Tensor, "batch n_boundaries pos"]  # norm / row median; NaN at pads or without a median
+    first_index: Int[Tensor, " batch"]  # first real position
+    last_index: Int[Tensor, " batch"]  # last content position (what `last` pooling reads)
+
+    @property
+    def keep(self) -> Bool[Tensor, "batch n_boundaries pos"]:
+        """Content positions that ``mean`` / ``emotion_tokens`` may read at each boundary."""
+        return (self.content & ~self.first)[:, None, :] & ~self.by_norm
+
+    @property
+    def n_excluded(self) -> Int[Tensor, "batch n_boundaries"]:
+        """Content positions excluded per row and boundary (first position + norm rule; disjoint)."""
+        return self.first.sum(dim=1)[:, None] + self.by_norm.sum(dim=2)
+
+    @property
+    def no_token_left(self) -> Bool[Tensor, "batch n_boundaries"]:
+        """Rows with no content token left at a boundary: ``mean`` falls back to the last token there."""
+        return ~self.keep.any(dim=2)
+
+    def _at(self, values: Tensor, index: Int[Tensor, " batch"]) -> Tensor:
+        """``values[b, :, index[b]]`` for a ``[batch, n_boundaries, pos]`` tensor → ``[batch, n_boundaries]``."""
+        return values.gather(2, index.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(2)
+
+    def token_norm(self) -> Float[Tensor, "batch n_boundaries"]:
+        """Mean residual norm over the kept tokens; the last token's norm where none is kept (as ``mean``)."""
+        keep = self.keep
+        zero = torch.zeros((), dtype=self.norms.dtype, device=self.norms.device)
+        total = torch.where(keep, self.norms, zero).sum(dim=2)
+        mean = total / keep.sum(dim=2).clamp(min=1).to(self.norms.dtype)
+        return torch.where(self.no_token_left, self._at(self.norms, self.last_index), mean)
+
+    def last_is_sink(self) -> Bool[Tensor, "batch n_boundaries"]:
+        """True where the token ``last`` pooling reads is itself excluded by a sink rule."""
+        excluded = self.first[:, None, :] | self.by_norm  # [batch, n_boundaries, pos]
+        return self._at(excluded, self.last_index)
+
+    def first_ratio(self) -> Float[Tensor, "batch n_boundaries"]:
+        """Norm of the first real position (BOS, or the first token without one) over the row median."""
+        return self._at(self.ratio, self.first_index)
+
+    def max_ratio(self) -> Float[Tensor, "batch n_boundaries"]:
+        """Largest norm / median among the content tokens the norm rule examined (NaN where none)."""
+        candidates = (self.content & ~self.first)[:, None, :]
+        peak = torch.where(candidates, self.ratio.nan_to_num(nan=-torch.inf), -torch.inf).amax(dim=2)
+        return peak.masked_fill(torch.isneginf(peak), torch.nan)
+
+
+def find_sinks(
+    hidden: Float[Tensor, "batch n_boundaries pos d_model"],
+    attention_mask: Int[Tensor, "batch pos"],
+    special_mask: Bool[Tensor, "batch pos"],
+    *,
+    exclude_first: bool = DEFAULT_EXCLUDE_FIRST,
+    norm_ratio: float | None = DEFAULT_NORM_RATIO,
+) -> SinkPositions:
+    """Mark attention-sink positions per row and boundary (see ``SinkPositions``); vectorised over positions."""
+    if norm_ratio is not None and not norm_ratio > 1.0:
+        raise ValueError(f"norm_ratio must be > 1 or None (off), got {norm_ratio}; see Profile.sinks.")
+    real = attention_mask.bool()  # [batch, pos]
+    content = real & ~special_mask.bool()
+    batch, n_boundaries, pos, _ = hidden.shape
+    positions = torch.arange(pos, device=hidden.device)  # [pos]
+    first_index = torch.where(real, positions, pos).amin(dim=1).clamp(max=pos - 1)  # [batch]
+    last_index = torch.where(content, positions, -1).amax(dim=1).clamp(min=0)  # [batch]
+    first = (
+        content & (positions[None, :] == first_index[:, None]) if exclude_first else torch.zeros_like(content)
+    )
+    candidates = (content & ~first)[:, None, :]  # [batch, 1, pos]
+    norms = hidden.float().norm(dim=-1)  # [batch, n_boundaries, pos]
+    nan = torch.full((), torch.nan, device=hidden.device)
+    # torch.nanquantile: a masked per-row median in one call (numpy/scipy would need a loop or a copy).
+    median = torch.nanquantile(torch.where(candidates, norms, nan), 0.5, dim=2, keepdim=True)  # [b, nb, 1]
+    ratio = torch.where(real[:, None, :], norms / median, nan)  # [batch, n_boundaries, pos]
+    if norm_ratio is None:
+        by_norm = torch.zeros(batch, n_boundaries, pos, dtype=torch.bool, device=hidden.device)
+    else:
+        by_norm = candidates & (ratio > norm_ratio)
+    return SinkPositions(content, first, by_norm, norms, ratio, first_index, last_index)
+
+
 def pool_hidden(
     hidden: Float[Tensor, "batch n_boundaries pos d_model"],
     attention_mask: Int[Tensor, "batch pos"],
     strategy: PoolStrategy,
     special_mask: Bool[Tensor, "batch pos"],
     emotion_mask: Bool[Tensor, "batch pos"] | None = None,
-) -> tuple[Float[Tensor, "batch n_boundaries d_model"], Bool[Tensor, " batch"]]:
+    *,
+    exclude_first: bool = DEFAULT_EXCLUDE_FIRST,
+    norm_ratio: float | None = DEFAULT_NORM_RATIO,
+    sinks: SinkPositions | None = None,
+) -> tuple[Float[Tensor, "batch n_boundaries d_model"], Bool[Tensor, "batch n_boundaries"]]:
     """Pool each prompt over its real, non-special tokens; pad positions are never read.
 
-    - ``last``: the last real non-special token (skips a trailing EOS/[SEP]);
-    - ``mean``: the mean over real non-special tokens;
-    - ``emotion_tokens``: the mean over emotion-word positions; rows without any use ``last``.
+    - ``last``: the last real non-special token (skips a trailing EOS/[SEP]); sink rules do not apply, it
+      is the position that predicts the next token (``SinkPositions.last_is_sink`` records when it is one);
+    - ``mean``: the mean over real non-special tokens that are not attention sinks (``find_sinks``, with
+      ``exclude_first`` / ``norm_ratio``, or precomputed ``sinks``); where none is left the last token;
+    - ``emotion_tokens``: the mean over non-sink emotion-word positions; where none, ``last``.
 
-    Returns the pooled vectors and a ``fallback`` flag per row (True where ``emotion_tokens`` fell back
-    to ``last``; always False for the other strategies).
+    Returns the pooled vectors and a ``fallback`` flag per row and boundary: True where ``mean`` or
+    ``emotion_tokens`` read the last token instead (always False for ``last``).
     """
     content = attention_mask.bool() & ~special_mask.bool()  # [batch, pos]
     empty = ~content.any(dim=1)
     if empty.any():
         rows = empty.nonzero().flatten().tolist()
         raise ValueError(f"Rows {rows} have no real non-special token to pool over.")
-    batch, _, pos, d_model = hidden.shape
-    positions = torch.arange(pos, device=hidden.device)  # [pos]
-    last_index = torch.where(content, positions, -1).amax(dim=1)  # [batch]
-    index = last_index.view(batch, 1, 1, 1).expand(batch, hidden.shape[1], 1, d_model)
+    if sinks is None:
+        sinks = find_sinks(
+            hidden, attention_mask, special_mask, exclude_first=exclude_first, norm_ratio=norm_ratio
+        )
+    batch, n_boundaries, _, d_model = hidden.shape
+    index = sinks.last_index.view(batch, 1, 1, 1).expand(batch, n_boundaries, 1, d_model)
     last = hidden.gather(2, index).squeeze(2)  # [batch, n_boundaries, d_model]
-    no_fallback = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
-
-    def masked_mean(mask: Tensor) -> Tensor:
-        keep = mask[:, None, :, None]  # [batch, 1, pos, 1]
-        total = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(2)
-        count = mask.sum(dim=1).clamp(min=1).to(hidden.dtype)  # [batch]
-        return total / count[:, None, None]  # [batch, n_boundaries, d_model]
 
     if strategy == "last":
-        return last, no_fallback
+        return last, torch.zeros(batch, n_boundaries, dtype=torch.bool, device=hidden.device)
     if strategy == "mean":
-        return masked_mean(content), no_fallback
-    if strategy == "emotion_tokens":
+        selected = sinks.keep  # [batch, n_boundaries, pos]
+    elif strategy == "emotion_tokens":
         if emotion_mask is None:
             raise ValueError("strategy 'emotion_tokens' needs an emotion_mask.")
-        selected = emotion_mask.bool() & content  # [batch, pos]
-        fallback = ~selected.any(dim=1)  # [batch]
-        pooled = torch.where(fallback[:, None, None], last, masked_mean(selected))
-        return pooled, fallback
-    raise ValueError(f"Unknown pooling strategy {strategy!r}; expected one of {POOL_STRATEGIES}.")
+        selected = sinks.keep & emotion_mask.bool()[:, None, :]
+    else:
+        raise ValueError(f"Unknown pooling strategy {strategy!r}; expected one of {POOL_STRATEGIES}.")
+    # torch.where, not a multiply: a NaN/inf at an unread position must not leak into the sum.
+    zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    total = torch.where(selected[..., None], hidden, zero).sum(dim=2)  # [batch, n_boundaries, d_model]
+    count = selected.sum(dim=2).clamp(min=1).to(hidden.dtype)  # [batch, n_boundaries]
+    fallback = ~selected.any(dim=2)  # [batch, n_boundaries]
+    return torch.where(fallback[..., None], last, total / count[..., None]), fallback
 
 
 def emotion_word_pattern(emotion_words: Iterable[str]) -> re.Pattern[str] | None:
@@ -289,14 +400,29 @@ def tokenize_prompts(
 class PooledActivations:
     """Pooled residual activations of a prompt set, in the input order.
 
-    ``pooled[strategy]`` is ``[n_prompts, n_boundaries, d_model]`` float32 on CPU.
+    ``pooled[strategy]`` is ``[n_prompts, n_boundaries, d_model]`` float32 on CPU. The sink fields
+    (``find_sinks``) are per prompt and boundary; "excluded" counts content tokens only (a BOS is special
+    and never pooled, so it is not counted).
     """
 
     pooled: dict[str, Float[Tensor, "n n_boundaries d_model"]]
     boundaries: list[int]
     boundary_names: list[str]
     n_tokens: Int[Tensor, " n"]  # real non-special tokens per prompt
-    emotion_fallback: Bool[Tensor, " n"]  # True where no emotion-word token was found (pooled as `last`)
+    emotion_fallback: Bool[Tensor, " n"]  # True where `emotion_tokens` read `last` at any boundary
+    sink_excluded: Int[Tensor, "n n_boundaries"]  # content positions excluded as sinks (first + norm rule)
+    token_norm: Float[Tensor, "n n_boundaries"]  # mean ‖resid‖ over real non-sink tokens
+    first_excluded: Bool[Tensor, " n"]  # the first real position was a content token and was excluded
+    mean_fallback: Bool[Tensor, "n n_boundaries"]  # no non-sink token left: `mean` read the last token
+    emotion_fallback_by_boundary: Bool[Tensor, "n n_boundaries"]  # `emotion_tokens` read `last` here
+    last_is_sink: Bool[Tensor, "n n_boundaries"]  # the token `last` reads is excluded by a sink rule
+    max_norm_ratio: Float[Tensor, "n n_boundaries"]  # largest norm / median the norm rule saw (NaN: none)
+    first_norm_ratio: Float[Tensor, "n n_boundaries"]  # first real position (BOS or first token) / median
+
+    @property
+    def norm_excluded(self) -> Int[Tensor, "n n_boundaries"]:
+        """Content positions excluded by the norm rule alone."""
+        return self.sink_excluded - self.first_excluded.long()[:, None]
 
 
 def extract_pooled_activations(
@@ -310,11 +436,14 @@ def extract_pooled_activations(
     batch_size: int,
     device: str | torch.device,
     max_length: int = 128,
+    exclude_first: bool = DEFAULT_EXCLUDE_FIRST,
+    norm_ratio: float | None = DEFAULT_NORM_RATIO,
 ) -> PooledActivations:
     """Capture and pool residual activations for every prompt, batch by batch.
 
     Prompts are batched by length (less padding) and results are returned in the input order. Only pooled
-    ``[batch, n_boundaries, d_model]`` tensors are kept per batch.
+    ``[batch, n_boundaries, d_model]`` tensors and per-position sink statistics are kept per batch.
+    ``exclude_first`` / ``norm_ratio`` are the sink rules of ``find_sinks`` (``Profile.sinks``).
     """
     if not texts:
         raise ValueError("extract_pooled_activations got no texts.")
@@ -329,7 +458,7 @@ def extract_pooled_activations(
     order = torch.argsort(lengths, stable=True)  # [n]
 
     results: dict[str, list[Tensor]] = {s: [] for s in strategies}
-    fallbacks: list[Tensor] = []
+    stats: dict[str, list[Tensor]] = {}
     for batch_no, start in enumerate(range(0, n, batch_size)):
         idx = order[start : start + batch_size]  # [batch]
         width = int(lengths[idx].max())
@@ -339,10 +468,21 @@ def extract_pooled_activations(
         rows = {k: v.to(device) for k, v in rows.items()}
         hidden = capture_residuals(model, rows["input_ids"], rows["attention_mask"], boundaries)
         hidden = hidden.float()  # [batch, n_boundaries, pos, d_model]
-        fallback = None
+        sinks = find_sinks(
+            hidden,
+            rows["attention_mask"],
+            rows["special_mask"],
+            exclude_first=exclude_first,
+            norm_ratio=norm_ratio,
+        )
         for strategy in strategies:
-            pooled, fb = pool_hidden(
-                hidden, rows["attention_mask"], strategy, rows["special_mask"], rows["emotion_mask"]
+            pooled, _ = pool_hidden(
+                hidden,
+                rows["attention_mask"],
+                strategy,
+                rows["special_mask"],
+                rows["emotion_mask"],
+                sinks=sinks,
             )
             bad = ~torch.isfinite(pooled).all(dim=2)  # [batch, n_boundaries]
             if bad.any():
@@ -353,20 +493,80 @@ def extract_pooled_activations(
                     "Check the model dtype (try float32) and the weights."
                 )
             results[strategy].append(pooled.cpu())
-            if strategy == "emotion_tokens":
-                fallback = fb
-        if fallback is None:
-            content = rows["emotion_mask"] & ~rows["special_mask"]
-            fallback = ~content.any(dim=1)
-        fallbacks.append(fallback.cpu())
-        del hidden
+        batch_stats = {
+            "sink_excluded": sinks.n_excluded,
+            "token_norm": sinks.token_norm(),
+            "first_excluded": sinks.first.any(dim=1),
+            "mean_fallback": sinks.no_token_left,
+            "emotion_fallback_by_boundary": ~(sinks.keep & rows["emotion_mask"].bool()[:, None, :]).any(
+                dim=2
+            ),
+            "last_is_sink": sinks.last_is_sink(),
+            "max_norm_ratio": sinks.max_ratio(),
+            "first_norm_ratio": sinks.first_ratio(),
+        }
+        for key, value in batch_stats.items():
+            stats.setdefault(key, []).append(value.cpu())
+        del hidden, sinks
 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n)
+    per_row = {key: torch.cat(chunks)[inverse] for key, chunks in stats.items()}
     return PooledActivations(
         pooled={s: torch.cat(chunks)[inverse] for s, chunks in results.items()},
         boundaries=boundaries,
         boundary_names=[boundary_names(n_layers)[b] for b in boundaries],
         n_tokens=enc["n_tokens"],
-        emotion_fallback=torch.cat(fallbacks)[inverse],
+        emotion_fallback=per_row["emotion_fallback_by_boundary"].any(dim=1),
+        **per_row,
+    )
+
+
+def sink_exclusion_table(result: PooledActivations) -> pd.DataFrame:
+    """One row per boundary: what the sink rules excluded and how large the largest norm ratios were.
+
+    ``excluded_first`` / ``excluded_norm`` count positions, ``prompts_affected`` prompts with any excluded
+    position; ``max_norm_ratio`` is the largest norm / median among tokens the norm rule examined and
+    ``first_norm_ratio_median`` the median over prompts of the first real position's ratio.
+    """
+    return pd.DataFrame(
+        {
+            "boundary": result.boundaries,
+            "name": result.boundary_names,
+            "excluded_first": int(result.first_excluded.sum()),
+            "excluded_norm": result.norm_excluded.sum(dim=0).numpy(),
+            "prompts_affected": (result.sink_excluded > 0).sum(dim=0).numpy(),
+            "max_norm_ratio": result.max_norm_ratio.nan_to_num(nan=-torch.inf).amax(dim=0).numpy(),
+            "first_norm_ratio_median": result.first_norm_ratio.nanmedian(dim=0).values.numpy(),
+            "mean_fallbacks": result.mean_fallback.sum(dim=0).numpy(),
+            "emotion_token_fallbacks": result.emotion_fallback_by_boundary.sum(dim=0).numpy(),
+            "last_token_is_sink": result.last_is_sink.sum(dim=0).numpy(),
+        }
+    ).replace(-np.inf, np.nan)
+
+
+def residual_norm_table(
+    result: PooledActivations, reference_rows: Bool[Tensor, " n"] | Sequence[bool], pooled_strategy: str
+) -> pd.DataFrame:
+    """Per boundary: ``mean_residual_norm`` (the steering α reference) = mean ``token_norm`` over
+    ``reference_rows`` (train fitting prompts), beside ``pooled_vector_norm``, the mean ‖pooled vector‖ of
+    ``pooled_strategy`` over all prompts (the former reference, kept for comparison)."""
+    rows = torch.as_tensor(np.asarray(reference_rows, dtype=bool))
+    if rows.shape != (result.token_norm.shape[0],):
+        raise ValueError(
+            f"reference_rows has shape {tuple(rows.shape)}, expected ({result.token_norm.shape[0]},)."
+        )
+    if not rows.any():
+        raise ValueError(
+            "No reference prompts (train split, role 'fit') for the residual norm; check the dataset's "
+            "split and role columns."
+        )
+    return pd.DataFrame(
+        {
+            "boundary": result.boundaries,
+            "mean_residual_norm": result.token_norm[rows].double().mean(dim=0).numpy(),
+            "n_reference_prompts": int(rows.sum()),
+            "pooled_strategy": pooled_strategy,
+            "pooled_vector_norm": result.pooled[pooled_strategy].double().norm(dim=-1).mean(dim=0).numpy(),
+        }
     )
