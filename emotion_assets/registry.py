@@ -36,10 +36,24 @@ class EmbeddedPackageSource(_Strict):
     install: str = ""
 
 
-class RandomTwinSource(_Strict):
-    type: Literal["random_twin"]
+class TwinSource(_Strict):
+    """A control derived from another registry model (`of`), with a seed."""
+
     of: str
     seed: int = 0
+
+
+class RandomTwinSource(TwinSource):
+    """Same config and tokenizer as `of`, weights drawn from `seed` (the null control)."""
+
+    type: Literal["random_twin"]
+
+
+class RotatedTwinSource(TwinSource):
+    """`of`'s weights with norms folded and the residual basis rotated by a seeded orthogonal matrix:
+    the same function in other coordinates (the positive control; see ``science.rotation``)."""
+
+    type: Literal["rotated_twin"]
 
 
 class HuggingFaceSource(_Strict):
@@ -50,7 +64,7 @@ class HuggingFaceSource(_Strict):
 
 
 ModelSource = Annotated[
-    EmbeddedGgufSource | EmbeddedPackageSource | RandomTwinSource | HuggingFaceSource,
+    EmbeddedGgufSource | EmbeddedPackageSource | RandomTwinSource | RotatedTwinSource | HuggingFaceSource,
     Field(discriminator="type"),
 ]
 
@@ -90,8 +104,8 @@ class ModelRegistry(_Strict):
         if self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not a key of `models`")
         for spec in self.models.values():
-            if isinstance(spec.source, RandomTwinSource) and spec.source.of not in names:
-                raise ValueError(f"model {spec.name!r}: random_twin of unknown model {spec.source.of!r}")
+            if isinstance(spec.source, TwinSource):
+                _check_twin(spec, self.models)
         for a, b in self.pairs:
             for side in (a, b):
                 if side not in names:
@@ -112,9 +126,38 @@ class ModelRegistry(_Strict):
     def names(self) -> list[str]:
         return list(self.models)
 
+    def twins_of(self, name: str) -> list[str]:
+        """Registry models derived from ``name`` (``random_twin`` / ``rotated_twin`` with ``of: name``)."""
+        return [n for n, s in self.models.items() if isinstance(s.source, TwinSource) and s.source.of == name]
+
     @property
     def pair_keys(self) -> list[str]:
         return [pair_key(a, b) for a, b in self.pairs]
+
+
+def _check_twin(spec: ModelSpec, models: dict[str, ModelSpec]) -> None:
+    """A twin names an existing, non-twin model of the same kind (a rotated twin: a causal LM)."""
+    src = spec.source
+    kind = src.type
+    if src.of not in models:
+        raise ValueError(
+            f"model {spec.name!r}: {kind} of unknown model {src.of!r}; set `of:` to one of {sorted(models)}"
+        )
+    base = models[src.of]
+    if isinstance(base.source, TwinSource):
+        raise ValueError(
+            f"model {spec.name!r}: {kind} of {src.of!r}, which is itself a {base.source.type}; "
+            "point `of:` at the real model"
+        )
+    if spec.kind != base.kind:
+        raise ValueError(
+            f"model {spec.name!r}: kind {spec.kind!r} differs from its base {src.of!r} ({base.kind!r})"
+        )
+    if isinstance(src, RotatedTwinSource) and spec.kind != "causal_lm":
+        raise ValueError(
+            f"model {spec.name!r}: rotated_twin needs a causal_lm base (the LM head absorbs the final norm), "
+            f"got {base.kind!r} model {src.of!r}"
+        )
 
 
 PAIR_SEPARATOR = "__"

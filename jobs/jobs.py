@@ -72,15 +72,19 @@ ALL_JOBS = [dataset_job, representation_job, alignment_job, intervention_job, re
 def study_plan(model: str, profile: str) -> list[tuple[str, str]]:
     """(job, partition key) in the order the main command runs them for one model × profile.
 
-    Cross-model steps need both sides: the pair partners' representations run first.
+    The model's controls come along: every registered pair in which one side is the model or one of its
+    twins (``random_twin`` / ``rotated_twin`` with ``of: model``), so a null or positive control is never
+    missing beside the pair it controls. Cross-model steps need both sides: every partner's
+    representations run before any alignment.
     """
     from emotion_assets.partitions import REGISTRY
 
     plan = [("dataset_job", profile), ("representation_job", f"{model}|{profile}")]
     if REGISTRY.get(model).can_generate:
         plan.append(("intervention_job", f"{model}|{profile}"))
-    pairs = [(a, b) for a, b in REGISTRY.pairs if model in (a, b)]
-    for partner in dict.fromkeys(b if a == model else a for a, b in pairs):
+    family = {model, *REGISTRY.twins_of(model)}
+    pairs = [(a, b) for a, b in REGISTRY.pairs if family & {a, b}]
+    for partner in dict.fromkeys(side for pair in pairs for side in pair if side != model):
         plan.append(("representation_job", f"{partner}|{profile}"))
     plan.extend(("alignment_job", f"{a}__{b}|{profile}") for a, b in pairs)
     if REGISTRY.get(model).can_generate:

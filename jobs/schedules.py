@@ -44,8 +44,8 @@ from emotion_assets.registry import (
     EmbeddedPackageSource,
     HuggingFaceSource,
     ModelRegistry,
-    RandomTwinSource,
     RegistryError,
+    TwinSource,
     load_registry,
     split_pair_key,
 )
@@ -162,15 +162,13 @@ def model_availability(
         if folder is None or not _has_weights(folder):
             return Availability(False, f"package {src.package} is missing or incomplete", f"`{src.install}`")
         return Availability(True)
-    if isinstance(src, RandomTwinSource):
+    if isinstance(src, TwinSource):
         if src.of in _seen:
-            return Availability(False, f"random_twin cycle through {src.of}", "fix data/models.yaml")
+            return Availability(False, f"{src.type} cycle through {src.of}", "fix data/models.yaml")
         base = model_availability(src.of, registry, _seen | {name})
         if base.available:
             return base
-        return Availability(
-            False, f"random twin of {src.of}, which is unavailable ({base.reason})", base.hint
-        )
+        return Availability(False, f"{src.type} of {src.of}, which is unavailable ({base.reason})", base.hint)
     if isinstance(src, HuggingFaceSource):
         if src.path:
             if _has_weights(Path(src.path).expanduser()):

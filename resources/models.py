@@ -38,10 +38,12 @@ from emotion_assets.registry import (
     ModelRegistry,
     ModelSpec,
     RandomTwinSource,
+    RotatedTwinSource,
     load_registry,
 )
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
+from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
 
 
@@ -190,6 +192,12 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         finally:
             torch.random.set_rng_state(generator_state)
+    elif isinstance(source_cfg, RotatedTwinSource):
+        # A fresh fp32 load of the base weights (a cached directory: ~0.1 s for SmolLM2), never the cached
+        # base handle's tensors: the base stays untouched and the rotation never starts from bf16 weights.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        rotation = rotate_residual_basis_(model, source_cfg.seed)
+        source = {**source, "rotation": rotation.method, "lm_head_untied": rotation.lm_head_untied}
     else:
         auto = AutoModelForCausalLM if spec.kind == "causal_lm" else AutoModel
         model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
@@ -279,6 +287,14 @@ def _materialize_weights(spec: ModelSpec, registry: ModelRegistry, cache_dir: Pa
     if isinstance(src, RandomTwinSource):
         base_dir, _ = _materialize_weights(registry.get(src.of), registry, cache_dir)
         return base_dir, {"type": "random_twin", "of": src.of, "seed": src.seed, "config_from": str(base_dir)}
+    if isinstance(src, RotatedTwinSource):
+        base_dir, _ = _materialize_weights(registry.get(src.of), registry, cache_dir)
+        return base_dir, {
+            "type": "rotated_twin",
+            "of": src.of,
+            "seed": src.seed,
+            "weights_from": str(base_dir),
+        }
     if isinstance(src, HuggingFaceSource):
         return _huggingface_dir(spec.name, src), {"type": "huggingface", "id": src.id, "path": src.path or ""}
     raise ModelUnavailableError(f"Model {spec.name!r}: unsupported source {src!r}")
