@@ -8,7 +8,12 @@ from emotion_assets.activations import activations, load_activations
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.partitions import REGISTRY, pair_and_profile, pair_profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
-from emotion_assets.science.alignment import alignment_sweep, cka_matrix, match_layers_by_depth
+from emotion_assets.science.alignment import (
+    alignment_rows,
+    cka_matrix,
+    layer_pair_sweep,
+    match_layers_by_depth,
+)
 from jobs.jobs import ALIGNMENT_GROUP
 from resources.storage import ArtifactStore, read_table, write_table
 from resources.tracking import TrackingResource
@@ -62,15 +67,30 @@ def paired_rows(index_a: pd.DataFrame, index_b: pd.DataFrame) -> tuple[np.ndarra
     return joined["row_a"].to_numpy(), joined["row_b"].to_numpy(), joined
 
 
+def headline_row(sweep: pd.DataFrame) -> pd.Series | None:
+    """The headline row: largest margin (overlap − null p95) among rows past the token embeddings that beat
+    the null AND whose (layer pair, method, k) is emotion-specific (``headline_beats_null``); None if none."""
+    inner = beyond_embeddings(sweep)
+    passing = inner[inner["headline_beats_null"]]
+    if passing.empty:
+        return None
+    return passing.loc[(passing["overlap"] - passing["null_p95"]).idxmax()]
+
+
+PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
+
+
 @dg.asset(
     partitions_def=pair_profile_partitions,
     group_name=ALIGNMENT_GROUP,
     deps=[dg.AssetDep(activations, partition_mapping=_pair_mapping())],
     kinds={"numpy"},
-    code_version="1",
+    code_version="2",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
-    "PCA basis); per layer pair, emotion and k: subspace overlap after (and before) the map, chance k/d, "
-    "a null band from random subspaces through the same map, held-out R², and layer × layer linear CKA.",
+    "PCA basis; fitting prompts only); per layer pair, emotion and k: subspace overlap after (and before) the "
+    "map, chance k/d, a null band from random subspaces through the same map, held-out R², layer × layer "
+    "linear CKA, and the emotion × emotion overlap matrix with a cross-fitted specificity score and its "
+    "bootstrap CI. A headline row must beat the null AND be emotion-specific.",
 )
 def subspace_alignment(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
@@ -80,14 +100,10 @@ def subspace_alignment(
     pooled_a, index_a, bounds_a = load_activations(store, profile_name, model_a)
     pooled_b, index_b, bounds_b = load_activations(store, profile_name, model_b)
     strategy = profile.pooling[0]
-    rows_a, rows_b, joined = paired_rows(index_a, index_b)
-    x_a = pooled_a[strategy][rows_a].double().numpy()  # [n, L_a, d_a]
-    x_b = pooled_b[strategy][rows_b].double().numpy()  # [n, L_b, d_b]
-    emotion = joined["emotion"].to_numpy()
-    train = (joined["split"] == "train").to_numpy()
-    neutral_train = train & (emotion == NEUTRAL)
-    neutral_eval = (joined["split"] == "eval").to_numpy() & (emotion == NEUTRAL)
-    emotions = sorted(set(emotion) - {NEUTRAL})
+    row_a, row_b, joined = paired_rows(index_a, index_b)
+    x_a = pooled_a[strategy][row_a].double().numpy()  # [n, L_a, d_a]
+    x_b = pooled_b[strategy][row_b].double().numpy()  # [n, L_b, d_b]
+    rows = alignment_rows(joined, neutral=NEUTRAL)  # steering-only prompts never fit a map or subspace
     spec_a, spec_b = REGISTRY.get(model_a), REGISTRY.get(model_b)
     layer_pairs = match_layers_by_depth(bounds_a, spec_a.layers, bounds_b, spec_b.layers)
     settings = profile.alignment
@@ -95,24 +111,23 @@ def subspace_alignment(
         context, tracking=tracking, store=store, phase="4-alignment", model=f"{model_a}__{model_b}",
         profile=profile, device="cpu", config=config, throughput_unit="layer_pairs",
     ) as rec:  # fmt: skip
-        tables = []
+        tables: dict[str, list[pd.DataFrame]] = {"overlaps": [], "matrix": [], "specificity": []}
         for layer_a, layer_b in layer_pairs:
             ia, ib = bounds_a.index(layer_a), bounds_b.index(layer_b)
-            table = alignment_sweep(
-                x_a[neutral_train, ia], x_b[neutral_train, ib], x_a[neutral_eval, ia], x_b[neutral_eval, ib],
-                {e: x_a[train & (emotion == e), ia] for e in emotions},
-                {e: x_b[train & (emotion == e), ib] for e in emotions},
-                x_a[neutral_train, ia].mean(axis=0), x_b[neutral_train, ib].mean(axis=0),
-                k_max=profile.k_max, methods=settings.methods, r=settings.procrustes_rank,
-                n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
+            result = layer_pair_sweep(
+                x_a[:, ia], x_b[:, ib], rows, k_max=profile.k_max, methods=settings.methods,
+                r=settings.procrustes_rank, n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
                 ridge_alpha=settings.ridge_alpha,
             )  # fmt: skip
-            table.insert(0, "layer_b", layer_b)
-            table.insert(0, "layer_a", layer_a)
-            table.insert(0, "depth", layer_a / spec_a.layers)
-            tables.append(table)
-        sweep = pd.concat(tables, ignore_index=True)
-        sweep.insert(0, "strategy", strategy)
+            for name in tables:
+                table = getattr(result, name)
+                table.insert(0, "layer_b", layer_b)
+                table.insert(0, "layer_a", layer_a)
+                table.insert(0, "depth", layer_a / spec_a.layers)
+                table.insert(0, "strategy", strategy)
+                tables[name].append(table)
+        sweep, matrix, specificity = (pd.concat(tables[n], ignore_index=True) for n in tables)
+        train = rows.neutral_train | np.logical_or.reduce(list(rows.emotion_train.values()))
         cka = cka_matrix(x_a[train], x_b[train])  # [L_a, L_b]
         cka_table = pd.DataFrame(cka, index=bounds_a, columns=[str(b) for b in bounds_b]).reset_index(
             names="layer_a"
@@ -122,47 +137,138 @@ def subspace_alignment(
         out = store.directory(profile_name, "subspace_alignment", f"{model_a}__{model_b}")
         rec.artifacts(out)
         write_table(out / "alignment_sweep.parquet", sweep, csv=True)
+        write_table(out / "specificity_matrix.parquet", matrix, csv=True)
+        write_table(out / "specificity.parquet", specificity, csv=True)
         write_table(out / "cka_matrix.parquet", cka_table, csv=True)
         inner = beyond_embeddings(sweep).assign(margin=lambda f: f["overlap"] - f["null_p95"])
-        best = inner.loc[inner["margin"].idxmax()]
+        best = headline_row(sweep)
+        # Without a headline row the largest-margin row is shown for inspection only, labelled as such.
+        shown = best if best is not None else inner.loc[inner["margin"].idxmax()]
         summary = (
             inner.sort_values("margin", ascending=False)
             .groupby(["method", "emotion"], as_index=False)
             .first()[["method", "emotion", "layer_a", "layer_b", "k", "overlap", "null_p95", "margin", "chance",
-                      "null_mean", "overlap_before", "beats_null", "r2_heldout"]]
+                      "null_mean", "overlap_before", "beats_null", "specificity", "specificity_lo", "specific",
+                      "headline_beats_null", "r2_heldout"]]
         )  # fmt: skip
         write_table(out / "summary.parquet", summary, csv=True)
-        cka_plot = save_figure(
-            heatmap(cka, bounds_a, bounds_b, f"Linear CKA {model_a} vs {model_b} (train prompts)",
-                    f"{model_b} boundary", f"{model_a} boundary", center=False),
-            out / "cka_heatmap.png",
-        )  # fmt: skip
-        curve_plot = save_figure(
-            _overlap_vs_k(sweep, int(best["layer_a"]), model_a, model_b), out / "overlap_vs_k.png"
+        pair_spec = _rows_at(specificity, shown, ["layer_a", "layer_b"])
+        cell = _rows_at(pair_spec, shown, ["method", "k"]).iloc[0]
+        grid = _rows_at(matrix, shown, PAIR_KEYS).pivot(index="emotion_a", columns="emotion_b",
+                                                        values="overlap_crossfit")  # fmt: skip
+        where = (f"{model_a} {int(shown['layer_a'])} → {model_b} {int(shown['layer_b'])}, {shown['method']}, "
+                 f"k={int(shown['k'])} ({'headline' if best is not None else 'largest margin, NOT a finding'})")  # fmt: skip
+        plots = {
+            "cka_heatmap": save_figure(
+                heatmap(cka, bounds_a, bounds_b, f"Linear CKA {model_a} vs {model_b} (train prompts)",
+                        f"{model_b} boundary", f"{model_a} boundary", center=False),
+                out / "cka_heatmap.png",
+            ),
+            "overlap_vs_k": save_figure(
+                _overlap_vs_k(sweep, int(shown["layer_a"]), model_a, model_b), out / "overlap_vs_k.png"
+            ),
+            "specificity_heatmap": save_figure(
+                _specificity_heatmap(grid, where, model_a, model_b), out / "specificity_heatmap.png"
+            ),
+        }  # fmt: skip
+        n_headline = int(sweep["headline_beats_null"].sum())
+        best_metrics = (
+            {}
+            if best is None
+            else {f"best_{c}": float(best[c]) for c in ("overlap", "null_p95", "r2_heldout")}
         )
-        rec.metrics(
-            best_overlap=float(best["overlap"]), best_null_p95=float(best["null_p95"]),
-            best_r2_heldout=float(best["r2_heldout"]), fraction_beats_null=float(sweep["beats_null"].mean()),
-        )  # fmt: skip
+        rec.metrics(fraction_beats_null=float(sweep["beats_null"].mean()), n_headline_rows=n_headline,
+                    shown_specificity=float(cell["specificity"]), **best_metrics)  # fmt: skip
+    spec_columns = ["method", "k", "specificity", "lo", "hi", "specific", "diagonal_mean", "off_diagonal_mean",
+                    "same_prompts_specificity", "chance"]  # fmt: skip
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / "alignment_sweep.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(sweep)),
             "layer_pairs": dg.MetadataValue.json([list(p) for p in layer_pairs]),
-            "best_layer_a": dg.MetadataValue.int(int(best["layer_a"])),
-            "best_k": dg.MetadataValue.int(int(best["k"])),
-            "best_method": dg.MetadataValue.text(str(best["method"])),
-            "best_overlap": dg.MetadataValue.float(float(best["overlap"])),
-            "best_null_p95": dg.MetadataValue.float(float(best["null_p95"])),
-            "best_chance": dg.MetadataValue.float(float(best["chance"])),
-            "best_r2_heldout": dg.MetadataValue.float(float(best["r2_heldout"])),
+            "n_headline_rows": dg.MetadataValue.int(n_headline),
+            **_headline_metadata(best, shown, cell),
             "fraction_beats_null": dg.MetadataValue.float(float(sweep["beats_null"].mean())),
+            "fraction_specific": dg.MetadataValue.float(float(specificity["specific"].mean())),
+            "specificity_layer_pair": dg.MetadataValue.json([int(shown["layer_a"]), int(shown["layer_b"])]),
+            "specificity_table": markdown_table(pair_spec[spec_columns], max_rows=40),
+            "specificity_rule": dg.MetadataValue.text(
+                "specificity = mean diagonal − mean off-diagonal of the emotion × emotion overlap matrix, "
+                "cross-fitted (A on one half of each emotion's train prompts, B on the other, both ways); 95 % "
+                "CI = 2.5/97.5 percentiles over bootstrap resamples of the halves (map fixed); specific when "
+                "the CI lies above 0. headline_beats_null = beats_null AND specific."
+            ),
             "summary": markdown_table(summary),
-            "cka_heatmap": cka_plot,
-            "overlap_vs_k": curve_plot,
+            **plots,
             **rec.metadata(),
         }
     )
+
+
+def _rows_at(frame: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.DataFrame:
+    """Rows of ``frame`` whose ``keys`` columns equal those of ``row``."""
+    return frame[np.logical_and.reduce([frame[key] == row[key] for key in keys])]
+
+
+def _headline_metadata(
+    best: pd.Series | None, shown: pd.Series, cell: pd.Series
+) -> dict[str, dg.MetadataValue]:
+    """``headline`` text plus ``best_*`` entries, or, when no row qualifies, a plain statement and the
+    largest-margin row as ``shown_*`` (for inspection, not a finding). ``cell``: the row's specificity."""
+    ci = dg.MetadataValue.json([float(cell["lo"]), float(cell["hi"])])
+    if best is None:
+        return {
+            "headline": dg.MetadataValue.text(
+                "No row qualifies as a headline: no (layer pair past the embeddings, method, k, emotion) both "
+                "beats the null band and has an emotion-specificity CI above 0. The `shown_*` entries and plots "
+                f"are the largest-margin row ({shown['method']}, layer {int(shown['layer_a'])} → "
+                f"{int(shown['layer_b'])}, k={int(shown['k'])}, {shown['emotion']}), for inspection only."
+            ),
+            "shown_overlap": dg.MetadataValue.float(float(shown["overlap"])),
+            "shown_null_p95": dg.MetadataValue.float(float(shown["null_p95"])),
+            "shown_specificity": dg.MetadataValue.float(float(cell["specificity"])),
+            "shown_specificity_ci": ci,
+        }
+    return {
+        "headline": dg.MetadataValue.text(
+            f"{best['emotion']}: {best['method']}, layer {int(best['layer_a'])} → {int(best['layer_b'])}, "
+            f"k={int(best['k'])}: overlap {best['overlap']:.3f} vs null p95 {best['null_p95']:.3f} "
+            f"(chance {best['chance']:.3f}); specificity {cell['specificity']:.3f} "
+            f"[{cell['lo']:.3f}, {cell['hi']:.3f}] (95 % bootstrap CI)."
+        ),
+        "best_layer_a": dg.MetadataValue.int(int(best["layer_a"])),
+        "best_layer_b": dg.MetadataValue.int(int(best["layer_b"])),
+        "best_k": dg.MetadataValue.int(int(best["k"])),
+        "best_method": dg.MetadataValue.text(str(best["method"])),
+        "best_emotion": dg.MetadataValue.text(str(best["emotion"])),
+        "best_overlap": dg.MetadataValue.float(float(best["overlap"])),
+        "best_null_p95": dg.MetadataValue.float(float(best["null_p95"])),
+        "best_chance": dg.MetadataValue.float(float(best["chance"])),
+        "best_r2_heldout": dg.MetadataValue.float(float(best["r2_heldout"])),
+        "best_specificity": dg.MetadataValue.float(float(cell["specificity"])),
+        "best_specificity_ci": ci,
+    }
+
+
+def _specificity_heatmap(grid: pd.DataFrame, title: str, model_a: str, model_b: str):
+    """Cross-fitted emotion × emotion overlaps on a fixed 0–1 colour scale, each cell annotated."""
+    fig = heatmap(grid.to_numpy(), list(grid.index), list(grid.columns),
+                  f"{title}\ncross-fitted overlap (diagonal = same emotion)", f"{model_b} emotion",
+                  f"{model_a} emotion (mapped)", center=False)  # fmt: skip
+    ax = fig.axes[0]
+    ax.images[0].set_clim(0.0, 1.0)  # overlaps are cos² in [0, 1]: one scale for every pair and k
+    ax.title.set_fontsize(8)
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if value < 0.6 else "black",
+        )
+    return fig
 
 
 def _overlap_vs_k(sweep: pd.DataFrame, layer_a: int, model_a: str, model_b: str):
@@ -184,14 +290,36 @@ def _overlap_vs_k(sweep: pd.DataFrame, layer_a: int, model_a: str, model_b: str)
     return fig
 
 
-@dg.asset_check(asset=subspace_alignment, description="Overlaps and chance levels lie in [0, 1].")
+@dg.asset_check(
+    asset=subspace_alignment,
+    description="Overlaps and chance levels lie in [0, 1]; the emotion × emotion matrix's diagonal equals the "
+    "per-emotion overlap; every specificity lies in [−1, 1] with lo ≤ hi.",
+)
 def subspace_alignment_ranges(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
     keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
-    sweep = read_table(
-        store.existing(keys["profile"], "subspace_alignment", keys["model_pair"]) / "alignment_sweep.parquet"
-    )
+    folder = store.existing(keys["profile"], "subspace_alignment", keys["model_pair"])
+    sweep = read_table(folder / "alignment_sweep.parquet")
+    matrix = read_table(folder / "specificity_matrix.parquet")
+    specificity = read_table(folder / "specificity.parquet")
     columns = ["overlap", "chance", "null_mean", "null_p95"]
     bad = int(((sweep[columns] < -1e-9) | (sweep[columns] > 1 + 1e-9)).sum().sum())
-    return dg.AssetCheckResult(passed=bad == 0, metadata={"out_of_range_values": bad, "rows": len(sweep)})
+    cells = matrix[["overlap", "overlap_crossfit"]]
+    bad_matrix = int(((cells < -1e-9) | (cells > 1 + 1e-9)).sum().sum())
+    diagonal = matrix[matrix["emotion_a"] == matrix["emotion_b"]].merge(
+        sweep, left_on=[*PAIR_KEYS, "emotion_a"], right_on=[*PAIR_KEYS, "emotion"], suffixes=("", "_sweep")
+    )
+    diagonal_gap = float((diagonal["overlap"] - diagonal["overlap_sweep"]).abs().max())
+    scored = specificity.dropna(subset=["specificity", "lo", "hi"])
+    bad_specificity = int(
+        (~scored["specificity"].between(-1 - 1e-9, 1 + 1e-9) | (scored["lo"] > scored["hi"] + 1e-12)).sum()
+    )
+    passed = bad == 0 and bad_matrix == 0 and diagonal_gap < 1e-9 and bad_specificity == 0
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={
+            "out_of_range_values": bad, "out_of_range_matrix_values": bad_matrix,
+            "max_diagonal_gap": diagonal_gap, "bad_specificity_rows": bad_specificity, "rows": len(sweep),
+        },
+    )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from emotion_assets.science.directions import (
     principal_angle_overlap,
     random_subspace_overlap_chance,
 )
+from emotion_assets.science.prompts import fitting_mask
 
 ArrayLike = Tensor | np.ndarray
 
@@ -349,6 +351,198 @@ def _bootstrap_bases(
     return _top_k_weighted(e_a - mu_a, counts_a, k), _top_k_weighted(e_b - mu_b, counts_b, k)
 
 
+SPECIFICITY_PERCENTILES = (2.5, 97.5)
+"""Two-sided 95 % percentile-bootstrap interval of the emotion-specificity score."""
+
+
+def _prefix_overlaps(q_a: np.ndarray, q_b: np.ndarray) -> np.ndarray:
+    """Overlaps of the leading-k columns of two orthonormal bases for every k = 1..K, batched (broadcast):
+    ``[..., d, K]``, ``[..., d, K] → [..., K]``.
+
+    Householder QR orthonormalizes columns left to right, so the first k columns of one QR of K mapped
+    directions span the first k of them; one Gram ``Q_aᵀ Q_b`` then serves every k through 2-D cumulative
+    sums of its squares (Σ cos² over the leading k × k block, divided by k).
+    """
+    m2 = (np.swapaxes(q_a, -1, -2) @ q_b) ** 2  # [..., K, K]
+    blocks = m2.cumsum(axis=-1).cumsum(axis=-2)  # [..., K, K]; [k-1, k-1] = Σ over the leading k × k block
+    sums = np.diagonal(blocks, axis1=-2, axis2=-1)  # [..., K]
+    return np.clip(sums / np.arange(1, q_a.shape[-1] + 1), 0.0, 1.0)
+
+
+def _diagonal_off_diagonal(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the diagonal and of the off-diagonal entries of ``[E, E, ...]`` → ``[...]`` each (E ≥ 2)."""
+    n = matrix.shape[0]
+    trace = np.einsum("ii...->...", matrix)
+    return trace / n, (matrix.sum(axis=(0, 1)) - trace) / (n * (n - 1))
+
+
+def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint halves of n prompts by position parity (even, odd); paired sides split identically."""
+    return np.arange(0, n, 2), np.arange(1, n, 2)
+
+
+@dataclass(frozen=True)
+class _EmotionBases:
+    """Emotion subspaces of every emotion (stacked in sorted order) on all train prompts and on two
+    disjoint halves of them, each with its bootstrap resamples: ``full_*`` ``[E, K, d]``, ``boot_*``
+    ``[E, n_boot, K, d]``, ``half_*`` ``[E, 2, K, d]``, ``half_boot_*`` ``[E, 2, n_boot, K, d]``."""
+
+    full_a: np.ndarray
+    full_b: np.ndarray
+    boot_a: np.ndarray
+    boot_b: np.ndarray
+    half_a: np.ndarray
+    half_b: np.ndarray
+    half_boot_a: np.ndarray
+    half_boot_b: np.ndarray
+
+
+def _emotion_bases(
+    emotions: Sequence[str],
+    emotion_acts_a: Mapping[str, ArrayLike],
+    emotion_acts_b: Mapping[str, ArrayLike],
+    mu_a: np.ndarray,
+    mu_b: np.ndarray,
+    k_max: int,
+    n_boot: int,
+    seed: int,
+) -> _EmotionBases:
+    """Subspaces and bootstrap subspaces (:func:`_bootstrap_bases`) per emotion, on all prompts and halves.
+
+    Seeds: ``[seed, crc32(emotion)]`` for all prompts (as before), ``[seed, crc32(emotion), 1 + half]``
+    for each half.
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in _EmotionBases.__dataclass_fields__}
+    for emotion in emotions:
+        e_a, e_b = _np(emotion_acts_a[emotion]), _np(emotion_acts_b[emotion])
+        for side, n in (("A", e_a.shape[0]), ("B", e_b.shape[0])):
+            if n // 2 < k_max:
+                raise ValueError(
+                    f"Emotion {emotion!r} has {n} train prompts on side {side}; the cross-fitted "
+                    f"specificity needs two disjoint halves of at least k_max={k_max} prompts each. Lower "
+                    f"the profile's k_max to ≤ {n // 2} or add prompts."
+                )
+        crc = zlib.crc32(emotion.encode())
+        parts["full_a"].append(emotion_subspace(e_a, mu_a, k_max)[0].double().numpy())  # [K, d_a]
+        parts["full_b"].append(emotion_subspace(e_b, mu_b, k_max)[0].double().numpy())  # [K, d_b]
+        boot = _bootstrap_bases(e_a, e_b, mu_a, mu_b, k_max, n_boot, [seed, crc])
+        parts["boot_a"].append(boot[0])
+        parts["boot_b"].append(boot[1])
+        halves_a, halves_b = _halves(e_a.shape[0]), _halves(e_b.shape[0])
+        half = [(e_a[ia], e_b[ib]) for ia, ib in zip(halves_a, halves_b, strict=True)]
+        parts["half_a"].append(
+            np.stack([emotion_subspace(h_a, mu_a, k_max)[0].double().numpy() for h_a, _ in half])
+        )
+        parts["half_b"].append(
+            np.stack([emotion_subspace(h_b, mu_b, k_max)[0].double().numpy() for _, h_b in half])
+        )
+        half_boot = [
+            _bootstrap_bases(h_a, h_b, mu_a, mu_b, k_max, n_boot, [seed, crc, 1 + h])
+            for h, (h_a, h_b) in enumerate(half)
+        ]
+        parts["half_boot_a"].append(np.stack([a for a, _ in half_boot]))
+        parts["half_boot_b"].append(np.stack([b for _, b in half_boot]))
+    return _EmotionBases(**{name: np.stack(arrays) for name, arrays in parts.items()})
+
+
+@dataclass(frozen=True)
+class _MethodOverlaps:
+    """Emotion × emotion overlaps through one map for every k: point ``[E, E, K]``, bootstrap
+    ``[E, E, n_boot, K]``; ``same_prompts`` uses all prompts on both sides (its diagonal is the per-emotion
+    overlap), ``crossfit`` compares disjoint halves (A on one half, B on the other, both ways averaged)."""
+
+    same_prompts: np.ndarray
+    same_prompts_boot: np.ndarray
+    crossfit: np.ndarray
+    crossfit_boot: np.ndarray
+
+
+def _cross_overlaps(map: LinearMap, q_b: np.ndarray, rows_a: np.ndarray) -> np.ndarray:
+    """Every A subspace (``rows_a`` ``[E, ..., K, d_a]``) through the map against every B basis (``q_b``
+    ``[E, ..., d_b, K]``, orthonormal columns), every k: ``[E_a, E_b, ..., K]``."""
+    q_a = _orthonormal_rows(_map_rows(map, rows_a))  # [E, ..., d_b, K]
+    return _prefix_overlaps(q_a[:, None], q_b[None])
+
+
+def _method_overlaps(map: LinearMap, bases: _EmotionBases) -> _MethodOverlaps:
+    """Emotion × emotion overlaps through one map, on all prompts and cross-fitted, with bootstraps."""
+    swap = partial(np.swapaxes, axis1=-1, axis2=-2)
+    full = _cross_overlaps(map, _orthonormal_rows(bases.full_b), bases.full_a)  # [E, E, K]
+    boot = _cross_overlaps(map, swap(bases.boot_b), bases.boot_a)  # [E, E, n_boot, K]
+    half_q_b = _orthonormal_rows(bases.half_b)  # [E, 2, d_b, K]
+    half_q_b_boot = swap(bases.half_boot_b)  # [E, 2, n_boot, d_b, K]
+    half = _cross_overlaps(map, half_q_b[:, ::-1], bases.half_a).mean(axis=2)  # A half h vs B half 1 − h
+    half_boot = _cross_overlaps(map, half_q_b_boot[:, ::-1], bases.half_boot_a).mean(axis=2)
+    return _MethodOverlaps(full, boot, half, half_boot)
+
+
+def _specificity_rows(method: str, emotions: Sequence[str], ov: _MethodOverlaps, d_b: int) -> list[dict]:
+    """One row per k: the cross-fitted specificity with its bootstrap interval, and the same-prompt one."""
+    k_max = ov.crossfit.shape[-1]
+    if len(emotions) < 2:
+        nan = np.full(k_max, np.nan)
+        cf = sp = (nan, nan, nan, nan, nan)
+    else:
+        cf = _specificity_summary(ov.crossfit, ov.crossfit_boot)
+        sp = _specificity_summary(ov.same_prompts, ov.same_prompts_boot)
+    rows = []
+    for k in range(1, k_max + 1):
+        score, lo, hi, diag, off = (float(v[k - 1]) for v in cf)
+        same, same_lo, same_hi, same_diag, same_off = (float(v[k - 1]) for v in sp)
+        rows.append(
+            {
+                "method": method, "k": k, "specificity": score, "lo": lo, "hi": hi, "specific": bool(lo > 0),
+                "diagonal_mean": diag, "off_diagonal_mean": off, "same_prompts_specificity": same,
+                "same_prompts_lo": same_lo, "same_prompts_hi": same_hi, "same_prompts_diagonal_mean": same_diag,
+                "same_prompts_off_diagonal_mean": same_off, "n_emotions": len(emotions),
+                "chance": random_subspace_overlap_chance(k, d_b),
+            }
+        )  # fmt: skip
+    return rows
+
+
+def _specificity_summary(point: np.ndarray, boot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(score, lo, hi, diagonal mean, off-diagonal mean), each ``[K]``, of ``[E, E, K]`` and its
+    bootstrap ``[E, E, n_boot, K]``; the interval is the 2.5/97.5 percentile of the resampled scores."""
+    diag, off = _diagonal_off_diagonal(point)  # [K]
+    boot_diag, boot_off = _diagonal_off_diagonal(boot)  # [n_boot, K]
+    lo, hi = np.percentile(boot_diag - boot_off, SPECIFICITY_PERCENTILES, axis=0)  # [K] each
+    return diag - off, lo, hi, diag, off
+
+
+def _matrix_table(method: str, emotions: Sequence[str], ov: _MethodOverlaps, d_b: int) -> pd.DataFrame:
+    """Tidy emotion × emotion overlaps of one method: one row per k × emotion_a × emotion_b."""
+    n, k_max = len(emotions), ov.same_prompts.shape[-1]
+    k, i, j = np.meshgrid(np.arange(1, k_max + 1), np.arange(n), np.arange(n), indexing="ij")  # [K, E, E]
+    names = np.asarray(emotions, dtype=object)
+    return pd.DataFrame(
+        {
+            "method": method,
+            "k": k.ravel(),
+            "emotion_a": names[i.ravel()],
+            "emotion_b": names[j.ravel()],
+            "overlap": np.moveaxis(ov.same_prompts, -1, 0).ravel(),  # [K, E, E]
+            "overlap_crossfit": np.moveaxis(ov.crossfit, -1, 0).ravel(),
+            "chance": k.ravel() / d_b,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class AlignmentSweep:
+    """Outputs of :func:`alignment_sweep` for one layer pair.
+
+    - ``overlaps``: one row per method × emotion × k (the per-emotion overlap, null and bootstrap bands,
+      and the specificity of the row's method and k broadcast onto it);
+    - ``matrix``: one row per method × k × emotion_a × emotion_b (tidy emotion × emotion overlaps);
+    - ``specificity``: one row per method × k.
+    """
+
+    overlaps: pd.DataFrame
+    matrix: pd.DataFrame
+    specificity: pd.DataFrame
+
+
 def alignment_sweep(
     acts_a_train_neutral: Float[ArrayLike, "n d_a"],
     acts_b_train_neutral: Float[ArrayLike, "n d_b"],
@@ -365,13 +559,13 @@ def alignment_sweep(
     n_boot: int = 100,
     seed: int = 0,
     ridge_alpha: float | Literal["auto"] = "auto",
-) -> pd.DataFrame:
-    """Emotion-subspace alignment for ONE matched layer pair, one row per method × emotion × k (1..k_max).
+) -> AlignmentSweep:
+    """Emotion-subspace alignment for ONE matched layer pair, with an emotion × emotion specificity test.
 
     Each map is fit once on the paired neutral train activations (``ridge``: :func:`fit_ridge_map` with
     ``ridge_alpha``; ``procrustes``: :func:`fit_procrustes_map` with ``r``); ``r2_heldout`` is its R² on
     the eval neutral pairs. Emotion subspaces are the top-k directions of (emotion − neutral mean) on each
-    side (:func:`emotion_subspace`). Columns:
+    side (:func:`emotion_subspace`). Columns of ``overlaps`` (one row per method × emotion × k):
 
     - ``overlap``: mean cos² of principal angles between A's mapped subspace and B's (0–1);
       ``overlap_before``: the same without a map, only when d_a == d_b (else NaN); ``chance`` = k / d_b.
@@ -382,6 +576,28 @@ def alignment_sweep(
       prompts, i.e. the same prompts in the same order, else independently), subspaces recomputed on both
       sides, the map held fixed.
     - ``beats_null``: overlap > null_p95 AND boot_lo > null_p95 (a bootstrap test, not a permutation test).
+    - ``specificity``, ``specificity_lo``, ``specificity_hi``, ``specific``: the row's (method, k) entry of
+      ``specificity`` (below); ``headline_beats_null`` = ``beats_null`` AND ``specific``.
+
+    Emotion specificity (``matrix``, ``specificity``): A's subspace of emotion i through the map against
+    B's subspace of emotion j, for every i, j. ``matrix.overlap`` uses all train prompts on both sides (its
+    diagonal equals ``overlaps.overlap``). There the diagonal compares subspaces of the SAME prompts, whose
+    prompt-specific variance both models share, while off-diagonal entries compare different prompts; so
+    for k ≥ 2 the diagonal is inflated even when every emotion shares one direction. The specificity test
+    is therefore cross-fitted: each emotion's prompts are split into two disjoint halves by position parity,
+    ``matrix.overlap_crossfit`` = mean over h of overlap(A half h of i, B half 1 − h of j), and
+
+    - ``specificity`` = mean of the diagonal − mean of the off-diagonal of the cross-fitted matrix;
+      ``diagonal_mean``, ``off_diagonal_mean``; ``lo``, ``hi``: 2.5 / 97.5 percentiles of the same score
+      over ``n_boot`` resamples of each half (:func:`_bootstrap_bases`, the scheme of ``boot_lo``, the
+      map fixed; each emotion and half resampled on its own, resample b of all of them giving score b);
+      ``specific``: lo > 0. Resampled subspaces are noisier, which lowers a true diagonal more than a
+      chance-level off-diagonal, so the interval is conservative for ``specific``.
+    - ``same_prompts_*``: the same score, interval and means on all prompts (``matrix.overlap``), for
+      reference only (inflated by shared prompts, see above).
+
+    With a single emotion the specificity columns are NaN and ``specific`` is False. Each emotion needs at
+    least 2·k_max prompts per side.
     """
     xa_tr, xb_tr = _paired(acts_a_train_neutral, acts_b_train_neutral)
     xa_ev, xb_ev = _paired(acts_a_eval_neutral, acts_b_eval_neutral)
@@ -400,6 +616,7 @@ def alignment_sweep(
     unknown = set(methods) - set(fitters)
     if unknown:
         raise ValueError(f"Unknown alignment methods {sorted(unknown)}; use {sorted(fitters)}.")
+    emotions = sorted(emotion_acts_a)
     # Many small decompositions: multi-threaded BLAS only adds overhead here (and stalls on busy hosts).
     with threadpool_limits(limits=1, user_api="blas"):
         maps = {m: fitters[m]() for m in methods}
@@ -407,41 +624,85 @@ def alignment_sweep(
         nulls = {
             (m, k): _null_bases(mp, k, n_null, seed) for m, mp in maps.items() for k in range(1, k_max + 1)
         }
-        rows = []
-        for emotion in sorted(emotion_acts_a):
-            e_a, e_b = _np(emotion_acts_a[emotion]), _np(emotion_acts_b[emotion])
-            basis_a = emotion_subspace(e_a, mu_a, k_max)[0].double().numpy()  # [k_max, d_a]
-            basis_b = emotion_subspace(e_b, mu_b, k_max)[0].double().numpy()  # [k_max, d_b]
-            q_b = _orthonormal_rows(basis_b)  # [d_b, k_max]; its prefixes span the top-k subspaces
-            boot_seed = [seed, zlib.crc32(emotion.encode())]
-            boot_a, boot_b = _bootstrap_bases(e_a, e_b, mu_a, mu_b, k_max, n_boot, boot_seed)
-            for method, mp in maps.items():
-                boot_mapped = _map_rows(mp, boot_a)  # [n_boot, k_max, d_b]
-                for k in range(1, k_max + 1):
-                    overlap = subspace_overlap_after_map(mp, basis_a[:k], basis_b[:k])
-                    before = principal_angle_overlap(basis_a[:k], basis_b[:k]) if d_a == d_b else np.nan
-                    null = _overlap_cols(nulls[method, k], q_b[:, :k])  # [n_null]
-                    boot_q_b = np.swapaxes(boot_b[:, :k], 1, 2)  # [n_boot, d_b, k]
-                    boot = _overlap_cols(_orthonormal_rows(boot_mapped[:, :k]), boot_q_b)  # [n_boot]
-                    null_p95 = float(np.percentile(null, 95))
-                    boot_lo, boot_hi = (float(v) for v in np.percentile(boot, [5, 95]))
-                    rows.append(
-                        {
-                            "method": method,
-                            "emotion": emotion,
-                            "k": k,
-                            "overlap": overlap,
-                            "overlap_before": float(before),
-                            "chance": random_subspace_overlap_chance(k, d_b),
-                            "null_mean": float(null.mean()),
-                            "null_p95": null_p95,
-                            "boot_lo": boot_lo,
-                            "boot_hi": boot_hi,
-                            "beats_null": bool(overlap > null_p95 and boot_lo > null_p95),
-                            "r2_heldout": r2[method],
-                            "d_a": d_a,
-                            "d_b": d_b,
-                            "n_train_pairs": xa_tr.shape[0],
-                        }
-                    )
-    return pd.DataFrame(rows)
+        bases = _emotion_bases(emotions, emotion_acts_a, emotion_acts_b, mu_a, mu_b, k_max, n_boot, seed)
+        q_b = _orthonormal_rows(bases.full_b)  # [E, d_b, K]; prefixes span the top-k subspaces
+        per_method = {m: _method_overlaps(mp, bases) for m, mp in maps.items()}
+    spec_rows = [row for m in maps for row in _specificity_rows(m, emotions, per_method[m], d_b)]
+    specificity = pd.DataFrame(spec_rows)
+    by_key = specificity.set_index(["method", "k"])
+    rows = []
+    for i, emotion in enumerate(emotions):
+        for method, ov in per_method.items():
+            for k in range(1, k_max + 1):
+                overlap = float(ov.same_prompts[i, i, k - 1])
+                full_a, full_b = bases.full_a[i, :k], bases.full_b[i, :k]
+                before = principal_angle_overlap(full_a, full_b) if d_a == d_b else np.nan
+                null = _overlap_cols(nulls[method, k], q_b[i, :, :k])  # [n_null]
+                null_p95 = float(np.percentile(null, 95))
+                boot = ov.same_prompts_boot[i, i, :, k - 1]  # [n_boot]
+                boot_lo, boot_hi = (float(v) for v in np.percentile(boot, [5, 95]))
+                spec = by_key.loc[(method, k)]
+                beats = bool(overlap > null_p95 and boot_lo > null_p95)
+                rows.append(
+                    {
+                        "method": method, "emotion": emotion, "k": k, "overlap": overlap,
+                        "overlap_before": float(before), "chance": random_subspace_overlap_chance(k, d_b),
+                        "null_mean": float(null.mean()), "null_p95": null_p95, "boot_lo": boot_lo,
+                        "boot_hi": boot_hi, "beats_null": beats, "r2_heldout": r2[method], "d_a": d_a,
+                        "d_b": d_b, "n_train_pairs": xa_tr.shape[0], "specificity": float(spec["specificity"]),
+                        "specificity_lo": float(spec["lo"]), "specificity_hi": float(spec["hi"]),
+                        "specific": bool(spec["specific"]), "headline_beats_null": beats and bool(spec["specific"]),
+                    }
+                )  # fmt: skip
+    matrix = pd.concat(
+        [_matrix_table(m, emotions, ov, d_b) for m, ov in per_method.items()], ignore_index=True
+    )
+    return AlignmentSweep(pd.DataFrame(rows), matrix, specificity)
+
+
+@dataclass(frozen=True)
+class AlignmentRows:
+    """Boolean row masks ``[n]`` over a joined activations index, fitting rows (role ``fit``) only."""
+
+    neutral_train: np.ndarray
+    neutral_eval: np.ndarray
+    emotion_train: dict[str, np.ndarray]
+
+
+def alignment_rows(index: pd.DataFrame, neutral: str = "neutral") -> AlignmentRows:
+    """Rows that may fit maps and subspaces (:func:`fitting_mask`): neutral train (maps, neutral mean),
+    neutral eval (held-out R²) and each emotion's train rows (subspaces). ``steering_prompt`` rows never
+    enter; ``index`` needs ``emotion`` and ``split`` columns."""
+    missing = {"emotion", "split"} - set(index.columns)
+    if missing:
+        raise ValueError(
+            f"The activations index lacks columns {sorted(missing)}; rematerialize `activations`."
+        )
+    fit = fitting_mask(index)
+    emotion = index["emotion"].to_numpy()
+    train = fit & (index["split"] == "train").to_numpy()
+    masks = AlignmentRows(
+        neutral_train=train & (emotion == neutral),
+        neutral_eval=fit & (index["split"] == "eval").to_numpy() & (emotion == neutral),
+        emotion_train={e: train & (emotion == e) for e in sorted(set(emotion[fit]) - {neutral})},
+    )
+    if not masks.neutral_train.any() or not masks.neutral_eval.any():
+        raise ValueError(
+            f"Alignment needs fitting {neutral!r} prompts in both splits (train: {int(masks.neutral_train.sum())}, "
+            f"eval: {int(masks.neutral_eval.sum())}); check the dataset's `split` and `role` columns."
+        )
+    return masks
+
+
+def layer_pair_sweep(
+    x_a: Float[ArrayLike, "n d_a"], x_b: Float[ArrayLike, "n d_b"], rows: AlignmentRows, **kwargs
+) -> AlignmentSweep:
+    """:func:`alignment_sweep` on one layer pair of paired activations (row i of both = the same prompt),
+    restricted to ``rows``; the neutral means come from the neutral train rows. ``kwargs`` go to the sweep."""
+    a, b = _paired(x_a, x_b)
+    nt, ne = rows.neutral_train, rows.neutral_eval
+    return alignment_sweep(
+        a[nt], b[nt], a[ne], b[ne],
+        {e: a[m] for e, m in rows.emotion_train.items()}, {e: b[m] for e, m in rows.emotion_train.items()},
+        a[nt].mean(axis=0), b[nt].mean(axis=0), **kwargs,
+    )  # fmt: skip

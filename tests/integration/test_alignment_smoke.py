@@ -1,4 +1,5 @@
-"""Phase 4 on smoke: the embedded model against the encoder (576 → 384) and its random twin."""
+"""Phase 4 on smoke: the embedded model against the encoder (576 → 384), with the random-twin control in the
+same pair position and the rotated twin as the positive control."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from tests.integration.conftest import SMOKE
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("pair", ["smollm2-135m__minilm-l6", "smollm2-135m__smollm2-135m-random"])
+PAIRS = [
+    "smollm2-135m__minilm-l6",
+    "smollm2-135m-random__minilm-l6",
+    "smollm2-135m__smollm2-135m-random",
+    "smollm2-135m__smollm2-135m-rotated",
+]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
 def test_alignment_partition_materialized_with_controls(smoke_study, pair):
     folder = smoke_study.results / SMOKE / "subspace_alignment" / pair
     sweep = pd.read_parquet(folder / "alignment_sweep.parquet")
@@ -22,6 +31,11 @@ def test_alignment_partition_materialized_with_controls(smoke_study, pair):
         assert (sweep["d_b"] == 384).all()
     else:
         assert sweep["overlap_before"].notna().all()
+    specificity = pd.read_parquet(folder / "specificity.parquet")
+    assert {"specificity", "lo", "hi", "diagonal_mean", "off_diagonal_mean"} <= set(specificity.columns)
+    matrix = pd.read_parquet(folder / "specificity_matrix.parquet")
+    n_emotions = sweep["emotion"].nunique()
+    assert len(matrix) == len(specificity) * n_emotions**2
     cka = pd.read_parquet(folder / "cka_matrix.parquet")
     assert len(cka) == sweep["layer_a"].nunique() or len(cka) >= sweep["layer_a"].nunique()
     result = smoke_study.runs[f"alignment_job:{pair}|{SMOKE}"]

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from emotion_assets.alignment import headline_row
 from emotion_assets.science.alignment import (
+    AlignmentSweep,
     LinearMap,
+    _orthonormal_rows,
+    _prefix_overlaps,
     _top_k_weighted,
+    alignment_rows,
     alignment_sweep,
     cka_matrix,
     fit_procrustes_map,
     fit_ridge_map,
     heldout_r2,
+    layer_pair_sweep,
     linear_cka,
     match_layers_by_depth,
     null_overlaps,
     subspace_overlap_after_map,
 )
+from emotion_assets.science.directions import principal_angle_overlap
 
 EMOTIONS = ("anger", "apology", "gratitude")
 K_MAX = 3
@@ -57,10 +65,14 @@ def _twin(model, proj: np.ndarray, seed: int, noise: float = 0.05):
     return push(train), push(held), {e: push(x) for e, x in emotions.items()}
 
 
-def _sweep(model_a, model_b, **kwargs):
+def _run(model_a, model_b, **kwargs) -> AlignmentSweep:
     (a_tr, a_ev, e_a), (b_tr, b_ev, e_b) = model_a, model_b
     args = dict(k_max=K_MAX, n_null=100, n_boot=50, seed=0) | kwargs
     return alignment_sweep(a_tr, b_tr, a_ev, b_ev, e_a, e_b, a_tr.mean(0), b_tr.mean(0), **args)
+
+
+def _sweep(model_a, model_b, **kwargs) -> pd.DataFrame:
+    return _run(model_a, model_b, **kwargs).overlaps
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +207,12 @@ def test_null_overlaps_seeded_and_at_chance():
 def test_sweep_is_reproducible_for_a_seed():
     model_a = _model(5, 24, n_neutral=60, n_eval=30, n_emotion=30)
     model_b = _twin(model_a, _orthogonal(np.random.default_rng(6), 24), seed=7, noise=0.5)
-    first = _sweep(model_a, model_b, n_null=20, n_boot=10, seed=3)
-    again = _sweep(model_a, model_b, n_null=20, n_boot=10, seed=3)
-    assert first.equals(again)
+    first = _run(model_a, model_b, n_null=20, n_boot=10, seed=3)
+    again = _run(model_a, model_b, n_null=20, n_boot=10, seed=3)
+    for name in ("overlaps", "matrix", "specificity"):
+        assert getattr(first, name).equals(getattr(again, name)), name
+    other = _run(model_a, model_b, n_null=20, n_boot=10, seed=4)
+    assert not first.specificity["lo"].equals(other.specificity["lo"])
 
 
 def test_bootstrap_bases_match_explicit_resample():
@@ -209,3 +224,216 @@ def test_bootstrap_bases_match_explicit_resample():
         fast = _top_k_weighted(x, counts, 3)[0]  # [3, d]
         _, _, vt = np.linalg.svd(x[idx], full_matrices=False)
         np.testing.assert_allclose(np.abs(np.sum(fast * vt[:3], axis=1)), 1.0, atol=1e-8)
+
+
+def _shared_direction_model(seed: int, d: int, n_neutral: int = 200, n_eval: int = 100, n_emotion: int = 80):
+    """Like :func:`_model`, but every emotion is the SAME planted direction (a shift with spread along one
+    unit vector) on fresh neutral-like samples: nothing distinguishes one emotion from another."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((8, d)) * np.linspace(2.0, 0.5, 8)[:, None] / np.sqrt(d)
+
+    def neutral(n: int) -> np.ndarray:
+        return 3.0 + rng.standard_normal((n, 8)) @ mix + 0.5 * rng.standard_normal((n, d))
+
+    shared = _orthogonal(rng, d, 1)[:, 0]  # [d]
+    emotions = {
+        e: neutral(n_emotion) + (8.0 + 3.0 * rng.standard_normal((n_emotion, 1))) * shared for e in EMOTIONS
+    }
+    return neutral(n_neutral), neutral(n_eval), emotions
+
+
+@pytest.fixture(scope="module")
+def projection_48_32() -> np.ndarray:
+    return _orthogonal(np.random.default_rng(4), 48, 32)  # [48, 32] semi-orthogonal: B is narrower
+
+
+@pytest.fixture(scope="module")
+def distinct_result(projection_48_32) -> AlignmentSweep:
+    """Three emotions with distinct planted 3-dim subspaces (:func:`_model`); B = A @ projection + noise."""
+    model_a = _model(0, 48)
+    return _run(model_a, _twin(model_a, projection_48_32, seed=5, noise=0.3))
+
+
+@pytest.fixture(scope="module")
+def shared_result(projection_48_32) -> AlignmentSweep:
+    model_a = _shared_direction_model(0, 48)
+    return _run(model_a, _twin(model_a, projection_48_32, seed=5, noise=0.3))
+
+
+def test_distinct_emotion_subspaces_are_specific(distinct_result):
+    spec, matrix, overlaps = distinct_result.specificity, distinct_result.matrix, distinct_result.overlaps
+    assert len(spec) == 2 * K_MAX and len(matrix) == 2 * K_MAX * len(EMOTIONS) ** 2
+    assert spec["specific"].all() and (spec["lo"] > 0.3).all(), spec
+    assert (spec["lo"] <= spec["hi"]).all()
+    ridge = spec[spec["method"] == "ridge"]
+    assert (ridge["diagonal_mean"] > 0.7).all() and (ridge["off_diagonal_mean"] < ridge["chance"] + 0.1).all()
+    np.testing.assert_allclose(spec["specificity"], spec["diagonal_mean"] - spec["off_diagonal_mean"])
+    off = matrix[matrix["emotion_a"] != matrix["emotion_b"]]
+    assert (off["overlap_crossfit"] < 0.25).all() and (off["overlap"] < 0.25).all()
+    same = matrix[(matrix["emotion_a"] == matrix["emotion_b"]) & (matrix["method"] == "ridge")]
+    assert (same["overlap_crossfit"] > 0.6).all()
+    # The all-prompt matrix's diagonal is the per-emotion overlap of the sweep.
+    diagonal = matrix[matrix["emotion_a"] == matrix["emotion_b"]].merge(
+        overlaps, left_on=["method", "k", "emotion_a"], right_on=["method", "k", "emotion"]
+    )
+    np.testing.assert_allclose(diagonal["overlap_x"], diagonal["overlap_y"], atol=1e-12)
+    assert overlaps["specific"].all()
+    assert overlaps["headline_beats_null"].equals(overlaps["beats_null"] & overlaps["specific"])
+    assert overlaps.loc[overlaps["method"] == "ridge", "headline_beats_null"].all()
+
+
+def test_one_shared_direction_is_not_specific(shared_result):
+    spec, overlaps = shared_result.specificity, shared_result.overlaps
+    k1 = spec[(spec["method"] == "ridge") & (spec["k"] == 1)].iloc[0]
+    assert k1["diagonal_mean"] > 0.8 and k1["off_diagonal_mean"] > 0.8  # every emotion maps onto every other
+    assert overlaps.loc[overlaps["k"] == 1, "beats_null"].all()  # the overlap alone looks like a finding
+    assert ((spec["lo"] < 0) & (spec["hi"] > 0)).all(), spec  # ... but the specificity CI contains 0
+    assert not spec["specific"].any() and not overlaps["headline_beats_null"].any()
+    # On all prompts the diagonal compares subspaces of the SAME prompts, which share their prompt-specific
+    # directions through the map: a spurious "specificity" for k ≥ 2 that cross-fitting removes.
+    same = spec[(spec["method"] == "ridge") & (spec["k"] >= 2)]
+    assert (same["same_prompts_lo"] > 0).all() and (same["same_prompts_specificity"] > 0.1).all()
+
+
+def test_headline_row_needs_specificity_and_skips_embeddings(distinct_result, shared_result):
+    distinct = distinct_result.overlaps.assign(layer_a=1, layer_b=1)
+    shared = shared_result.overlaps.assign(layer_a=2, layer_b=1)
+    best = headline_row(pd.concat([distinct, shared], ignore_index=True))
+    assert best is not None and best["layer_a"] == 1 and best["headline_beats_null"]
+    at_embeddings = distinct.assign(layer_a=0, layer_b=0)
+    assert headline_row(pd.concat([at_embeddings, shared], ignore_index=True)) is None
+    assert headline_row(shared) is None
+
+
+def test_single_emotion_has_no_specificity(projection_48_32):
+    a_tr, a_ev, e_a = _model(0, 48, n_emotion=20)
+    b_tr, b_ev, e_b = _twin((a_tr, a_ev, e_a), projection_48_32, seed=5)
+    one = alignment_sweep(a_tr, b_tr, a_ev, b_ev, {"anger": e_a["anger"]}, {"anger": e_b["anger"]},
+                          a_tr.mean(0), b_tr.mean(0), k_max=2, n_null=10, n_boot=5)  # fmt: skip
+    assert one.specificity["specificity"].isna().all() and not one.overlaps["headline_beats_null"].any()
+
+
+def test_crossfit_needs_two_halves_of_k_max_prompts(projection_48_32):
+    model_a = _model(0, 48, n_emotion=5)
+    with pytest.raises(ValueError, match="k_max"):
+        _run(model_a, _twin(model_a, projection_48_32, seed=5), n_null=5, n_boot=5)
+
+
+def test_prefix_overlaps_match_principal_angles():
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((4, 20)), rng.standard_normal((4, 20))  # [K, d]
+    got = _prefix_overlaps(_orthonormal_rows(a), _orthonormal_rows(b))  # [K]
+    want = [principal_angle_overlap(a[:k], b[:k]) for k in range(1, 5)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def _with_steering_rows(model_a, model_b, steering: np.random.Generator, scale: float):
+    """Joined activations [n, d] of both models plus an index, with steering-only rows interleaved among
+    the fitting rows of every group (their activations drawn at ``scale``)."""
+    parts_a, parts_b, index = [], [], []
+    (a_tr, a_ev, e_a), (b_tr, b_ev, e_b) = model_a, model_b
+    groups = [("neutral", "train", a_tr, b_tr), ("neutral", "eval", a_ev, b_ev)]
+    groups += [(e, "train", e_a[e], e_b[e]) for e in EMOTIONS]
+    for emotion, split, x_a, x_b in groups:
+        for i in range(x_a.shape[0]):
+            parts_a.append(x_a[i])
+            parts_b.append(x_b[i])
+            index.append({"emotion": emotion, "split": split, "role": "fit"})
+            if i % 4 == 0:  # one steering-only prompt after every fourth fitting prompt
+                parts_a.append(scale * steering.standard_normal(x_a.shape[1]))
+                parts_b.append(scale * steering.standard_normal(x_b.shape[1]))
+                index.append({"emotion": emotion, "split": split, "role": "steering_prompt"})
+    return np.stack(parts_a), np.stack(parts_b), pd.DataFrame(index)
+
+
+def test_steering_prompts_never_enter_the_fit():
+    model_a = _model(5, 24, n_neutral=60, n_eval=30, n_emotion=30)
+    model_b = _twin(model_a, _orthogonal(np.random.default_rng(6), 24, 16), seed=7, noise=0.3)
+    x_a, x_b, index = _with_steering_rows(model_a, model_b, np.random.default_rng(0), scale=1.0)
+    bad_a, bad_b, _ = _with_steering_rows(model_a, model_b, np.random.default_rng(1), scale=1e3)
+    rows = alignment_rows(index)
+    assert not index.loc[rows.neutral_train | rows.neutral_eval, "role"].eq("steering_prompt").any()
+    assert sorted(rows.emotion_train) == sorted(EMOTIONS)
+    args = dict(k_max=2, n_null=20, n_boot=10, seed=1)
+    clean, corrupted = layer_pair_sweep(x_a, x_b, rows, **args), layer_pair_sweep(bad_a, bad_b, rows, **args)
+    direct = _run(model_a, model_b, **args)  # the same fit rows without any steering rows at all
+    for name in ("overlaps", "matrix", "specificity"):
+        pd.testing.assert_frame_equal(getattr(clean, name), getattr(corrupted, name))
+        pd.testing.assert_frame_equal(getattr(clean, name), getattr(direct, name))
+    # Without the role column every row fits, and the corrupted rows do change the result.
+    everything = alignment_rows(index.drop(columns="role"))
+    assert not layer_pair_sweep(x_a, x_b, everything, **args).overlaps.equals(
+        layer_pair_sweep(bad_a, bad_b, everything, **args).overlaps
+    )
+
+
+def test_alignment_rows_need_neutral_prompts_in_both_splits():
+    index = pd.DataFrame({"emotion": ["neutral", "anger", "neutral"], "split": ["train", "train", "eval"],
+                          "role": ["fit", "fit", "steering_prompt"]})  # fmt: skip
+    with pytest.raises(ValueError, match="eval: 0"):
+        alignment_rows(index)
+
+
+def _write_fake_activations(root, corrupt_steering: bool) -> None:
+    """Activations of smollm2-135m (6 boundaries) and minilm-l6 (7) on a planted three-emotion dataset with
+    steering-only rows, written where ``subspace_alignment`` reads them (profile ``smoke``)."""
+    import torch
+
+    from emotion_assets.activations import ACTIVATIONS_FILE, INDEX_FILE
+    from resources.storage import ArtifactStore, write_table, write_tensors
+
+    rng = np.random.default_rng(0)
+    groups = [("neutral", "train", 30), ("neutral", "eval", 12), *((e, "train", 12) for e in EMOTIONS)]
+    rows = [(e, s, "fit") for e, s, n in groups for _ in range(n)]
+    rows += [(e, s, "steering_prompt") for e, s, _ in groups for _ in range(2)]
+    index = pd.DataFrame(rows, columns=["emotion", "split", "role"]).assign(
+        id=lambda f: [f"p{i}" for i in f.index]
+    )
+    d_a, d_b, bounds_a, bounds_b = 24, 16, [0, 6, 12, 18, 24, 30], list(range(7))
+    planted = {e: _orthogonal(rng, d_a, 1)[:, 0] for e in EMOTIONS}
+    x_a = rng.standard_normal((len(rows), len(bounds_a), d_a))
+    for i, (emotion, _, _) in enumerate(rows):
+        if emotion != "neutral":
+            x_a[i] += (6.0 + rng.standard_normal()) * planted[emotion]
+    proj = _orthogonal(rng, d_a, d_b)
+    x_b = np.stack([x_a[:, min(j, 5)] @ proj for j in range(len(bounds_b))], axis=1)
+    x_b += 0.1 * rng.standard_normal(x_b.shape)
+    steering = (index["role"] == "steering_prompt").to_numpy()
+    if corrupt_steering:
+        x_a[steering], x_b[steering] = 1e3 * rng.standard_normal(x_a[steering].shape), 0.0
+    store = ArtifactStore(root_dir=str(root))
+    for model, x, bounds in (("smollm2-135m", x_a, bounds_a), ("minilm-l6", x_b, bounds_b)):
+        folder = store.directory("smoke", "activations", model)
+        tensors = {"last": torch.from_numpy(x).float(), "boundaries": torch.tensor(bounds)}
+        write_tensors(folder / ACTIVATIONS_FILE, tensors)
+        write_table(folder / INDEX_FILE, index)
+
+
+def test_asset_writes_specificity_and_ignores_steering_rows(tmp_path):
+    import dagster as dg
+
+    from emotion_assets.alignment import subspace_alignment, subspace_alignment_ranges
+    from resources.storage import ArtifactStore
+    from resources.tracking import TrackingResource
+
+    key = dg.MultiPartitionKey({"model_pair": "smollm2-135m__minilm-l6", "profile": "smoke"})
+    outputs = {}
+    for corrupt in (False, True):
+        root = tmp_path / f"corrupt_{corrupt}"
+        _write_fake_activations(root, corrupt)
+        result = dg.materialize(
+            [subspace_alignment, subspace_alignment_ranges], partition_key=key,
+            resources={"store": ArtifactStore(root_dir=str(root)), "tracking": TrackingResource(enabled=False)},
+            instance=dg.DagsterInstance.ephemeral(),
+        )  # fmt: skip
+        assert all(check.passed for check in result.get_asset_check_evaluations())
+        metadata = result.asset_materializations_for_node("subspace_alignment")[0].metadata
+        folder = root / "smoke" / "subspace_alignment" / "smollm2-135m__minilm-l6"
+        outputs[corrupt] = {name: pd.read_parquet(folder / f"{name}.parquet")
+                            for name in ("alignment_sweep", "specificity_matrix", "specificity")}  # fmt: skip
+        assert (folder / "specificity_heatmap.png").is_file() and (folder / "specificity.csv").is_file()
+        # Distinct planted emotions: a headline row exists and its specificity CI lies above 0.
+        assert metadata["n_headline_rows"].value > 0 and metadata["best_specificity_ci"].value[0] > 0
+        assert "specificity" in metadata["headline"].value
+    for name, clean in outputs[False].items():
+        pd.testing.assert_frame_equal(clean, outputs[True][name])
