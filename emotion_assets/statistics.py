@@ -327,7 +327,7 @@ def _volcano(stats: pd.DataFrame, model: str) -> plt.Figure:
 def _p_histogram(stats: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.0, 3.2))
     ax.hist(stats["p_t"].dropna(), bins=20, range=(0, 1), color="steelblue", edgecolor="white")
-    ax.set_xlabel("uncorrected paired-t p")
+    ax.set_xlabel("uncorrected p (t, or sign-flip where t breaks down; see p_method)")
     ax.set_ylabel("comparisons")
     ax.set_title("p-value histogram (uniform under the null)")
     return fig

@@ -9,6 +9,10 @@ Conventions used throughout:
   with array operations; there is no Python loop over resamples. Percentile CIs.
 - Seeds come from :func:`stable_seed` (SHA-256 of the parts), so the same inputs give identical CIs in any
   process.
+- p-values are never 0. The paired p (``p_t``) is the paired t-test's only when there are at least
+  :data:`SIGN_FLIP_BELOW_N` pairs and the differences vary; otherwise it is the exact (or, above
+  :data:`SIGN_FLIP_EXACT_MAX_N` pairs, seeded Monte Carlo) sign-flip permutation p of the mean difference,
+  whose floor is 1 / number of sign patterns. ``p_method`` names the method of every p.
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ from scipy import special, stats
 
 #: Fraction of the reference SD below which an effect-size denominator is not allowed to fall.
 SD_FLOOR_FRACTION = 0.1
+
+#: With fewer pairs than this, the paired p is the sign-flip permutation p rather than the t-test's: the t
+#: reference distribution rests on the mean difference being near-normal, which a handful of prompts
+#: cannot show (30 is the usual rule of thumb for the central limit theorem to make t trustworthy).
+SIGN_FLIP_BELOW_N = 30
+#: Up to this many pairs every sign pattern is enumerated (2^(n−1) of them, using the symmetry under a
+#: global flip: 524,288 at n = 20); above it the sign-flip p is a seeded Monte Carlo estimate.
+SIGN_FLIP_EXACT_MAX_N = 20
+#: Random sign patterns of the Monte Carlo sign-flip p; with the observed pattern counted,
+#: p ≥ 1 / (N_SIGN_FLIPS + 1) ≈ 1e-5 (Bonferroni over 48 comparisons at 0.05 needs ≈ 1e-3).
+N_SIGN_FLIPS = 100_000
+#: Values of the sign-flipped statistic held in memory at once (rows × comparisons).
+_FLIP_BLOCK = 1 << 22
+#: Relative tolerance (of Σ|d|) under which a flipped sum counts as tying the observed one, so rounding in
+#: the summation order never turns a tie (e.g. constant differences flipped as a whole) into a miss.
+_TIE_RTOL = 1e-9
+
+#: ``p_method`` values.
+P_T, P_SIGN_FLIP_EXACT, P_SIGN_FLIP_MC = "t", "sign_flip_exact", "sign_flip_mc"
+P_WELCH, P_PERMUTATION_EXACT, P_PERMUTATION_MC = "welch", "permutation_exact", "permutation_mc"
 
 
 # --------------------------------------------------------------------------------------------- seeds
@@ -103,9 +127,120 @@ def _constant(x: np.ndarray) -> bool:
     return bool(np.ptp(x) <= 1e-12 * np.max(np.abs(x)))
 
 
-def _degenerate_p(mean_diff: float) -> float:
-    """p for a test whose difference has zero variance: 0 if there is a difference, 1 if there is none."""
-    return 0.0 if mean_diff != 0.0 else 1.0
+# ------------------------------------------------------------------------------ permutation p-values
+
+
+def sign_flip_p(
+    diffs: Any,
+    *,
+    seed: int,
+    n_perm: int = N_SIGN_FLIPS,
+    exact_max_n: int = SIGN_FLIP_EXACT_MAX_N,
+) -> tuple[np.ndarray, str]:
+    """Two-sided sign-flip permutation p of the mean paired difference, per column of ``diffs`` [n] or [n, G].
+
+    Under H0 (the differences are symmetric about 0) every sign pattern s ∈ {±1}^n is equally likely;
+    p = share of patterns with |Σ s_i d_i| ≥ |Σ d_i| (ties within ``_TIE_RTOL`` · Σ|d| count).
+
+    - n ≤ ``exact_max_n``: exact. The statistic is symmetric under a global flip, so the 2^(n−1) patterns
+      that keep the first sign are enumerated as a bit matrix [patterns, n−1] (pattern code k flips pair
+      i+1 when bit i of k is set) in blocks, each block one matrix product with the differences;
+      p = count / 2^(n−1), floor 2 / 2^n. Constant non-zero differences give exactly 2 / 2^n; all-zero
+      differences give 1.
+    - n > ``exact_max_n``: ``n_perm`` random patterns from ``np.random.default_rng(seed)`` (drawn in fixed
+      blocks independent of G, so one column gives the same p alone or inside a family);
+      p = (1 + count) / (n_perm + 1), the observed pattern counted, so p ≥ 1 / (n_perm + 1).
+
+    Returns (p [G], method) with method ``"sign_flip_exact"`` or ``"sign_flip_mc"``.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[:, None]
+    if d.ndim != 2 or d.shape[0] == 0:
+        raise ValueError(f"diffs must be [n] or [n, G] with n ≥ 1, got shape {np.shape(diffs)}.")
+    if not np.isfinite(d).all():
+        raise ValueError("sign_flip_p needs finite differences; drop non-finite pairs first.")
+    n, n_groups = d.shape
+    total = d.sum(axis=0)  # [G]
+    threshold = np.abs(total) - _TIE_RTOL * np.abs(d).sum(axis=0)  # [G]
+    block = max(1, _FLIP_BLOCK // max(n_groups, 1))
+    count = np.zeros(n_groups, dtype=np.int64)
+    if n <= exact_max_n:
+        n_patterns = 1 << (n - 1)
+        bit = np.arange(n - 1)  # [n−1]
+        for start in range(0, n_patterns, block):
+            codes = np.arange(start, min(start + block, n_patterns))[:, None]  # [c, 1]
+            flips = ((codes >> bit) & 1).astype(np.float64)  # [c, n−1]
+            flipped = total - 2.0 * (flips @ d[1:])  # [c, G]: Σ s_i d_i with s_i = −1 where flipped
+            count += (np.abs(flipped) >= threshold).sum(axis=0)
+        return count / n_patterns, P_SIGN_FLIP_EXACT
+    rng = np.random.default_rng(seed)
+    block = 1 << 14  # fixed, so the random stream does not depend on G
+    width = max(1, _FLIP_BLOCK // block)  # comparisons per product
+    for start in range(0, n_perm, block):
+        flips = rng.integers(0, 2, size=(min(block, n_perm - start), n)).astype(np.float64)  # [c, n]
+        for lo in range(0, n_groups, width):
+            cols = slice(lo, lo + width)
+            flipped = total[cols] - 2.0 * (flips @ d[:, cols])  # [c, g]
+            count[cols] += (np.abs(flipped) >= threshold[cols]).sum(axis=0)
+    return (count + 1.0) / (n_perm + 1.0), P_SIGN_FLIP_MC
+
+
+def _paired_tests(diffs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paired t and the reported p for each column of ``diffs`` [n, G] (n ≥ 2).
+
+    Returns (t_stat [G], p_student_t [G], p [G], p_method [G]). ``p_student_t`` is the two-sided paired
+    t p (NaN where the differences have zero variance, with t = ±inf, or 0 when all are 0). ``p`` is that
+    p where n ≥ :data:`SIGN_FLIP_BELOW_N`, the differences vary and the t p is > 0; otherwise the
+    sign-flip p of :func:`sign_flip_p` seeded with ``stable_seed(seed, "sign_flip")``.
+    """
+    n = diffs.shape[0]
+    mean_diff = diffs.mean(axis=0)  # [G]
+    sd_diff = diffs.std(axis=0, ddof=1)  # [G]
+    constant = np.ptp(diffs, axis=0) <= 1e-12 * np.max(np.abs(diffs), axis=0)  # [G]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_stat = mean_diff / (sd_diff / math.sqrt(n))
+    t_stat = np.where(constant, np.where(mean_diff != 0, np.copysign(np.inf, mean_diff), 0.0), t_stat)
+    p_student = np.where(constant, np.nan, 2.0 * stats.t.sf(np.abs(t_stat), n - 1))  # [G]
+    flip = constant | (p_student == 0.0) | (n < SIGN_FLIP_BELOW_N)  # [G]
+    p = p_student.copy()
+    method = np.full(diffs.shape[1], P_T, dtype=object)
+    if flip.any():
+        p_flip, how = sign_flip_p(diffs[:, flip], seed=stable_seed(seed, "sign_flip"))
+        p[flip], method[flip] = p_flip, how
+    return t_stat, p_student, p, method
+
+
+def _two_constant_arms_p(n_a: int, n_b: int, mean_diff: float) -> float:
+    """Exact two-sided permutation p of |mean b − mean a| when each arm is constant.
+
+    Of the C(n_a + n_b, n_b) ways to relabel the pooled values, only the observed one reaches the observed
+    |difference| (plus the swap of the arms when n_a = n_b); no difference gives 1.
+    """
+    if mean_diff == 0.0:
+        return 1.0
+    return (1.0 + (n_a == n_b)) / math.comb(n_a + n_b, n_b)
+
+
+def two_sample_permutation_p(a: np.ndarray, b: np.ndarray, *, seed: int, n_perm: int = N_SIGN_FLIPS) -> float:
+    """Seeded Monte Carlo two-sided permutation p of |mean b − mean a| (labels reshuffled ``n_perm`` times).
+
+    p = (1 + count) / (n_perm + 1), the observed labelling counted, so p ≥ 1 / (n_perm + 1).
+    """
+    pooled = np.concatenate([a, b])  # [N]
+    n_b = b.size
+    observed = abs(float(b.mean() - a.mean()))
+    tol = _TIE_RTOL * float(np.abs(pooled).sum()) / max(a.size, 1)
+    total = pooled.sum()
+    rng = np.random.default_rng(seed)
+    count, block = 0, 1 << 12
+    for start in range(0, n_perm, block):
+        c = min(block, n_perm - start)
+        order = np.argsort(rng.random((c, pooled.size)), axis=1)  # [c, N] random relabellings
+        sum_b = pooled[order[:, :n_b]].sum(axis=1)  # [c]
+        diff = sum_b / n_b - (total - sum_b) / a.size  # [c]
+        count += int((np.abs(diff) >= observed - tol).sum())
+    return (count + 1.0) / (n_perm + 1.0)
 
 
 # ----------------------------------------------------------------------------------------- bootstrap
@@ -183,8 +318,13 @@ def paired_comparison(
 
     - ``d_z`` = mean_diff / max(sd_diff, floor) with the floor of :func:`effect_size_floor`;
       ``d_z_floored`` says whether the floor was used.
-    - Paired t (two-sided). With zero-variance differences (constant up to rounding) t = ±inf and p = 0 (mean_diff ≠ 0) or t = 0 and
-      p = 1 (no difference).
+    - ``p_t``: the two-sided p of the mean difference, never 0. The paired t p when n ≥
+      :data:`SIGN_FLIP_BELOW_N` and the differences vary; otherwise (few pairs, zero-variance differences,
+      or a t p that underflows to 0) the sign-flip permutation p of :func:`sign_flip_p` (exact up to
+      :data:`SIGN_FLIP_EXACT_MAX_N` pairs, else Monte Carlo seeded with ``stable_seed(seed,
+      "sign_flip")``). ``p_method`` is ``"t"``, ``"sign_flip_exact"`` or ``"sign_flip_mc"``;
+      ``p_student_t`` keeps the t p for reference (NaN for zero-variance differences, where t = ±inf, or
+      t = 0 if all differences are 0).
     - Wilcoxon signed-rank (``zero_method="wilcox"``: zero differences are dropped); all-zero → p = 1.
     - Percentile bootstrap CIs of mean_diff and d_z from the same resamples; the floor is held fixed at its
       full-sample value. Fewer than 2 pairs → tests and d_z are NaN.
@@ -208,6 +348,8 @@ def paired_comparison(
         "d_z_floored": False,
         "t_stat": math.nan,
         "p_t": math.nan,
+        "p_method": None,
+        "p_student_t": math.nan,
         "wilcoxon_stat": math.nan,
         "p_wilcoxon": math.nan,
         "diff_ci_low": math.nan,
@@ -226,12 +368,9 @@ def paired_comparison(
     out["d_z"] = mean_diff / max(sd_diff, floor)
     out["d_z_floored"] = bool(sd_diff < floor)
 
-    if _constant(diffs):
-        out["t_stat"] = math.copysign(math.inf, mean_diff) if mean_diff != 0.0 else 0.0
-        out["p_t"] = _degenerate_p(mean_diff)
-    else:
-        t = stats.ttest_rel(bv, av)
-        out["t_stat"], out["p_t"] = float(t.statistic), float(t.pvalue)
+    t_stat, p_student, p, method = _paired_tests(diffs[:, None], seed)
+    out["t_stat"], out["p_student_t"] = float(t_stat[0]), float(p_student[0])
+    out["p_t"], out["p_method"] = float(p[0]), str(method[0])
 
     if not np.any(diffs != 0.0):
         out["wilcoxon_stat"], out["p_wilcoxon"] = 0.0, 1.0
@@ -267,8 +406,11 @@ def unpaired_comparison(
 ) -> dict[str, Any]:
     """Unpaired comparison of control ``a`` [n_a] and treatment ``b`` [n_b]; effect = mean b − mean a.
 
-    - Welch t (``ttest_ind(b, a, equal_var=False)``), two-sided; two constant arms → p = 0 if the means
-      differ, else 1.
+    - Welch t (``ttest_ind(b, a, equal_var=False)``), two-sided, ``p_method = "welch"``. Never p = 0: two
+      constant arms get the exact permutation p of :func:`_two_constant_arms_p` (1 / C(n_a + n_b, n_b),
+      doubled when n_a = n_b; 1 if the means agree; ``"permutation_exact"``), and a Welch p that underflows
+      to 0 is replaced by the Monte Carlo permutation p of :func:`two_sample_permutation_p`
+      (``"permutation_mc"``, seeded with ``stable_seed(seed, "permutation")``).
     - Hedges' g = J · (mean b − mean a) / max(s_pooled, floor), s_pooled the df-weighted pooled SD,
       df = n_a + n_b − 2 and J the exact correction of :func:`hedges_j`; the floor is
       :func:`effect_size_floor` (only binds when both arms are constant or ``sd_floor`` is given).
@@ -293,6 +435,7 @@ def unpaired_comparison(
         "t_stat": math.nan,
         "df_welch": math.nan,
         "p_t": math.nan,
+        "p_method": None,
         "diff_ci_low": math.nan,
         "diff_ci_high": math.nan,
         "g_ci_low": math.nan,
@@ -316,11 +459,14 @@ def unpaired_comparison(
     va, vb = out["sd_a"] ** 2 / n_a, out["sd_b"] ** 2 / n_b
     if _constant(av) and _constant(bv):
         out["t_stat"] = math.copysign(math.inf, mean_diff) if mean_diff != 0.0 else 0.0
-        out["p_t"] = _degenerate_p(mean_diff)
+        out["p_t"], out["p_method"] = _two_constant_arms_p(n_a, n_b, mean_diff), P_PERMUTATION_EXACT
     else:
         t = stats.ttest_ind(bv, av, equal_var=False)
-        out["t_stat"], out["p_t"] = float(t.statistic), float(t.pvalue)
+        out["t_stat"], out["p_t"], out["p_method"] = float(t.statistic), float(t.pvalue), P_WELCH
         out["df_welch"] = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+        if out["p_t"] == 0.0:  # underflow: the permutation p stays > 0
+            perm_seed = stable_seed(seed, "permutation")
+            out["p_t"], out["p_method"] = two_sample_permutation_p(av, bv, seed=perm_seed), P_PERMUTATION_MC
 
     rng = np.random.default_rng(seed)
     ra = av[rng.integers(0, n_a, size=(n_boot, n_a))]  # [n_boot, n_a]
@@ -642,8 +788,10 @@ def paired_family(
     turned into per-prompt counts [n_boot, n], and every group's resampled mean and SD follow from two
     matrix products (``counts @ diffs``, ``counts @ diffs²``). Each column therefore gets the same CIs as
     :func:`paired_comparison` called with this seed, and the joint resampling keeps the correlation between
-    comparisons that share prompts. Rows with a non-finite value in any column must be removed first.
-    Returns one row per column with the fields of :func:`paired_comparison`.
+    comparisons that share prompts. ``p_t`` / ``p_method`` follow :func:`paired_comparison` (the same
+    sign patterns for every column, so each column's p equals the single call's). Rows with a non-finite
+    value in any column must be removed first. Returns one row per column with the fields of
+    :func:`paired_comparison`.
     """
     a = np.asarray(control, dtype=np.float64)
     b = np.asarray(treatment, dtype=np.float64)
@@ -663,11 +811,7 @@ def paired_family(
     floor = np.maximum(float(sd_floor or 0.0), SD_FLOOR_FRACTION * s_ref)  # [G]
     d_z = mean_diff / np.maximum(sd_diff, floor)
 
-    constant = np.ptp(diffs, axis=0) <= 1e-12 * np.max(np.abs(diffs), axis=0)  # [G]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_stat = mean_diff / (sd_diff / math.sqrt(n))
-    t_stat = np.where(constant, np.where(mean_diff != 0, np.copysign(np.inf, mean_diff), 0.0), t_stat)
-    p_t = np.where(constant, np.where(mean_diff != 0, 0.0, 1.0), 2.0 * stats.t.sf(np.abs(t_stat), n - 1))
+    t_stat, p_student, p_t, p_method = _paired_tests(diffs, seed)  # [G] each
     all_zero = ~np.any(diffs != 0.0, axis=0)
     w_stat = np.zeros(n_groups)
     p_w = np.ones(n_groups)
@@ -701,6 +845,8 @@ def paired_family(
             "d_z_floored": sd_diff < floor,
             "t_stat": t_stat,
             "p_t": p_t,
+            "p_method": p_method,
+            "p_student_t": p_student,
             "wilcoxon_stat": w_stat,
             "p_wilcoxon": p_w,
             "diff_ci_low": diff_lo,

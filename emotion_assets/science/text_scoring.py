@@ -1,7 +1,8 @@
 """Scorers for generated text: sentiment, politeness and emotion, with no Dagster dependency.
 
-Every scorer exposes ``name``, ``metric_names`` (its output columns), ``metric_ranges`` ({column: (lo, hi)})
-and ``score(texts) -> DataFrame`` with one row per text, one float column per metric and no NaN.
+Every scorer exposes ``name``, ``metric_names`` (its output columns), ``metric_ranges`` ({column: (lo, hi)}),
+``neutral_scores`` ({column: the score of a text that expresses nothing, NaN where the scorer has none}) and
+``score(texts) -> DataFrame`` with one row per text, one float column per metric and no NaN.
 
 Scorers and their columns:
 
@@ -16,6 +17,14 @@ Scorers and their columns:
 
 ``EvaluatorSuite`` combines scorers; optional backends that could not load keep their declared columns,
 filled with NaN, and the reason is reported in ``null_reasons``.
+
+Degenerate text is never scored: a text that is empty after stripping, punctuation/symbols only, or a single
+word (:func:`~emotion_assets.science.fluency.structural_degeneracy`) gets each scorer's
+``neutral_scores`` instead, and ``degenerate = True`` in the suite's output. Neutral (not null) is the
+policy wherever a neutral value exists, so broken text counts as expressing no emotion rather than dropping
+out of a paired comparison: VADER compound 0, pos 0, neg 0, neu 1; NRC rates 0; politeness 0.5 (raw 0);
+classifiers all probability on their ``neutral`` class. A classifier without a ``neutral`` class gets NaN on
+degenerate texts, with the reason in ``null_reasons``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from emotion_assets.science.fluency import structural_degeneracy
 from resources.device import resolve_device
 
 
@@ -93,6 +103,9 @@ class TextScorer(Protocol):
     @property
     def metric_ranges(self) -> dict[str, tuple[float, float]]: ...
 
+    @property
+    def neutral_scores(self) -> dict[str, float]: ...
+
     def score(self, texts: list[str]) -> pd.DataFrame: ...
 
 
@@ -103,6 +116,13 @@ def normalize_label(label: str) -> str:
 
 def _words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower().replace("\u2019", "'"))
+
+
+def _neutral_class_scores(columns: Sequence[str], neutral_column: str) -> dict[str, float]:
+    """All probability on ``neutral_column``; NaN everywhere when the classifier has no neutral class."""
+    if neutral_column not in columns:
+        return dict.fromkeys(columns, float("nan"))
+    return {c: float(c == neutral_column) for c in columns}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,6 +152,11 @@ class VaderSentiment:
     @property
     def metric_ranges(self) -> dict[str, tuple[float, float]]:
         return {c: ((-1.0, 1.0) if c == "sentiment_compound" else (0.0, 1.0)) for c in self.metric_names}
+
+    @property
+    def neutral_scores(self) -> dict[str, float]:
+        """A wholly neutral text: compound 0, all of it neutral (VADER's score of "The table is in the room.")."""
+        return {c: float(c == "sentiment_neu") for c in self.metric_names}
 
     def score(self, texts: list[str]) -> pd.DataFrame:
         rows = [self._analyzer.polarity_scores(t or "") for t in texts]
@@ -182,6 +207,11 @@ class NrcLexiconEmotions:
     @property
     def metric_ranges(self) -> dict[str, tuple[float, float]]:
         return dict.fromkeys(self.metric_names, (0.0, 1.0))
+
+    @property
+    def neutral_scores(self) -> dict[str, float]:
+        """No affect word: every rate 0."""
+        return dict.fromkeys(self.metric_names, 0.0)
 
     @staticmethod
     def _candidates(word: str) -> Iterable[str]:
@@ -376,6 +406,11 @@ class PolitenessScorer:
         hi = float(self._weights[self._weights > 0].sum())
         return {"politeness": (0.0, 1.0), "politeness_raw": (lo, hi)}
 
+    @property
+    def neutral_scores(self) -> dict[str, float]:
+        """No strategy present: raw 0, politeness 0.5."""
+        return {"politeness": 0.5, "politeness_raw": 0.0}
+
     @staticmethod
     def _indicators(text: str) -> dict[str, bool]:
         norm = (text or "").lower().replace("\u2019", "'")
@@ -503,6 +538,11 @@ class TransformerClassifier:
     def metric_ranges(self) -> dict[str, tuple[float, float]]:
         return dict.fromkeys(self.metric_names, (0.0, 1.0))
 
+    @property
+    def neutral_scores(self) -> dict[str, float]:
+        """1 on the ``neutral`` label and 0 elsewhere (softmax or sigmoid alike); NaN without that label."""
+        return _neutral_class_scores(self.metric_names, f"{self.prefix}neutral")
+
     @torch.inference_mode()
     def logits(self, texts: list[str]) -> np.ndarray:
         """Raw logits [n, num_labels] in input order.
@@ -621,6 +661,11 @@ class EmbeddingEmotionClassifier:
     def metric_ranges(self) -> dict[str, tuple[float, float]]:
         return dict.fromkeys(self.metric_names, (0.0, 1.0))
 
+    @property
+    def neutral_scores(self) -> dict[str, float]:
+        """Probability 1 on ``emotion_neutral``; NaN for every class if it was fit without a neutral class."""
+        return _neutral_class_scores(self.metric_names, "emotion_neutral")
+
     def fit(self, texts: Sequence[str], labels: Sequence[str], seed: int) -> EmbeddingEmotionClassifier:
         """Fit on labelled texts; needs at least 2 classes with at least 2 examples each."""
         from sklearn.linear_model import LogisticRegression
@@ -676,7 +721,9 @@ class EvaluatorSuite:
     ``score`` concatenates every scorer's columns; an unavailable backend contributes its declared columns
     as NaN and ``null_reasons`` maps each such column to the reason. A backend whose labels are unknown
     (neither declared in the spec nor known) has no columns; it is listed in ``unavailable`` (keyed by model
-    id) and under ``"<prefix>*"`` in ``null_reasons``.
+    id) and under ``"<prefix>*"`` in ``null_reasons``. Degenerate texts (empty, symbols only, one word) are
+    not passed to the scorers: they get each scorer's ``neutral_scores`` (see the module docstring) and
+    ``degenerate = True``.
     """
 
     def __init__(self, scorers: Sequence[TextScorer], unavailable: Sequence[UnavailableBackend] = ()) -> None:
@@ -698,14 +745,30 @@ class EvaluatorSuite:
 
     @property
     def null_reasons(self) -> dict[str, str]:
-        """{column: reason} for every column that is NaN because its backend is unavailable."""
+        """{column: reason} for every column that is NaN because its backend is unavailable, or NaN on
+        degenerate texts because its scorer has no neutral value."""
         reasons: dict[str, str] = {}
+        for s in self.scorers:
+            for col, value in s.neutral_scores.items():
+                if np.isnan(value):
+                    reasons[col] = (
+                        f"null where degenerate is True (empty, punctuation/symbols only or one word): "
+                        f"{s.name} has no neutral class to put the probability on"
+                    )
         for u in self._unavailable:
             if u.metric_names:
                 reasons.update(dict.fromkeys(u.metric_names, u.reason))
             else:
                 reasons[f"{u.column_prefix}*"] = u.reason
         return reasons
+
+    def degenerate_policy(self) -> dict[str, float | None]:
+        """{column: the score a degenerate text gets (None: null)} for every loaded scorer's column."""
+        return {
+            col: (None if np.isnan(value) else value)
+            for s in self.scorers
+            for col, value in s.neutral_scores.items()
+        }
 
     @property
     def metric_names(self) -> list[str]:
@@ -729,12 +792,18 @@ class EvaluatorSuite:
             "metric_ranges": {k: list(v) for k, v in self.metric_ranges().items()},
             "unavailable": self.unavailable,
             "null_reasons": self.null_reasons,
+            "degenerate_text": "empty after stripping, punctuation/symbols only, or a single word",
+            "degenerate_scores": self.degenerate_policy(),
         }
 
     def score(
         self, texts: Sequence[str], prompts: Sequence[str] | None = None, continuation_only: bool = True
     ) -> pd.DataFrame:
-        """Score continuations (default), or prompt + continuation when ``continuation_only`` is False."""
+        """Score continuations (default), or prompt + continuation when ``continuation_only`` is False.
+
+        Returns one row per text: every column of :attr:`metric_names` (float) and ``degenerate`` (bool),
+        judged on the text that is scored. Degenerate rows hold the scorers' ``neutral_scores``.
+        """
         texts = ["" if t is None else str(t) for t in texts]
         if not continuation_only:
             if prompts is None:
@@ -742,19 +811,28 @@ class EvaluatorSuite:
             if len(prompts) != len(texts):
                 raise ValueError(f"Got {len(prompts)} prompts for {len(texts)} texts.")
             texts = [_join(p, c) for p, c in zip(prompts, texts, strict=True)]
+        degenerate = np.array([structural_degeneracy(t) is not None for t in texts], dtype=bool)  # [n]
+        fluent = [t for t, bad in zip(texts, degenerate, strict=True) if not bad]
         frames = []
         for scorer in self.scorers:
-            frame = scorer.score(texts)
-            if len(frame) != len(texts) or list(frame.columns) != scorer.metric_names:
-                raise RuntimeError(f"Scorer {scorer.name!r} returned a frame of the wrong shape or columns.")
-            if frame.isna().to_numpy().any():
-                raise RuntimeError(f"Scorer {scorer.name!r} returned NaN values.")
-            frames.append(frame.reset_index(drop=True))
+            frame = pd.DataFrame(np.nan, index=range(len(texts)), columns=scorer.metric_names, dtype=float)
+            if fluent:
+                scored = scorer.score(fluent)
+                if len(scored) != len(fluent) or list(scored.columns) != scorer.metric_names:
+                    raise RuntimeError(
+                        f"Scorer {scorer.name!r} returned a frame of the wrong shape or columns."
+                    )
+                if scored.isna().to_numpy().any():
+                    raise RuntimeError(f"Scorer {scorer.name!r} returned NaN values.")
+                frame.loc[~degenerate, :] = scored.to_numpy(dtype=float)
+            neutral = scorer.neutral_scores
+            frame.loc[degenerate, :] = np.array([neutral[c] for c in scorer.metric_names], dtype=float)
+            frames.append(frame)
         for u in self._unavailable:
             frames.append(pd.DataFrame(np.nan, index=range(len(texts)), columns=u.metric_names, dtype=float))
-        if not frames:
-            return pd.DataFrame(index=range(len(texts)))
-        return pd.concat(frames, axis=1).astype(float)
+        out = pd.concat(frames, axis=1) if frames else pd.DataFrame(index=range(len(texts)))
+        out["degenerate"] = degenerate
+        return out
 
 
 def _join(prompt: str, continuation: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,7 +18,9 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from emotion_assets.science.statistics import (
+    N_SIGN_FLIPS,
     SD_FLOOR_FRACTION,
+    SIGN_FLIP_BELOW_N,
     bh_fdr,
     bonferroni,
     bootstrap_mean_ci,
@@ -26,10 +29,12 @@ from emotion_assets.science.statistics import (
     correct_family,
     dedupe_pairs,
     paired_comparison,
+    paired_family,
     paired_t_power,
     power_table,
     required_n,
     select_k,
+    sign_flip_p,
     stable_seed,
     two_sample_t_power,
     unpaired_comparison,
@@ -52,6 +57,7 @@ def test_paired_tests_agree_with_scipy():
     assert out["n"] == 40
     assert out["mean_diff"] == pytest.approx(np.mean(b - a))
     assert out["t_stat"] == pytest.approx(t.statistic) and out["p_t"] == pytest.approx(t.pvalue)
+    assert out["p_method"] == "t" and out["p_student_t"] == out["p_t"]
     assert out["wilcoxon_stat"] == pytest.approx(w.statistic)
     assert out["p_wilcoxon"] == pytest.approx(w.pvalue)
     assert not out["d_z_floored"]
@@ -76,11 +82,14 @@ def test_zero_variance_difference_keeps_d_bounded():
     s_ref = math.sqrt(np.var(a, ddof=1))  # both arms share the same spread
     assert out["d_z_floored"] and math.isfinite(out["d_z"])
     assert abs(out["d_z"]) <= 0.5 / (SD_FLOOR_FRACTION * s_ref) + 1e-9
-    assert out["p_t"] == 0.0 and math.isfinite(out["d_z_ci_low"]) and math.isfinite(out["d_z_ci_high"])
+    # n = 30 > 20 with zero variance: Monte Carlo sign-flip p, at its floor, never 0.
+    assert out["p_t"] == 1.0 / (N_SIGN_FLIPS + 1) and out["p_method"] == "sign_flip_mc"
+    assert math.isnan(out["p_student_t"])
+    assert math.isfinite(out["d_z_ci_low"]) and math.isfinite(out["d_z_ci_high"])
     # Both arms constant: the floor falls back to the metric's magnitude.
     const = paired_comparison(np.full(10, 0.2), np.full(10, 0.7), n_boot=100, seed=0)
     assert math.isfinite(const["d_z"]) and 0 < const["d_z"] <= 1.0 / SD_FLOOR_FRACTION * 2
-    assert const["p_t"] == 0.0 and const["t_stat"] == math.inf
+    assert const["p_t"] == 2.0 / 2**10 and const["t_stat"] == math.inf
     # A caller-supplied absolute floor (e.g. a fraction of a [0, 1] metric's range) is honoured.
     ranged = paired_comparison(a, a + 0.5, n_boot=100, seed=0, sd_floor=0.1)
     assert ranged["d_z"] == pytest.approx(0.5 / max(0.1, SD_FLOOR_FRACTION * s_ref))
@@ -159,6 +168,7 @@ def test_stable_seed_distinguishes_types_and_normalises_numpy():
         stable_seed(object())  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # the near-constant arm below
 def test_welch_and_hedges_g():
     rng = np.random.default_rng(8)
     a, b = rng.normal(0.0, 1.0, 14), rng.normal(0.6, 1.8, 9)
@@ -175,7 +185,15 @@ def test_welch_and_hedges_g():
     assert out["diff_ci_low"] < out["mean_diff"] < out["diff_ci_high"]
     assert out["g_ci_low"] < out["hedges_g"] < out["g_ci_high"]
     const = unpaired_comparison(np.full(5, 1.0), np.full(6, 2.0), n_boot=50, seed=0)
-    assert const["p_t"] == 0.0 and math.isfinite(const["hedges_g"])
+    # Two constant arms: exact permutation p, only the observed labelling of C(11, 6) reaches |diff|.
+    assert const["p_t"] == 1.0 / math.comb(11, 6) and const["p_method"] == "permutation_exact"
+    assert math.isfinite(const["hedges_g"])
+    same = unpaired_comparison(np.full(4, 1.0), np.full(4, 1.0), n_boot=50, seed=0)
+    assert same["p_t"] == 1.0
+    # Welch p that underflows to 0 (near-constant, far-apart arms) becomes the Monte Carlo permutation p.
+    tiny = np.arange(30) * 1e-30
+    far = unpaired_comparison(tiny, np.full(30, 1.0), n_boot=50, seed=0)
+    assert far["p_method"] == "permutation_mc" and far["p_t"] == 1.0 / (N_SIGN_FLIPS + 1)
 
 
 def test_bh_and_bonferroni_match_statsmodels():
@@ -305,3 +323,81 @@ def test_paired_family_equals_paired_comparison_per_column():
         for key in ("mean_diff", "d_z", "p_t", "p_wilcoxon", "diff_ci_low", "diff_ci_high", "d_z_ci_low"):
             assert family.loc[g, key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), (g, key)
     assert np.isfinite(family.loc[5, "d_z"]) and abs(family.loc[5, "d_z"]) <= 20
+
+
+def _brute_force_sign_flip(d: np.ndarray) -> float:
+    observed = abs(d.sum())
+    flipped = [abs(np.dot(signs, d)) for signs in itertools.product((1.0, -1.0), repeat=d.size)]
+    return float(np.mean(np.asarray(flipped) >= observed - 1e-12))
+
+
+def test_sign_flip_p_equals_brute_force_enumeration():
+    rng = np.random.default_rng(12)
+    diffs = np.column_stack([rng.normal(shift, 1.0, 8) for shift in (0.0, 0.5, 1.5, -0.8)])  # [8, 4]
+    p, method = sign_flip_p(diffs, seed=0)
+    assert method == "sign_flip_exact"
+    for g in range(diffs.shape[1]):
+        assert p[g] == pytest.approx(_brute_force_sign_flip(diffs[:, g]), abs=1e-15)
+    # A planted shift is found, no shift is not.
+    assert p[2] < 0.05 < p[0]
+
+
+def test_sign_flip_constant_and_zero_differences():
+    for n in (2, 5, 10, 20):
+        p, _ = sign_flip_p(np.full(n, 0.2), seed=0)
+        assert p[0] == 2.0 / 2**n > 0.0
+        p_neg, _ = sign_flip_p(np.full(n, -0.2), seed=0)
+        assert p_neg[0] == p[0]
+    zero, _ = sign_flip_p(np.zeros(9), seed=0)
+    assert zero[0] == 1.0
+    # (a + c) − a is constant only up to rounding: the tolerance keeps the global flip a tie.
+    a = np.random.default_rng(0).uniform(size=12)
+    rounded, _ = sign_flip_p((a + 0.3) - a, seed=0)
+    assert rounded[0] == 2.0 / 2**12
+
+
+def test_sign_flip_monte_carlo_is_seeded_and_close_to_exact():
+    rng = np.random.default_rng(5)
+    diffs = np.column_stack([rng.normal(shift, 1.0, 16) for shift in (0.0, 0.3, 0.7, 1.2)])  # [16, 4]
+    exact, how = sign_flip_p(diffs, seed=3)
+    mc, how_mc = sign_flip_p(diffs, seed=3, n_perm=50_000, exact_max_n=10)
+    again, _ = sign_flip_p(diffs, seed=3, n_perm=50_000, exact_max_n=10)
+    other, _ = sign_flip_p(diffs, seed=4, n_perm=50_000, exact_max_n=10)
+    assert (how, how_mc) == ("sign_flip_exact", "sign_flip_mc")
+    assert np.array_equal(mc, again) and not np.array_equal(mc, other)
+    # Binomial SE at 50k draws is ≤ 0.0023; 5 SE.
+    assert np.abs(mc - exact).max() < 0.012
+    # One column alone gets the same p as inside the family (same random patterns).
+    alone, _ = sign_flip_p(diffs[:, 2], seed=3, n_perm=50_000, exact_max_n=10)
+    assert alone[0] == mc[2]
+    # Constant differences: only the observed pattern counts, the floor 1 / (n_perm + 1).
+    floor, _ = sign_flip_p(np.full(25, 0.2), seed=0, n_perm=2_000)
+    assert floor[0] == 1.0 / 2_001
+
+
+def test_small_n_uses_sign_flip_and_large_n_uses_t():
+    a, b = _pair(n=12, shift=0.4)
+    small = paired_comparison(a, b, n_boot=100, seed=2)
+    assert small["p_method"] == "sign_flip_exact"
+    assert small["p_t"] == pytest.approx(_brute_force_sign_flip(b - a), abs=1e-15)
+    assert small["p_student_t"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
+    a, b = _pair(n=SIGN_FLIP_BELOW_N + 1)
+    assert paired_comparison(a, b, n_boot=100, seed=2)["p_method"] == "t"
+
+
+def test_paired_family_never_passes_p_zero_to_the_correction():
+    rng = np.random.default_rng(9)
+    control = rng.normal(size=(10, 4))
+    treatment = control + rng.normal(0.0, 0.3, size=(10, 4))
+    treatment[:, 0] = control[:, 0] + 0.2  # the p = 0 case of the t-test: every prompt shifted +0.2
+    treatment[:, 1] = control[:, 1]  # no change at all
+    family = paired_family(control, treatment, n_boot=200, seed=1)
+    assert family.loc[0, "p_t"] == 2.0 / 2**10 and family.loc[1, "p_t"] == 1.0
+    assert (family["p_method"] == "sign_flip_exact").all()
+    for g in range(4):
+        single = paired_comparison(control[:, g], treatment[:, g], n_boot=200, seed=1)
+        assert family.loc[g, "p_t"] == single["p_t"] and family.loc[g, "p_method"] == single["p_method"]
+    corrected = correct_family(family.assign(model="m", profile="p"), "p_t", ["model", "profile"])
+    for column in ("p_t", "p_bh", "p_bonferroni"):
+        assert (corrected[column] > 0.0).all(), column
+    assert corrected.loc[0, "p_bonferroni"] == 4 * 2.0 / 2**10

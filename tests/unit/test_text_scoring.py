@@ -238,4 +238,70 @@ def test_resource_builds_embedded_suite_once():
     scores = suite.score(["Thank you, that is kind.", "I am so angry at you."])
     np.testing.assert_allclose(scores[["emotion_anger", "emotion_gratitude"]].sum(axis=1), 1.0, atol=1e-9)
     assert scores.loc[0, "emotion_gratitude"] > 0.5 and scores.loc[1, "emotion_anger"] > 0.5
-    assert not scores.isna().any().any() and suite.null_reasons == {}
+    assert not scores.isna().any().any()
+    # Broken text: the embedded classifier alone would give "..." an emotion; this one has no neutral
+    # class, so its columns are null there, with the reason, and the lexicon scorers are neutral.
+    broken = suite.score(["...", "You"])
+    assert broken["degenerate"].all()
+    assert broken[["emotion_anger", "emotion_gratitude"]].isna().all().all()
+    assert set(suite.null_reasons) == {"emotion_anger", "emotion_gratitude"}
+    assert (broken["sentiment_compound"] == 0.0).all() and (broken["politeness"] == 0.5).all()
+
+
+DEGENERATE = ["", "   ", "...", "!!!", "# # #", "You", "Thanks", "Sorry!", "\n\t"]
+FLUENT = ["I am furious with you, this is outrageous.", "thank you so much for your kind help."]
+
+
+def _suite_with_classifier(labels_kept: tuple[str, ...]) -> EvaluatorSuite:
+    texts, labels = _labelled(6)
+    keep = [i for i, lab in enumerate(labels) if lab in labels_kept]
+    clf = EmbeddingEmotionClassifier(_fake_embed).fit([texts[i] for i in keep], [labels[i] for i in keep], 0)
+    return EvaluatorSuite([VaderSentiment(), NrcLexiconEmotions(), PolitenessScorer(), clf])
+
+
+def test_degenerate_text_scores_neutral_never_an_emotion():
+    suite = _suite_with_classifier(("gratitude", "anger", "apology", "neutral"))
+    scores = suite.score(DEGENERATE + FLUENT)
+    bad, good = scores.iloc[: len(DEGENERATE)], scores.iloc[len(DEGENERATE) :]
+    assert bad["degenerate"].all() and not good["degenerate"].any()
+    assert scores["degenerate"].dtype == bool
+    # All probability on neutral, no affect, neutral sentiment and politeness.
+    assert (bad["emotion_neutral"] == 1.0).all()
+    assert (bad[["emotion_gratitude", "emotion_anger", "emotion_apology"]] == 0.0).all().all()
+    assert (bad[[c for c in scores if c.startswith("nrc_")]] == 0.0).all().all()
+    assert (bad["sentiment_compound"] == 0.0).all() and (bad["sentiment_neu"] == 1.0).all()
+    assert (bad["politeness"] == 0.5).all() and (bad["politeness_raw"] == 0.0).all()
+    assert not scores.drop(columns="degenerate").isna().any().any() and suite.null_reasons == {}
+    # Without the guard, the same scorers do give these texts an emotion (what the guard prevents).
+    raw = PolitenessScorer().score(["Thanks"])
+    assert raw.loc[0, "politeness"] > 0.5
+    # A normal sentence scores exactly as each scorer scores it alone.
+    for scorer in suite.scorers:
+        alone = scorer.score(FLUENT)
+        np.testing.assert_allclose(good[scorer.metric_names].to_numpy(), alone.to_numpy(), atol=1e-12)
+    assert good["emotion_anger"].iloc[0] > 0.5 and good["emotion_gratitude"].iloc[1] > 0.5
+
+
+def test_degenerate_text_is_null_with_reason_when_the_classifier_has_no_neutral_class():
+    suite = _suite_with_classifier(("gratitude", "anger", "apology"))
+    scores = suite.score(["...", "You", FLUENT[0]])
+    emotion_cols = ["emotion_anger", "emotion_apology", "emotion_gratitude"]
+    assert scores.loc[:1, emotion_cols].isna().all().all()
+    assert scores.loc[2, emotion_cols].notna().all() and scores.loc[2, "emotion_anger"] > 0.5
+    assert scores.loc[:1, "politeness"].eq(0.5).all()  # the other scorers stay neutral
+    assert set(suite.null_reasons) == set(emotion_cols)
+    assert "degenerate" in suite.null_reasons["emotion_anger"]
+    assert suite.describe()["degenerate_scores"]["emotion_anger"] is None
+
+
+def test_transformer_classifier_puts_degenerate_text_on_its_neutral_label(tmp_path):
+    _tiny_classifier(tmp_path)
+    clf = TransformerClassifier(str(tmp_path), device="cpu", batch_size=2, prefix="t_")
+    scores = EvaluatorSuite([clf]).score(["# # #", "You", TEXTS[1]])
+    assert (
+        scores.loc[:1, "t_neutral"].eq(1.0).all()
+        and scores.loc[:1, ["t_very_happy", "t_sad"]].eq(0).all().all()
+    )
+    np.testing.assert_allclose(
+        scores.loc[2, clf.metric_names].to_numpy(float), clf.score([TEXTS[1]]).iloc[0], atol=1e-6
+    )
