@@ -5,6 +5,7 @@ import dagster as dg
 from emotion_assets import (
     activations,
     alignment,
+    confounds,
     dataset,
     heads,
     model_card,
@@ -22,7 +23,18 @@ from resources.models import ModelResource
 from resources.storage import ArtifactStore, NoPickleIOManager
 from resources.tracking import TrackingResource
 
-ASSET_MODULES = [dataset, model_card, activations, vectors, alignment, patching, heads, statistics, report]
+ASSET_MODULES = [
+    dataset,
+    model_card,
+    activations,
+    vectors,
+    confounds,
+    alignment,
+    patching,
+    heads,
+    statistics,
+    report,
+]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

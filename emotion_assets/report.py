@@ -9,6 +9,9 @@ import pandas as pd
 
 from emotion_assets.alignment import subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
+from emotion_assets.confounds import ASSET as CONFOUND_ASSET
+from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
+from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import evaluator_quality
 from emotion_assets.heads import emotion_circuits
 from emotion_assets.partitions import profile_partitions, profile_to_model_profile
@@ -16,7 +19,7 @@ from emotion_assets.plots import markdown_table
 from emotion_assets.statistics import patching_statistics, rollup_frames
 from emotion_assets.timing import TIMINGS_FILE
 from jobs.jobs import REPORT_GROUP
-from resources.storage import ArtifactStore, read_table, write_bytes, write_table
+from resources.storage import ArtifactStore, read_json, read_table, write_bytes, write_table
 from resources.tracking import TrackingResource
 
 ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "condition", "layer", "alpha", "mode",
@@ -25,6 +28,15 @@ ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "conditi
 TOP_HEADS_SHOWN = 3
 HEAD_TABLE_COLUMNS = ["model", "comparison", "emotion", "condition", "heads", "n", "mean_diff", "effect_size",
                       "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
+# The headline pair beside its negative (random-weight twin) and positive (rotated twin) controls.
+ALIGNMENT_CONTROLS = [("headline", "smollm2-135m__minilm-l6"),
+                      ("negative control: random-weight twin", "smollm2-135m-random__minilm-l6"),
+                      ("positive control: rotated twin", "smollm2-135m__smollm2-135m-rotated")]  # fmt: skip
+ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "null_p95",
+                     "chance", "margin", "beats_null", "r2_heldout"]  # fmt: skip
+VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_final_punctuation", "cos_exclamation",
+                           "cos_question", "cos_length", "cos_person", "max_abs_cosine", "worst_nuisance",
+                           "share_left", "flagged"]  # fmt: skip
 
 
 @dg.asset(
@@ -79,10 +91,91 @@ def patching_statistics_rollup(
     )
 
 
-def _section(title: str, frame: pd.DataFrame | None, note: str = "") -> str:
+def _escaped(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells HTML-escaped (and pipes neutralised) so no inserted string becomes markup."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(
+                lambda v: html.escape(v).replace("|", "&#124;") if isinstance(v, str) else v
+            )
+    return out
+
+
+def _section(title: str, frame: pd.DataFrame | None, note: str = "", level: int = 2) -> str:
+    heading = "#" * level
     if frame is None or frame.empty:
-        return f"## {title}\n\n_Not materialized for this profile yet._\n"
-    return f"## {title}\n\n{note}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n"
+        return f"{heading} {title}\n\n_Not materialized for this profile yet._\n"
+    table = _escaped(frame).to_markdown(index=False, floatfmt=".4g")
+    return f"{heading} {title}\n\n{note}\n\n{table}\n"
+
+
+def _confound_tables(base: Path) -> dict[str, pd.DataFrame | None]:
+    """The confound audit of every model of the profile, at each model's focus (steering) boundaries."""
+    baselines, vectors, validation, flags = [], [], [], []
+    for path in sorted(base.glob(f"{CONFOUND_ASSET}/*/{CONFOUND_SUMMARY}")):
+        folder, model = path.parent, path.parent.name
+        focus = read_json(path)["focus_boundaries"]
+        surface = read_table(folder / "surface_baselines.parquet")
+        probe = read_table(folder / "probe_by_register.parquet")
+        probe = probe[probe["boundary"].isin(focus)].assign(
+            baseline=lambda f: "probe (" + f["strategy"] + ", boundary " + f["boundary"].astype(str) + ")"
+        )
+        both = pd.concat([surface, probe], ignore_index=True)
+        wide = both.pivot_table(index="baseline", columns="register", values="accuracy", sort=False)
+        table = pd.DataFrame({"model": model, "method": wide.index, "accuracy": wide.get("all")})
+        table["accuracy_implicit"] = wide["implicit"].to_numpy() if "implicit" in wide else float("nan")
+        baselines.append(table.reset_index(drop=True))
+        audit = read_table(folder / "vector_audit.parquet").assign(model=model)
+        audit = audit[audit["boundary"].isin(focus)]
+        vectors.append(audit[[c for c in VECTOR_CONFOUND_COLUMNS if c in audit]])
+        flags.append(audit.loc[audit["flagged"], ["model", "strategy", "boundary", "emotion", "reason"]])
+        scores = read_table(folder / "validation_scores.parquet").assign(model=model)
+        scores = scores[scores["boundary"].isin(focus) | (scores["scorer"] == "evaluator")]
+        validation.append(scores[["model", "validation_set", "scorer", "strategy", "boundary", "accuracy",
+                                  "macro_f1", "n", "note"]])  # fmt: skip
+
+    def stacked(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    return {"baselines": stacked(baselines), "vectors": stacked(vectors), "validation": stacked(validation),
+            "flags": stacked(flags)}  # fmt: skip
+
+
+def _confounds_markdown(base: Path) -> str:
+    tables = _confound_tables(base)
+    flags = tables["flags"]
+    no_flags = flags is not None and flags.empty
+    return "\n".join([
+        "## Confounds\n\nRead these before any other number: they say whether the emotion vectors are more "
+        "than surface features of the prompts (docs/science.md, *Confound audit*).\n",
+        _section("Surface baselines beside the probe (eval fitting prompts)", tables["baselines"],
+                 "accuracy: all eval prompts; accuracy_implicit: the keyword-free `implicit` register alone. A "
+                 "probe that a keyword rule or punctuation + length matches reads no more than the surface.", 3),
+        _section("Emotion vectors at the steering layers: nuisance cosines and norm left", tables["vectors"],
+                 "cos_*: cosine with a nuisance direction estimated within one class (NaN: not estimable, see "
+                 "nuisance_directions.csv); share_left: ‖v‖ left after projecting out every nuisance.", 3),
+        _section("External validation sets (probe and evaluator fitted on train fitting prompts)",
+                 tables["validation"], "", 3),
+        "### Flags\n\nNo emotion vector is flagged at the steering layers.\n" if no_flags else
+        _section("Flags (vectors at the steering layers flagged as confounded)", flags, "", 3),
+    ])  # fmt: skip
+
+
+def _alignment_controls(base: Path) -> pd.DataFrame:
+    """The headline pair beside its controls; a pair without a summary is listed as not materialized."""
+    rows = []
+    for role, pair in ALIGNMENT_CONTROLS:
+        summary = _read(base / "subspace_alignment" / pair / "summary.parquet")
+        if summary is None:
+            rows.append(pd.DataFrame([{"role": role, "pair": pair, "status": "not materialized"}]))
+            continue
+        columns = [c for c in ALIGNMENT_COLUMNS if c in summary]
+        rows.append(summary[columns].assign(role=role, pair=pair, status="materialized"))
+    table = pd.concat(rows, ignore_index=True)
+    return table[
+        ["role", "pair", "status", *[c for c in table.columns if c not in ("role", "pair", "status")]]
+    ]
 
 
 def _read(path: Path) -> pd.DataFrame | None:
@@ -102,10 +195,12 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
         evaluator_quality,
         dg.AssetDep(subspace_alignment, partition_mapping=profile_to_model_profile),
         dg.AssetDep(emotion_circuits, partition_mapping=profile_to_model_profile),
+        dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="2",
-    description="The results section of the study for one profile across models: corrected-effect counts, "
+    code_version="3",
+    description="The results section of the study for one profile across models: the confound audit first "
+    "(surface baselines, nuisance cosines, registers, validation sets, flags), corrected-effect counts, "
     "evaluator quality, probe accuracy, steering effects against baseline and random controls, top heads, "
     "head patching against random-head controls, circuit summaries, alignment overlaps with their null band, "
     "and the slowest phases.",
@@ -147,7 +242,11 @@ def findings_report(
             slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
                        .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
         sections = [
-            f"# Findings — profile `{profile.name}`\n\n{profile.description}\n",
+            f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n",
+            _confounds_markdown(base),
+            _section("Alignment controls", _alignment_controls(base),
+                     "The headline pair beside its random-weight twin (negative control: same pair position, "
+                     "should sit at the null) and the rotated twin (positive control: should align near 1)."),
             _section("Corrected effects at a glance", by_model,
                      "Per model, source and comparison: comparisons declared, and how many survive BH-FDR "
                      "(q < 0.05) and Bonferroni (p < 0.05) across the model's whole family (every source × "
