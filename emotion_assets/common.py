@@ -11,12 +11,12 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-import yaml
 from pydantic import Field, field_validator
 
 from emotion_assets.profiles import Profile, get_profile
 from emotion_assets.registry import DATA_DIR
 from emotion_assets.timing import TimingRecord, timed
+from emotion_assets.yaml_loading import load_yaml
 from resources.device import available_devices
 from resources.storage import ArtifactStore, Publication, read_table
 from resources.tracking import TrackedRun, TrackingResource
@@ -142,7 +142,7 @@ def limit_for_run(frame: pd.DataFrame, profile: Profile) -> pd.DataFrame:
 
 
 def emotion_words(path: Path = EMOTION_WORDS_PATH) -> dict[str, list[str]]:
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = load_yaml(path, error=ValueError, label="Emotion word list")
     return {emotion: list(words or []) for emotion, words in raw["words"].items()}
 
 

@@ -325,9 +325,10 @@ def build_manifest(folder: Path) -> dict[str, dict[str, Any]]:
             or path.name.startswith(TMP_PREFIX)
         ):
             continue
+        stat = path.stat()
         files[path.relative_to(folder).as_posix()] = {
-            "sha256": file_sha256(path),
-            "size": path.stat().st_size,
+            "sha256": _sha256_once(path, stat),
+            "size": stat.st_size,
         }
     return files
 
@@ -434,7 +435,6 @@ def _new_version_id() -> str:
 
 def _publish(version: StagedVersion) -> None:
     """Manifest last inside the version, then one atomic pointer swap."""
-    (version.directory / WRITER_FILE).unlink(missing_ok=True)
     version.files = build_manifest(version.directory)
     version.digest = manifest_digest(version.files)
     manifest = {
@@ -449,6 +449,7 @@ def _publish(version: StagedVersion) -> None:
         "files": version.files,
     }
     write_json(version.directory / MANIFEST_FILE, manifest)
+    (version.directory / WRITER_FILE).unlink(missing_ok=True)  # the manifest now marks it finished
     _fsync_dir(version.directory)
     _swap_pointer(version.pointer, version.directory)
 
@@ -507,9 +508,15 @@ def _prune(pointer: Path, started_at: float) -> None:
 
 
 def _staging_is_stale(folder: Path) -> bool:
-    """An unpublished version whose writer is gone: dead on this host, or silent for a day elsewhere."""
+    """An unpublished version whose writer is gone: dead on this host, or silent for a day elsewhere.
+
+    A live writer records itself in ``.writer.json`` right after creating the folder; a folder without
+    that record was left between the two steps and is stale once older than the temporary-file grace.
+    """
     try:
         writer = json.loads((folder / WRITER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _newest_mtime(folder) < time.time() - STALE_TMP_GRACE_S
     except (OSError, ValueError):
         writer = {}
     if writer.get("host") == socket.gethostname() and isinstance(writer.get("pid"), int):

@@ -48,7 +48,8 @@ def _registry(tmp_path: Path, names: list[str], pairs: str = "[]") -> Path:
     entries = "".join(f"  {json.dumps(name)}: {MODEL_BODY}\n" for name in names)
     path = tmp_path / "models.yaml"
     path.write_text(
-        f"version: 1\ndefault_model: {json.dumps(names[0])}\nmodels:\n{entries}pairs: {pairs}\n", encoding="utf-8"
+        f"version: 1\ndefault_model: {json.dumps(names[0])}\nmodels:\n{entries}pairs: {pairs}\n",
+        encoding="utf-8",
     )
     return path
 
