@@ -11,14 +11,14 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-import yaml
 from pydantic import Field, field_validator
 
 from emotion_assets.profiles import Profile, get_profile
 from emotion_assets.registry import DATA_DIR
 from emotion_assets.timing import TimingRecord, timed
+from emotion_assets.yaml_loading import load_yaml
 from resources.device import available_devices
-from resources.storage import ArtifactStore, read_table
+from resources.storage import ArtifactStore, Publication, read_table
 from resources.tracking import TrackedRun, TrackingResource
 
 EMOTION_WORDS_PATH = DATA_DIR / "emotion_words.yaml"
@@ -113,6 +113,24 @@ def load_dataset(store: ArtifactStore, profile: str) -> pd.DataFrame:
     return read_table(store.existing(profile, DATASET_ASSET) / "prompts.parquet")
 
 
+def refuse_failing_checks(asset: str, partition: str, results: dict[str, dg.AssetCheckResult]) -> None:
+    """Raise inside a ``recorded`` block when a check fails, so the staged version is never published and
+    the last good version stays in place."""
+    failed = {name: result for name, result in results.items() if not result.passed}
+    if failed:
+        details = " ".join(f"{name}: {r.description}" for name, r in failed.items() if r.description)
+        raise dg.Failure(
+            description=f"{asset} for partition {partition!r} fails its blocking check(s) "
+            f"{', '.join(failed)}; it was not published and the last good version (if any) is kept. "
+            + (details + " " if details else "")
+            + "See the metadata for what failed, fix the input, then re-materialize.",
+            metadata={
+                name: json_metadata({k: getattr(v, "value", v) for k, v in result.metadata.items()})
+                for name, result in failed.items()
+            },
+        )
+
+
 def limit_for_run(frame: pd.DataFrame, profile: Profile) -> pd.DataFrame:
     """Apply a per-run ``max_samples_per_emotion`` to an already materialized dataset."""
     from emotion_assets.science.prompts import limit_per_emotion
@@ -126,7 +144,7 @@ def limit_for_run(frame: pd.DataFrame, profile: Profile) -> pd.DataFrame:
 
 
 def emotion_words(path: Path = EMOTION_WORDS_PATH) -> dict[str, list[str]]:
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = load_yaml(path, error=ValueError, label="Emotion word list")
     return {emotion: list(words or []) for emotion, words in raw["words"].items()}
 
 
@@ -172,6 +190,7 @@ class Recorder:
     timing: TimingRecord
     tracked: TrackedRun
     config: RunConfig | None
+    publication: Publication | None = None
 
     def metrics(self, **values: Any) -> None:
         self.tracked.log_metrics(values)
@@ -180,7 +199,13 @@ class Recorder:
         self.tracked.log_artifacts(*paths)
 
     def metadata(self) -> dict[str, dg.MetadataValue]:
-        return {**self.timing.metadata(), **self.tracked.metadata(), **config_metadata(self.config)}
+        published = self.publication.metadata() if self.publication is not None else {}
+        return {
+            **self.timing.metadata(),
+            **self.tracked.metadata(),
+            **config_metadata(self.config),
+            **published,
+        }
 
 
 @contextlib.contextmanager
@@ -196,7 +221,12 @@ def recorded(
     config: RunConfig | None,
     throughput_unit: str = "samples",
 ) -> Iterator[Recorder]:
-    """Time the body, append the timing row, and log params / metrics / artifacts to one MLflow run."""
+    """Time the body, record its timing, and log params / metrics / artifacts to one MLflow run.
+
+    The folders the body gets from ``store.directory(...)`` are new versions, published together when the
+    body succeeds (manifest, then an atomic pointer swap) and discarded when it raises; the published
+    manifest digest becomes the asset's Dagster data version unless the asset returns its own.
+    """
     asset = context.asset_key.to_user_string()
     params = {
         "asset": asset,
@@ -217,8 +247,14 @@ def recorded(
             run_id=context.run_id,
             throughput_unit=throughput_unit,
         ) as timing:
-            recorder = Recorder(timing=timing, tracked=tracked, config=config)
-            yield recorder
+            partition_key = str(context.partition_key) if context.has_partition_key else None
+            with store.publishing(partition_key=partition_key) as publication:
+                recorder = Recorder(timing=timing, tracked=tracked, config=config, publication=publication)
+                yield recorder
+        if timing.problem:
+            context.log.warning(timing.problem)
+        if publication.digest:
+            context.set_data_version(context.asset_key, dg.DataVersion(publication.digest))
         tracked.log_metrics(
             {
                 "elapsed_s": timing.elapsed_s,

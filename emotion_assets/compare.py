@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-DEFAULT_IGNORE = ("run_timings.*", "*.lock", "*.png", ".tmp-*")
+VERSIONS_DIR = ".versions"  # resources.storage.VERSIONS_DIR, not imported so the command stays light
+DEFAULT_IGNORE = ("run_timings.*", "run_timings", "manifest.json", "*.lock", "*.png", ".tmp-*")
 DEFAULT_IGNORE_KEYS = ("started_at", "run_id", "elapsed_s", "load_seconds", "throughput_per_s", "timing_*")
 ROOT_TOKEN = "<root>"
 TABLE_SUFFIXES = {".parquet", ".csv"}
@@ -578,8 +579,11 @@ def _ignored(relative: str, patterns: Sequence[str]) -> bool:
 
 
 def _walk(root: Path) -> set[str]:
+    """Files by reader path: version pointers (symlinks) are followed, the stored versions behind them and
+    the store's own bookkeeping (``.versions``) are not walked twice."""
     files: set[str] = set()
-    for directory, _, names in os.walk(root):
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if d != VERSIONS_DIR]
         for name in names:
             files.add((Path(directory) / name).relative_to(root).as_posix())
     return files

@@ -13,9 +13,11 @@ from emotion_assets.common import (
     json_metadata,
     load_dataset,
     recorded,
+    refuse_failing_checks,
 )
 from emotion_assets.partitions import profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.profiles import Profile
 from emotion_assets.science.prompts import (
     EMOTIONS,
     ROLE_STEERING,
@@ -94,6 +96,8 @@ def emotion_dataset(
 
         rec.artifacts(out)
         columns = ["id", "text", "emotion", "lang", "register", "split", "role", "n_words"]
+        # The blocking checks' logic runs on the staged table: a failing dataset is never published.
+        refuse_failing_checks("emotion_dataset", profile.name, dataset_gates(frame[columns], profile))
         write_table(out / "prompts.parquet", frame[columns], csv=True)
         source_sha = file_sha256(source)
         write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
@@ -155,7 +159,11 @@ def emotion_dataset_balance(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
     profile = effective_profile(context.partition_key, None)
-    frame = load_dataset(store, profile.name)
+    return balance_check(load_dataset(store, profile.name), profile)
+
+
+def balance_check(frame: pd.DataFrame, profile: Profile) -> dg.AssetCheckResult:
+    """The logic of ``emotion_dataset_balance`` on a prompt table."""
     frame = frame[fitting_mask(frame)]  # steering prompts fit nothing and do not count
     counts = frame.groupby(["emotion", "split"]).size().unstack(fill_value=0)
     missing = sorted(set(EMOTIONS) - set(counts.index))
@@ -179,7 +187,11 @@ def emotion_dataset_balance(
 def emotion_dataset_unique(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
-    frame = load_dataset(store, context.partition_key)
+    return uniqueness_check(load_dataset(store, context.partition_key))
+
+
+def uniqueness_check(frame: pd.DataFrame) -> dg.AssetCheckResult:
+    """The logic of ``emotion_dataset_unique`` on a prompt table."""
     normalized = frame["text"].map(normalize_text)
     duplicates = int(normalized.duplicated().sum())
     return dg.AssetCheckResult(
@@ -203,7 +215,11 @@ def emotion_dataset_surface_balance(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
     profile = effective_profile(context.partition_key, None)
-    frame = load_dataset(store, profile.name)
+    return surface_balance_check(load_dataset(store, profile.name), profile)
+
+
+def surface_balance_check(frame: pd.DataFrame, profile: Profile) -> dg.AssetCheckResult:
+    """The logic of ``emotion_dataset_surface_balance`` on a prompt table."""
     thresholds = profile.dataset.surface_balance
     problems = surface_balance_problems(prompt_surface(frame, all_emotion_words()), thresholds)
     table = pd.DataFrame(
@@ -230,6 +246,15 @@ def emotion_dataset_surface_balance(
             "max_length_ratio": float(thresholds.max_length_ratio),
         },
     )
+
+
+def dataset_gates(frame: pd.DataFrame, profile: Profile) -> dict[str, dg.AssetCheckResult]:
+    """Every blocking check of ``emotion_dataset`` run on a staged table, before it is published."""
+    return {
+        "emotion_dataset_balance": balance_check(frame, profile),
+        "emotion_dataset_unique": uniqueness_check(frame),
+        "emotion_dataset_surface_balance": surface_balance_check(frame, profile),
+    }
 
 
 def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFrame):

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emotion_assets.registry import DATA_DIR, PROJECT_ROOT
+from emotion_assets.yaml_loading import check_name, load_yaml
 
 DEFAULT_PROFILES_PATH = DATA_DIR / "profiles.yaml"
 POOLING_STRATEGIES = ("last", "mean", "emotion_tokens")
@@ -181,17 +181,13 @@ def profiles_path() -> Path:
 
 def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
     path = Path(path) if path is not None else profiles_path()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ProfileError(f"Profile file {path} does not exist.") from exc
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"Profile file {path} is not valid YAML: {exc}") from exc
+    raw = load_yaml(path, error=ProfileError, label="Profile file")
     if not isinstance(raw, dict) or not isinstance(raw.get("profiles"), dict) or not raw["profiles"]:
         raise ProfileError(f"Profile file {path} must contain a non-empty `profiles:` mapping.")
     profiles: dict[str, Profile] = {}
     problems: list[str] = []
     for name, body in raw["profiles"].items():
+        check_name(name, file=path, entry="profile name", error=ProfileError)
         if not isinstance(body, dict):
             problems.append(f"profiles.{name}: expected a mapping, got {type(body).__name__}")
             continue

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from emotion_assets.yaml_loading import check_name, load_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PROJECT_ROOT / "data"
@@ -183,16 +184,12 @@ def registry_path() -> Path:
 def load_registry(path: str | Path | None = None) -> ModelRegistry:
     """Read and validate the registry; every problem is reported with the entry it belongs to."""
     path = Path(path) if path is not None else registry_path()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RegistryError(f"Model registry {path} does not exist.") from exc
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"Model registry {path} is not valid YAML: {exc}") from exc
+    raw = load_yaml(path, error=RegistryError, label="Model registry")
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
         raise RegistryError(f"Model registry {path} must be a mapping with a `models:` mapping of entries.")
     models = {}
     problems = []
+    _check_names(path, raw)
     for name, entry in raw["models"].items():
         if not isinstance(entry, dict):
             problems.append(f"models.{name}: expected a mapping of fields, got {type(entry).__name__}")
@@ -229,3 +226,17 @@ def _format_validation(prefix: str, exc: ValidationError) -> list[str]:
         where = ".".join(p for p in (prefix, loc) if p)
         lines.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
     return lines
+
+
+def _check_names(path: Path, raw: dict) -> None:
+    """Model names and pair entries become folder names and partition keys: refuse unsafe ones."""
+    for name in raw["models"]:
+        check_name(name, file=path, entry="model name", error=RegistryError, model=True)
+    pairs = raw.get("pairs", [])
+    if not isinstance(pairs, list):
+        raise RegistryError(f"{path}: `pairs` must be a list of [MODEL_A, MODEL_B] entries.")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise RegistryError(f"{path}: pairs[{i}] must be a [MODEL_A, MODEL_B] list, got {pair!r}.")
+        for side in pair:
+            check_name(side, file=path, entry=f"pairs[{i}] model", error=RegistryError, model=True)

@@ -17,7 +17,7 @@ from emotion_assets.heads import emotion_circuits
 from emotion_assets.partitions import profile_partitions, profile_to_model_profile
 from emotion_assets.plots import markdown_table
 from emotion_assets.statistics import patching_statistics, rollup_frames
-from emotion_assets.timing import TIMINGS_FILE
+from emotion_assets.timing import read_timings
 from jobs.jobs import REPORT_GROUP
 from resources.storage import ArtifactStore, read_json, read_table, write_bytes, write_table
 from resources.tracking import TrackingResource
@@ -236,7 +236,9 @@ def findings_report(
         circuits = _stack(sorted(base.glob("emotion_circuits/*/summary.parquet")), "model")
         alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
         chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
-        timings = _read(base / TIMINGS_FILE)
+        timings, timing_problems = read_timings(base)
+        for problem in timing_problems:
+            context.log.warning(f"Skipped an unreadable timing record: {problem}")
         slowest = None
         if timings is not None:
             slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
@@ -290,6 +292,7 @@ def findings_report(
             "path": dg.MetadataValue.path(str(out / "findings.html")),
             "markdown": dg.MetadataValue.path(str(out / "findings.md")),
             "report": dg.MetadataValue.md(markdown[:20000]),
+            "timing_record_problems": dg.MetadataValue.json(timing_problems),
             **rec.metadata(),
         }
     )
@@ -297,9 +300,7 @@ def findings_report(
 
 def _html(markdown: str, base: Path) -> str:
     """A self-contained page: the Markdown tables as preformatted sections plus every plot inlined."""
-    import markdown as md_lib
-
-    body = md_lib.markdown(markdown, extensions=["tables"])
+    body = safe_markdown_html(markdown)
     figures = []
     for png in sorted(base.glob("*/*/*.png")) + sorted(base.glob("*/*.png")):
         data = base64.b64encode(png.read_bytes()).decode("ascii")
@@ -311,3 +312,16 @@ def _html(markdown: str, base: Path) -> str:
              "figure{display:inline-block;margin:8px}img{max-width:520px}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Findings</title><style>{style}</style>"
             f"</head><body>{body}<h2>Plots</h2>{''.join(figures)}</body></html>")  # fmt: skip
+
+
+def safe_markdown_html(markdown: str) -> str:
+    """Markdown to HTML with raw HTML escaped and links left as text: profile descriptions and table cells
+    come from user files, and the page must not run or link to anything they contain."""
+    import markdown as md_lib
+
+    converter = md_lib.Markdown(extensions=["tables"])
+    converter.preprocessors.deregister("html_block")
+    for pattern in ("html", "link", "image_link", "reference", "image_reference", "short_reference",
+                    "short_image_ref", "autolink", "automail"):  # fmt: skip
+        converter.inlinePatterns.deregister(pattern)
+    return converter.convert(markdown)

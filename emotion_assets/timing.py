@@ -1,11 +1,18 @@
-"""Per-materialization timing records: metadata on the asset plus a per-profile timing table."""
+"""Per-materialization timing records: metadata on the asset plus one timing file per run and asset.
+
+Each materialization writes its own row to ``<root>/<profile>/run_timings/<...>.parquet`` (no shared file
+to rewrite, lock or corrupt); :func:`read_timings` gathers them (and a ``run_timings.parquet`` written
+before per-run files). Timing is a side record: a problem writing or reading it is reported as a warning
+and in metadata, never fatal to the run.
+"""
 
 from __future__ import annotations
 
-import fcntl
 import resource
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -16,9 +23,16 @@ import dagster as dg
 import pandas as pd
 import torch
 
-from resources.storage import atomic_path
+from resources.storage import (
+    STALE_TMP_GRACE_S,
+    ArtifactError,
+    atomic_path,
+    clean_stale_temporaries,
+    read_table,
+)
 
-TIMINGS_FILE = "run_timings.parquet"
+TIMINGS_FILE = "run_timings.parquet"  # the single table of earlier versions, still read
+TIMINGS_DIR = "run_timings"
 
 
 @dataclass
@@ -36,9 +50,12 @@ class TimingRecord:
     throughput_unit: str = "samples"
     peak_memory_mb: float = 0.0
     memory_kind: str = "process_peak_rss"
+    problem: str = ""
 
     def metadata(self) -> dict[str, dg.MetadataValue]:
+        extra = {"timing_record_problem": dg.MetadataValue.text(self.problem)} if self.problem else {}
         return {
+            **extra,
             "timing_elapsed_s": dg.MetadataValue.float(round(self.elapsed_s, 3)),
             "timing_samples": dg.MetadataValue.int(self.samples),
             f"timing_{self.throughput_unit}_per_s": dg.MetadataValue.float(round(self.throughput_per_s, 2)),
@@ -67,7 +84,7 @@ def timed(
     run_id: str = "",
     throughput_unit: str = "samples",
 ) -> Iterator[TimingRecord]:
-    """Time the body; the caller sets ``record.samples``. Appends to ``<root>/<profile>/run_timings``."""
+    """Time the body; the caller sets ``record.samples``. Writes ``<root>/<profile>/run_timings/*.parquet``."""
     record = TimingRecord(
         phase=phase,
         asset=asset,
@@ -85,15 +102,35 @@ def timed(
     record.elapsed_s = time.perf_counter() - start
     record.throughput_per_s = record.samples / record.elapsed_s if record.elapsed_s > 0 else 0.0
     record.peak_memory_mb, record.memory_kind = _peak_memory_mb(device)
-    append_timing(Path(results_root) / profile / TIMINGS_FILE, record)
+    try:
+        write_timing(Path(results_root) / profile / TIMINGS_DIR, record)
+    except Exception as exc:  # a side record: report it, never fail the materialization over it
+        record.problem = f"timing record not written: {type(exc).__name__}: {exc}"
+        warnings.warn(record.problem, stacklevel=2)
 
 
-def append_timing(path: Path, record: TimingRecord) -> None:
-    """Append one row under a file lock (several processes may finish steps at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-        frame = pd.concat([frame, pd.DataFrame([asdict(record)])], ignore_index=True)
-        with atomic_path(path) as tmp:
-            frame.to_parquet(tmp, index=False)
+def write_timing(folder: Path, record: TimingRecord) -> Path:
+    """One small parquet file per materialization; stale temporaries of killed writers are removed."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    run = "".join(c for c in record.run_id if c.isalnum())[:8] or "norun"
+    path = folder / f"{stamp}-{record.asset}-{record.model}-{run}-{uuid.uuid4().hex[:6]}.parquet"
+    row = {k: v for k, v in asdict(record).items() if k != "problem"}
+    with atomic_path(path) as tmp:
+        pd.DataFrame([row]).to_parquet(tmp, index=False)
+    clean_stale_temporaries(folder, time.time() - STALE_TMP_GRACE_S)
+    return path
+
+
+def read_timings(profile_dir: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    """Every timing row of a profile, and one line per unreadable timing file (skipped, never fatal)."""
+    profile_dir = Path(profile_dir)
+    files = sorted((profile_dir / TIMINGS_DIR).glob("*.parquet"))
+    if (profile_dir / TIMINGS_FILE).exists():
+        files.insert(0, profile_dir / TIMINGS_FILE)
+    frames, problems = [], []
+    for path in files:
+        try:
+            frames.append(read_table(path))
+        except (ArtifactError, OSError) as exc:
+            problems.append(f"{path}: {exc}. Delete the file; it only records how long a run took.")
+    return (pd.concat(frames, ignore_index=True) if frames else None), problems

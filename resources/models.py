@@ -45,6 +45,7 @@ from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
+from resources.storage import build_manifest, follow_umask, verify_files
 
 
 class ModelUnavailableError(RuntimeError):
@@ -341,12 +342,35 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _check_converted_cache(
+    target: Path, record_path: Path, gguf_path: Path, gguf_size: int
+) -> tuple[dict, list[str]]:
+    """The cache record and why the converted folder cannot be used (empty when it can).
+
+    The record lists the sha256 and size of every converted file; a truncated, edited or half-deleted
+    cache, or one converted from another GGUF file, does not match and is rebuilt.
+    """
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {}, [f"unreadable {record_path.name}: {exc}"]
+    problems = []
+    if record.get("size") != gguf_size or record.get("gguf_file") != str(gguf_path):
+        problems.append(f"converted from another GGUF file ({record.get('gguf_file')})")
+    if not isinstance(record.get("files"), dict) or not record["files"]:
+        problems.append("no per-file sha256 record (written by an older version)")
+    else:
+        problems += verify_files(target, record["files"])
+    return record, problems
+
+
 def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -> tuple[Path, dict]:
     """Convert the embedded GGUF file once to a safetensors directory; reuse it afterwards.
 
-    De-quantising the GGUF file takes ~20 s, loading the cached directory ~0.1 s. The cache is keyed by
-    the source file's sha256 and written to a temporary folder that is renamed into place, under a file
-    lock, so concurrent processes never see a half-written cache.
+    De-quantising the GGUF file takes ~20 s, loading the cached directory ~0.1 s. The cache records the
+    source file's sha256 and the sha256 and size of every converted file, checked on each use (a cache that
+    does not match is rebuilt), and is written to a temporary folder that is renamed into place, under a
+    file lock, so concurrent processes never see a half-written cache.
     """
     gguf_path = _package_dir(src.package, src.install, model_name) / src.file
     if not gguf_path.exists():
@@ -360,9 +384,14 @@ def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -
         fcntl.flock(lock, fcntl.LOCK_EX)
         stat = gguf_path.stat()
         if record_path.exists():
-            record = json.loads(record_path.read_text())
-            if record.get("size") == stat.st_size and record.get("gguf_file") == str(gguf_path):
-                return target, {**record, "cached": True}
+            record, problems = _check_converted_cache(target, record_path, gguf_path, stat.st_size)
+            if not problems:
+                return target, {**_provenance(record), "cached": True}
+            dg.get_dagster_logger().warning(
+                f"Model cache {target} does not match its record ({'; '.join(problems)}); rebuilding it."
+            )
+        for stale in cache_dir.glob(f".tmp-{model_name}-*"):  # under the lock: left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
         sha = sha256_of(gguf_path)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=cache_dir))
         try:
@@ -381,12 +410,19 @@ def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -
                 "sha256": sha,
                 "size": stat.st_size,
                 "converted_to": "safetensors fp32",
+                "files": build_manifest(tmp),  # checked on every later use
             }
             (tmp / "source.json").write_text(json.dumps(record, indent=2))
+            follow_umask(tmp, directory=True)  # mkdtemp makes it 0700
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return target, {**record, "cached": False}
+    return target, {**_provenance(record), "cached": False}
+
+
+def _provenance(record: dict) -> dict:
+    """The cache record without its per-file hashes (those are for checking the cache, not for metadata)."""
+    return {k: v for k, v in record.items() if k != "files"}

@@ -67,7 +67,10 @@ def test_vectors_subspaces_and_checks(smoke_study):
 
 
 def test_timing_records_every_phase(smoke_study):
-    timings = pd.read_parquet(smoke_study.results / SMOKE / "run_timings.parquet")
+    from emotion_assets.timing import read_timings
+
+    timings, problems = read_timings(smoke_study.results / SMOKE)
+    assert problems == []
     assert {"emotion_dataset", "activations", "emotion_vectors", "emotion_subspaces"} <= set(timings["asset"])
     assert (timings["elapsed_s"] > 0).all() and (timings["peak_memory_mb"] > 0).all()
 

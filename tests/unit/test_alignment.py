@@ -403,10 +403,11 @@ def _write_fake_activations(root, corrupt_steering: bool) -> None:
         x_a[steering], x_b[steering] = 1e3 * rng.standard_normal(x_a[steering].shape), 0.0
     store = ArtifactStore(root_dir=str(root))
     for model, x, bounds in (("smollm2-135m", x_a, bounds_a), ("minilm-l6", x_b, bounds_b)):
-        folder = store.directory("smoke", "activations", model)
-        tensors = {"last": torch.from_numpy(x).float(), "boundaries": torch.tensor(bounds)}
-        write_tensors(folder / ACTIVATIONS_FILE, tensors)
-        write_table(folder / INDEX_FILE, index)
+        with store.publishing():
+            folder = store.directory("smoke", "activations", model)
+            tensors = {"last": torch.from_numpy(x).float(), "boundaries": torch.tensor(bounds)}
+            write_tensors(folder / ACTIVATIONS_FILE, tensors)
+            write_table(folder / INDEX_FILE, index)
 
 
 def test_asset_writes_specificity_and_ignores_steering_rows(tmp_path):

@@ -246,20 +246,28 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_surface_check_blocks_an_unbalanced_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emotion_assets.dataset import surface_balance_check
+    from emotion_assets.profiles import get_profile
+    from emotion_assets.science.prompts import load_prompts
+
     rows = [r for k, e in enumerate(EMOTION_CLASSES) for r in _rows(e, seed=k, ends=("!",))]
     rows += _rows("neutral", seed=99, ends=(".",), starts=("She", "They", ""))
-    result = _materialize(tmp_path, monkeypatch, _write_jsonl(tmp_path / "unbalanced.jsonl", rows))
-    (evaluation,) = result.get_asset_check_evaluations()
-    assert evaluation.check_name == "emotion_dataset_surface_balance" and not evaluation.passed
+    unbalanced = _write_jsonl(tmp_path / "unbalanced.jsonl", rows)
+    # The check's logic names the features, the classes and the fix.
+    evaluation = surface_balance_check(load_prompts(unbalanced), get_profile("smoke"))
     metadata = evaluation.metadata
+    assert not evaluation.passed
     assert {"exclamation", "first_second_person"} <= set(metadata["features"].value)
     assert set(metadata["classes"].value) == set(EMOTION_CLASSES)
     assert "role: steering_prompt" in metadata["problems"].value
     assert "exclamation" in evaluation.description and "Fix:" in evaluation.description
-    # The asset itself wrote the surface table with the role column next to the prompts.
-    folder = tmp_path / "results" / "smoke" / "emotion_dataset"
-    assert "role" in pd.read_parquet(folder / "prompts.parquet").columns
-    assert set(pd.read_csv(folder / "surface.csv")["register"]) == {*REGISTERS, ALL_REGISTERS}
+    # The asset runs it before publishing: it fails with that message and publishes nothing.
+    result = _materialize(tmp_path, monkeypatch, unbalanced)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "emotion_dataset_surface_balance" in message and "exclamation" in message and "Fix:" in message
+    assert not (tmp_path / "results" / "smoke" / "emotion_dataset" / "prompts.parquet").exists()
 
 
 def test_surface_check_passes_the_shipped_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
