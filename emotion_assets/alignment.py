@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 
 from emotion_assets.activations import activations, load_activations
-from emotion_assets.common import RunConfig, effective_profile, recorded
+from emotion_assets.common import RunConfig, effective_profile, json_metadata, recorded
+from emotion_assets.confounds import audit_flags, confound_audit
 from emotion_assets.partitions import REGISTRY, pair_and_profile, pair_profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.alignment import (
@@ -83,7 +84,10 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
 @dg.asset(
     partitions_def=pair_profile_partitions,
     group_name=ALIGNMENT_GROUP,
-    deps=[dg.AssetDep(activations, partition_mapping=_pair_mapping())],
+    deps=[
+        dg.AssetDep(activations, partition_mapping=_pair_mapping()),
+        dg.AssetDep(confound_audit, partition_mapping=_pair_mapping()),
+    ],
     kinds={"numpy"},
     code_version="2",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
@@ -172,6 +176,11 @@ def subspace_alignment(
             ),
         }  # fmt: skip
         n_headline = int(sweep["headline_beats_null"].sum())
+        # The audit's word on each side's emotion vectors at the shown layer pair.
+        flags = {
+            model: audit_flags(store, profile_name, model, strategy, [int(shown[column])])
+            for model, column in ((model_a, "layer_a"), (model_b, "layer_b"))
+        }
         best_metrics = (
             {}
             if best is None
@@ -186,6 +195,7 @@ def subspace_alignment(
             "path": dg.MetadataValue.path(str(out / "alignment_sweep.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(sweep)),
             "layer_pairs": dg.MetadataValue.json([list(p) for p in layer_pairs]),
+            "confound_flags": json_metadata(flags),
             "n_headline_rows": dg.MetadataValue.int(n_headline),
             **_headline_metadata(best, shown, cell),
             "fraction_beats_null": dg.MetadataValue.float(float(sweep["beats_null"].mean())),

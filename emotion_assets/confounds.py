@@ -116,6 +116,25 @@ def key_numbers(audit: ConfoundAudit, focus: list[int], first_strategy: str) -> 
     }
 
 
+def audit_flags(
+    store: ArtifactStore, profile: str, model: str, strategy: str, boundaries: list[int]
+) -> list[dict[str, Any]]:
+    """The confound audit's flagged vectors of one pooling at ``boundaries`` (what a downstream result
+    that uses those vectors must be read with): emotion, boundary, worst nuisance, its cosine, reason."""
+    audit = read_table(store.existing(profile, "confound_audit", model) / VECTOR_AUDIT_FILE)
+    rows = audit[(audit["strategy"] == strategy) & audit["boundary"].isin(boundaries) & audit["flagged"]]
+    return [
+        {
+            "emotion": str(r.emotion),
+            "boundary": int(r.boundary),
+            "worst_nuisance": str(r.worst_nuisance),
+            "max_abs_cosine": _finite(r.max_abs_cosine),
+            "reason": str(r.reason),
+        }
+        for r in rows.itertuples()
+    ]
+
+
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,

@@ -27,10 +27,12 @@ from emotion_assets.common import (
     RunConfig,
     all_emotion_words,
     effective_profile,
+    json_metadata,
     limit_for_run,
     load_dataset,
     recorded,
 )
+from emotion_assets.confounds import audit_flags, confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
 from emotion_assets.partitions import (
     REGISTRY,
@@ -195,7 +197,11 @@ SCREEN_HEADS_PER_PASS = 288
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
-    deps=[emotion_vectors, dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
+    deps=[
+        emotion_vectors,
+        confound_audit,
+        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
+    ],
     kinds={"pytorch", "parquet"},
     code_version="2",
     pool="model",
@@ -307,6 +313,10 @@ def head_screening(
             "dg.row_count": dg.MetadataValue.int(len(screening)),
             "n_heads": dg.MetadataValue.int(len(every_head)),
             "readout_boundary": dg.MetadataValue.int(n_layers),
+            # The readout is the emotion vector at the final boundary: what the confound audit says of it.
+            "confound_flags": json_metadata(
+                audit_flags(store, profile_name, model_name, strategy, [n_layers])
+            ),
             "top_heads": markdown_table(top, max_rows=3 * profile.heads.top_n),
             "correlations": markdown_table(correlations),
             **plots,

@@ -9,11 +9,13 @@ from emotion_assets.activations import load_activations
 from emotion_assets.common import (
     RunConfig,
     effective_profile,
+    json_metadata,
     limit_for_run,
     load_dataset,
     progress_logger,
     recorded,
 )
+from emotion_assets.confounds import audit_flags, confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
@@ -61,7 +63,11 @@ def shift_table(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=STEERING_GROUP,
-    deps=[emotion_vectors, dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
+    deps=[
+        emotion_vectors,
+        confound_audit,
+        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
+    ],
     kinds={"pytorch", "parquet"},
     code_version="2",
     pool="model",
@@ -157,6 +163,8 @@ def residual_patching(
             "dg.row_count": dg.MetadataValue.int(len(scored)),
             "n_prompts": dg.MetadataValue.int(len(prompts)),
             "steering_prompts_role": dg.MetadataValue.text(prompts_role),
+            # What the confound audit says of the steered vectors: read every shift with it.
+            "confound_flags": json_metadata(audit_flags(store, profile_name, model_name, strategy, layers)),
             "n_conditions": dg.MetadataValue.int(len(conditions)),
             "generated_tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
             "best_per_emotion": markdown_table(best),

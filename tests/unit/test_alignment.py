@@ -408,6 +408,12 @@ def _write_fake_activations(root, corrupt_steering: bool) -> None:
             tensors = {"last": torch.from_numpy(x).float(), "boundaries": torch.tensor(bounds)}
             write_tensors(folder / ACTIVATIONS_FILE, tensors)
             write_table(folder / INDEX_FILE, index)
+        with store.publishing():  # the alignment reads the audit's flags of both sides
+            audit = pd.DataFrame(
+                {"strategy": "last", "boundary": bounds, "emotion": "anger", "flagged": False,
+                 "worst_nuisance": "length", "max_abs_cosine": 0.1, "reason": ""}
+            )  # fmt: skip
+            write_table(store.directory("smoke", "confound_audit", model) / "vector_audit.parquet", audit)
 
 
 def test_asset_writes_specificity_and_ignores_steering_rows(tmp_path):
