@@ -39,10 +39,13 @@ def handles() -> tuple[ModelHandle, ModelHandle]:
 
 
 def _prompts() -> dict[str, list[str]]:
-    """Every neutral train prompt, the first neutral eval and per-emotion train prompts, in file order."""
+    """Every neutral train fitting prompt, the first neutral eval and per-emotion train fitting prompts, in
+    file order (steering-only openings fit nothing, as in the alignment asset)."""
     rows = [json.loads(line) for line in (DATA_DIR / "prompts" / "emotion_prompts.jsonl").open()]
     out: dict[str, list[str]] = {}
     for row in rows:
+        if row.get("role", "fit") != "fit":
+            continue
         key = row["emotion"] if row["emotion"] != "neutral" else f"neutral_{row['split']}"
         if row["emotion"] == "neutral" or row["split"] == "train":
             out.setdefault(key, []).append(row["text"])
