@@ -225,7 +225,11 @@ def finite_check(pooled: dict[str, torch.Tensor], n_prompts: int, n_boundaries: 
     has one row per prompt and one column per boundary."""
     non_finite = {s: int((~torch.isfinite(t)).sum()) for s, t in pooled.items()}
     rows_match = all(t.shape[0] == n_prompts and t.shape[1] == n_boundaries for t in pooled.values())
-    problems = [f"{s}: {n} non-finite values" for s, n in non_finite.items() if n]
+    problems = [
+        f"{s}: {int((~torch.isfinite(t)).any(dim=-1).sum())} non-finite vector(s) (prompt × boundary)"
+        for s, t in pooled.items()
+        if non_finite[s]
+    ]
     if not rows_match:
         shapes = {s: list(t.shape) for s, t in pooled.items()}
         problems.append(f"shapes {shapes} do not match {n_prompts} prompts × {n_boundaries} boundaries")
