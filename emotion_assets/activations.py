@@ -12,11 +12,12 @@ from emotion_assets.common import (
     limit_for_run,
     load_dataset,
     recorded,
+    refuse_failing_checks,
 )
 from emotion_assets.dataset import emotion_dataset
 from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import line_plot, markdown_table, save_figure
-from emotion_assets.profiles import Profile
+from emotion_assets.profiles import Profile, ProfileError, profiles_path
 from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
 from emotion_assets.science.residual import residual_norm_table, sink_exclusion_table
 from jobs.jobs import REPRESENTATION_GROUP
@@ -30,11 +31,29 @@ SINKS_FILE = "sinks.safetensors"  # sink_excluded, token_norm: [n_prompts, n_bou
 
 
 def capture_boundaries(profile: Profile, handle: ModelHandle) -> list[int]:
-    """The profile's boundaries plus, for causal LMs, every steered layer (vectors are read where added)."""
-    chosen = set(profile.boundaries(handle.geometry.n_layers))
+    """The profile's boundaries plus, for causal LMs, every steered layer (vectors are read where added).
+
+    A steered layer the model does not have is an error here, before anything is captured: steering adds
+    to resid_pre of a block, so blocks 0..n_layers-1 can be steered.
+    """
+    n_layers = handle.geometry.n_layers
+    chosen = set(profile.boundaries(n_layers))
     if handle.spec.can_generate:
-        chosen |= {layer for layer in profile.steering.layers if layer < handle.geometry.n_layers}
+        check_steering_layers(profile, handle.name, n_layers)
+        chosen |= set(profile.steering.layers)
     return sorted(chosen)
+
+
+def check_steering_layers(profile: Profile, model: str, n_layers: int) -> None:
+    """Refuse ``steering.layers`` outside the model's blocks, naming them, the valid range and the field."""
+    bad = sorted({layer for layer in profile.steering.layers if not 0 <= layer < n_layers})
+    if bad:
+        raise ProfileError(
+            f"Profile {profile.name!r} field steering.layers has {bad}, which {model} does not have: it has "
+            f"{n_layers} blocks, so steerable layers (resid_pre of a block) are 0..{n_layers - 1}. Change "
+            f"steering.layers in {profiles_path()}, or run {model} under a profile whose steering layers "
+            "fit it."
+        )
 
 
 def load_activations(
@@ -106,8 +125,17 @@ def activations(
             batch_size=profile.batch_size,
             exclude_first=profile.sinks.exclude_first,
             norm_ratio=profile.sinks.norm_ratio,
+            max_length=profile.max_prompt_tokens,
+            prompt_ids=prompts["id"].astype(str).tolist(),
+            length_setting=f"max_prompt_tokens of profile {profile_name!r} (tokens of {model_name})",
         )
         rec.timing.samples = int(result.n_tokens.sum())
+        # The blocking check's logic runs on the staged tensors: failing activations are never published.
+        refuse_failing_checks(
+            "activations",
+            str(context.partition_key),
+            {"activations_finite": finite_check(result.pooled, len(prompts), len(boundaries))},
+        )
 
         out = store.directory(profile_name, "activations", model_name)
 
@@ -189,9 +217,26 @@ def activations(
 def activations_finite(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     tensors, index, boundaries = load_activations(store, profile_name, model_name)
-    non_finite = {s: int((~torch.isfinite(t)).sum()) for s, t in tensors.items()}
-    rows_match = all(t.shape[0] == len(index) and t.shape[1] == len(boundaries) for t in tensors.values())
+    return finite_check(tensors, len(index), len(boundaries))
+
+
+def finite_check(pooled: dict[str, torch.Tensor], n_prompts: int, n_boundaries: int) -> dg.AssetCheckResult:
+    """The logic of ``activations_finite``: every ``[n_prompts, n_boundaries, d_model]`` tensor is finite and
+    has one row per prompt and one column per boundary."""
+    non_finite = {s: int((~torch.isfinite(t)).sum()) for s, t in pooled.items()}
+    rows_match = all(t.shape[0] == n_prompts and t.shape[1] == n_boundaries for t in pooled.values())
+    problems = [
+        f"{s}: {int((~torch.isfinite(t)).any(dim=-1).sum())} non-finite vector(s) (prompt × boundary)"
+        for s, t in pooled.items()
+        if non_finite[s]
+    ]
+    if not rows_match:
+        shapes = {s: list(t.shape) for s, t in pooled.items()}
+        problems.append(f"shapes {shapes} do not match {n_prompts} prompts × {n_boundaries} boundaries")
     return dg.AssetCheckResult(
-        passed=rows_match and not any(non_finite.values()),
+        passed=not problems,
+        description="; ".join(problems) + ". Check the model dtype (try float32) and the weights."
+        if problems
+        else "Every pooled activation is finite and matches the index.",
         metadata={"non_finite_values": non_finite, "rows_match_index": rows_match},
     )

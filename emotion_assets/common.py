@@ -237,6 +237,11 @@ def recorded(
         **flatten("profile", profile.model_dump(exclude={"name", "description"})),
     }
     with tracking.track(context, asset, params=params) as tracked:
+        for run_id in tracked.orphans_ended:
+            context.log.warning(
+                f"MLflow run {run_id} was left RUNNING by a process of this host that is gone (killed or "
+                "crashed); it is now marked KILLED with a note."
+            )
         with timed(
             store.root,
             phase=phase,

@@ -184,6 +184,8 @@ def confound_audit(
                 texts, boundaries=boundaries, strategies=list(pooled), batch_size=profile.batch_size,
                 emotion_words=all_emotion_words(),
                 exclude_first=profile.sinks.exclude_first, norm_ratio=profile.sinks.norm_ratio,
+                max_length=profile.max_prompt_tokens,
+                length_setting=f"max_prompt_tokens of profile {profile_name!r} (counterfactual edits)",
             ).pooled,
             validation_sets=validation, score_texts=suite.score if suite else None, label_columns=EMOTION_COLUMNS,
             cosine_threshold=config.cosine_threshold, baseline_margin=config.baseline_margin,

@@ -24,6 +24,7 @@ from emotion_assets.science.prompts import (
     assign_splits,
     dataset_summary,
     fitting_mask,
+    given_splits,
     limit_per_emotion,
     load_prompts,
     normalize_text,
@@ -84,7 +85,15 @@ def emotion_dataset(
         throughput_unit="prompts",
     ) as rec:
         frame = load_prompts(source, max_imbalance_ratio=profile.dataset.max_imbalance_ratio)
+        splits_given = int(given_splits(frame).sum())
+        splits_assigned = len(frame) - splits_given
         frame = assign_splits(frame, eval_fraction=profile.dataset.eval_fraction, seed=profile.seed)
+        if splits_given and splits_assigned:
+            context.log.warning(
+                f"{splits_given} of {len(frame)} prompts in {source.name} give a split and keep it; the "
+                f"other {splits_assigned} were assigned (eval_fraction {profile.dataset.eval_fraction}, "
+                f"seed {profile.seed}). Give every row a split, or none, to make this explicit."
+            )
         if profile.samples_per_emotion is not None:
             frame = limit_per_emotion(frame, profile.samples_per_emotion, profile.seed)
         frame = frame.sort_values(["emotion", "split", "id"]).reset_index(drop=True)
@@ -100,7 +109,15 @@ def emotion_dataset(
         refuse_failing_checks("emotion_dataset", profile.name, dataset_gates(frame[columns], profile))
         write_table(out / "prompts.parquet", frame[columns], csv=True)
         source_sha = file_sha256(source)
-        write_json(out / "summary.json", {**summary, "source": str(source), "source_sha256": source_sha})
+        write_json(
+            out / "summary.json",
+            {
+                **summary,
+                "source": str(source),
+                "source_sha256": source_sha,
+                "splits": {"given": splits_given, "assigned": splits_assigned},
+            },
+        )
 
         surface = surface_table(prompt_surface(frame, all_emotion_words()))  # fitting prompts only
         write_table(out / SURFACE_FILE, surface, csv=True)
@@ -130,6 +147,9 @@ def emotion_dataset(
             "source_sha256": dg.MetadataValue.text(source_sha),
             "counts_by_emotion_role_and_split": markdown_table(counts),
             "n_steering_prompts": dg.MetadataValue.int(int((frame["role"] == ROLE_STEERING).sum())),
+            # Of the source file's rows: splits kept as given, and splits assigned here.
+            "splits_given": dg.MetadataValue.int(splits_given),
+            "splits_assigned": dg.MetadataValue.int(splits_assigned),
             "surface_table": markdown_table(surface, max_rows=len(surface), floatfmt=".3f"),
             "surface_table_all_registers": markdown_table(
                 surface[surface["register"] == ALL_REGISTERS], floatfmt=".3f"

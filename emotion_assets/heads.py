@@ -31,6 +31,7 @@ from emotion_assets.common import (
     limit_for_run,
     load_dataset,
     recorded,
+    refuse_failing_checks,
 )
 from emotion_assets.confounds import audit_flags, confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
@@ -73,7 +74,6 @@ from resources.tracking import TrackingResource
 
 NEUTRAL = "neutral"
 SENTIMENT = "sentiment_compound"
-MAX_LENGTH = 128
 N_RANDOM_SEEDS = 2
 SCREENING_ASSET = "head_screening"
 PATCHING_ASSET = "head_patching"
@@ -112,9 +112,10 @@ class PromptPair:
 
 
 def prompt_pair(
-    handle: ModelHandle, frame: pd.DataFrame, emotion: str, max_prompts: int | None
+    handle: ModelHandle, frame: pd.DataFrame, emotion: str, max_prompts: int | None, max_tokens: int
 ) -> PromptPair:
-    """Pair the first ``n`` eval prompts of ``emotion`` and of neutral (``n`` = the smaller count)."""
+    """Pair the first ``n`` eval prompts of ``emotion`` and of neutral (``n`` = the smaller count); a
+    prompt over ``max_tokens`` (the profile's ``max_prompt_tokens``) is an error, never cut."""
     emo = eval_prompts(frame, emotion, max_prompts)
     neu = eval_prompts(frame, NEUTRAL, max_prompts)
     n = min(len(emo), len(neu))
@@ -122,8 +123,9 @@ def prompt_pair(
         raise ValueError(f"No eval prompts to pair for {emotion!r} and {NEUTRAL!r}.")
     emo, neu = emo.head(n).reset_index(drop=True), neu.head(n).reset_index(drop=True)
     enc = tokenize_prompts(
-        handle.tokenizer, emo["text"].tolist() + neu["text"].tolist(), all_emotion_words(), MAX_LENGTH
-    )
+        handle.tokenizer, emo["text"].tolist() + neu["text"].tolist(), all_emotion_words(), max_tokens,
+        ids=emo["id"].astype(str).tolist() + neu["id"].astype(str).tolist(), setting="max_prompt_tokens",
+    )  # fmt: skip
     keys = ("input_ids", "attention_mask", "emotion_mask")
     first = {k: enc[k][:n].to(handle.device) for k in keys}
     second = {k: enc[k][n:].to(handle.device) for k in keys}
@@ -245,7 +247,7 @@ def head_screening(
         tables, corr_rows = [], []
         for number, emotion in enumerate(emotions, start=1):
             context.log.info(f"Screening {len(every_head)} heads for {emotion} ({number} of {len(emotions)})")
-            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
             direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
             ids, mask = trimmed(pair.emotion_batch)
             ablation = screen_heads_by_ablation(
@@ -282,6 +284,12 @@ def head_screening(
         rec.timing.samples = len(every_head) * len(emotions)
         screening = pd.concat(tables, ignore_index=True)
         correlations = pd.DataFrame(corr_rows)
+        # The blocking check's logic runs on the staged table: an incomplete screen is never published.
+        refuse_failing_checks(
+            SCREENING_ASSET,
+            str(context.partition_key),
+            {"head_screening_complete": screening_check(screening, layout.n_layers, layout.n_heads)},
+        )
 
         out = store.directory(profile_name, SCREENING_ASSET, model_name)
         rec.artifacts(out)
@@ -332,16 +340,26 @@ def head_screening_complete(
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     spec = REGISTRY.get(model_name)
-    screening = load_screening(store, profile_name, model_name)
-    expected = {(ly, h) for ly in range(spec.layers) for h in range(spec.heads)}
+    return screening_check(load_screening(store, profile_name, model_name), spec.layers, spec.heads)
+
+
+def screening_check(screening: pd.DataFrame, n_layers: int, n_heads: int) -> dg.AssetCheckResult:
+    """The logic of ``head_screening_complete``: every ``(layer, head)`` scored once per emotion, finitely."""
+    expected = {(ly, h) for ly in range(n_layers) for h in range(n_heads)}
     missing = {}
     for emotion, rows in screening.groupby("emotion"):
         got = set(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True))
         if got != expected or len(rows) != len(expected):
             missing[str(emotion)] = len(expected - got) + abs(len(rows) - len(expected))
     finite = bool(np.isfinite(screening[["ablation_effect", "attribution"]].to_numpy()).all())
+    problems = [f"incomplete or repeated heads per emotion {missing}"] if missing else []
+    if not finite:
+        problems.append("non-finite ablation or attribution scores")
+    if screening["emotion"].nunique() == 0:
+        problems.append("no emotion was screened")
     return dg.AssetCheckResult(
-        passed=finite and not missing and screening["emotion"].nunique() > 0,
+        passed=not problems,
+        description="; ".join(problems) or "Every head is scored once per emotion, finitely.",
         metadata={
             "emotions": sorted(screening["emotion"].unique().tolist()),
             "heads_per_emotion": len(expected),
@@ -584,7 +602,10 @@ def head_patching(
         neutral_train = frame[
             ((frame["split"] == "train") & (frame["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(frame)
         ].sort_values("id")
-        enc = tokenize_prompts(handle.tokenizer, neutral_train["text"].tolist(), [], MAX_LENGTH)
+        enc = tokenize_prompts(
+            handle.tokenizer, neutral_train["text"].tolist(), [], profile.max_prompt_tokens,
+            ids=neutral_train["id"].astype(str).tolist(), setting="max_prompt_tokens",
+        )  # fmt: skip
         ids, mask = enc["input_ids"].to(handle.device), enc["attention_mask"].to(handle.device)
         mean_z = mean_head_outputs(
             capture_head_outputs(handle.model, ids, mask, range(layout.n_layers)), mask
@@ -593,7 +614,7 @@ def head_patching(
         rows = []
         for number, emotion in enumerate(emotions, start=1):
             context.log.info(f"Generating the {emotion} conditions ({number} of {len(emotions)})")
-            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
             top = top_heads(screening, emotion, top_n)
             randoms = [
                 (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
@@ -629,6 +650,10 @@ def head_patching(
         metrics = {e: [m for m in (TARGET_METRICS[e], SENTIMENT) if m in scored] for e in emotions}
         shifts = shift_table(scored, metrics)
         comparison = top_vs_random(shifts)
+        # The blocking check's logic runs on the staged table: an incomplete sweep is never published.
+        refuse_failing_checks(
+            PATCHING_ASSET, str(context.partition_key), {"head_patching_complete": patching_check(scored)}
+        )
 
         out = store.directory(profile_name, PATCHING_ASSET, model_name)
         rec.artifacts(out)
@@ -669,6 +694,12 @@ def head_patching_complete(
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+    return patching_check(scored)
+
+
+def patching_check(scored: pd.DataFrame) -> dg.AssetCheckResult:
+    """The logic of ``head_patching_complete``: every (emotion, condition) continues each of its emotion's
+    baseline prompts exactly once, and every kind of condition is there."""
     incomplete = []
     for (emotion, condition), group in scored.groupby(["emotion", "condition"]):
         expected = set(
@@ -678,8 +709,12 @@ def head_patching_complete(
             incomplete.append(f"{emotion}/{condition}")
     kinds = set(scored["kind"])
     needed = {"baseline", "ablation", "patch", "random_ablation", "random_patch"}
+    problems = [f"conditions without one row per prompt: {incomplete[:20]}"] if incomplete else []
+    if needed - kinds:
+        problems.append(f"missing kinds of condition {sorted(needed - kinds)}")
     return dg.AssetCheckResult(
-        passed=not incomplete and needed <= kinds,
+        passed=not problems,
+        description="; ".join(problems) or "Every condition has one row per prompt.",
         metadata={
             "conditions": int(scored.groupby(["emotion", "condition"]).ngroups),
             "incomplete": incomplete[:20],
@@ -847,7 +882,7 @@ def emotion_circuits(
             effects = {(int(r.layer), int(r.head)): float(r.ablation_effect) for r in rows.itertuples()}
             threshold = float(np.percentile(rows["ablation_effect"].abs(), 75))
             top = top_heads(screening, emotion, profile.heads.top_n)
-            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts)
+            pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
             direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
             layers = sorted({ly for ly, _ in top})
             emo_att = capture_attention(

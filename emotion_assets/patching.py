@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emotion_assets.activations import load_activations
+from emotion_assets.activations import check_steering_layers, load_activations
 from emotion_assets.common import (
     RunConfig,
     effective_profile,
@@ -14,6 +14,7 @@ from emotion_assets.common import (
     load_dataset,
     progress_logger,
     recorded,
+    refuse_failing_checks,
 )
 from emotion_assets.confounds import audit_flags, confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
@@ -92,6 +93,7 @@ def residual_patching(
     strategy = profile.pooling[0]
     vectors, boundaries = load_vectors(store, profile_name, model_name)
     pooled, index, act_bounds = load_activations(store, profile_name, model_name)
+    check_steering_layers(profile, model_name, handle.geometry.n_layers)  # the right advice comes first
     missing = [layer for layer in profile.steering.layers if layer not in boundaries]
     if missing:
         raise ValueError(
@@ -136,6 +138,12 @@ def residual_patching(
         # `degenerate` (broken-text flag of the suite) stays in the generations table; it is not a score.
         metrics = [m for m in scores.columns if m != "degenerate" and scores[m].notna().any()]
         shifts = shift_table(scored, metrics)
+        # The blocking check's logic runs on the staged table: a failing sweep is never published.
+        refuse_failing_checks(
+            "residual_patching",
+            str(context.partition_key),
+            {"residual_patching_alpha_zero": alpha_zero_check(scored)},
+        )
 
         out = store.directory(profile_name, "residual_patching", model_name)
         rec.artifacts(out)
@@ -219,9 +227,26 @@ def residual_patching_alpha_zero(
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
+    return alpha_zero_check(scored)
+
+
+def alpha_zero_check(scored: pd.DataFrame) -> dg.AssetCheckResult:
+    """The logic of ``residual_patching_alpha_zero`` on a generations table: every α = 0 row continues its
+    prompt exactly as the baseline row of that prompt does."""
     base = scored[scored["kind"] == "baseline"].set_index("prompt_index")["continuation"]
     zero = scored[(scored["kind"] == "emotion") & (scored["alpha"] == 0)]
-    mismatches = int((zero["continuation"].to_numpy() != base.loc[zero["prompt_index"]].to_numpy()).sum())
+    missing = sorted(set(zero["prompt_index"]) - set(base.index))
+    present = zero[zero["prompt_index"].isin(base.index)]
+    differs = present["continuation"].to_numpy() != base.loc[present["prompt_index"]].to_numpy()
+    mismatches = int(differs.sum()) + len(missing)
     return dg.AssetCheckResult(
-        passed=mismatches == 0, metadata={"alpha_zero_rows": len(zero), "mismatches": mismatches}
+        passed=mismatches == 0,
+        description=(
+            f"{mismatches} of {len(zero)} α = 0 rows differ from the unsteered baseline"
+            + (f" or have none ({len(missing)} prompts)" if missing else "")
+            + ": the steering hook changes the model even when it adds nothing (check the hook and decoding)."
+            if mismatches
+            else "Every α = 0 row equals the unsteered baseline."
+        ),
+        metadata={"alpha_zero_rows": len(zero), "mismatches": mismatches},
     )

@@ -125,6 +125,13 @@ class Profile(_Strict):
     alignment: AlignmentConfig = AlignmentConfig()
     n_bootstrap: int = Field(1000, ge=10)
     batch_size: int = Field(32, gt=0)
+    max_prompt_tokens: int = Field(
+        128,
+        gt=0,
+        description="Longest prompt, in tokens of the model's tokenizer (special tokens included). A longer "
+        "prompt is an error naming it when `activations` tokenizes it, never cut: truncation would drop "
+        "the words that carry its emotion.",
+    )
     seed: int = Field(0, ge=0)
     evaluators: dict[str, Any] = Field(default_factory=dict)
     sinks: SinkConfig = SinkConfig()

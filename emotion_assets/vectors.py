@@ -1,5 +1,6 @@
 """Phase 3: emotion directions (mean difference), held-out linear probes and k-dim PCA subspaces."""
 
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -8,7 +9,7 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import activations, load_activations, load_token_norms
-from emotion_assets.common import RunConfig, effective_profile, recorded
+from emotion_assets.common import RunConfig, effective_profile, recorded, refuse_failing_checks
 from emotion_assets.partitions import REGISTRY, model_and_profile, model_profile_partitions
 from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
 from emotion_assets.science.directions import (
@@ -121,6 +122,13 @@ def emotion_vectors(
         probe_table = pd.concat(probes, ignore_index=True)
         cosine_table = pd.DataFrame(cosines)
 
+        # The blocking check's logic runs on the staged vectors: failing vectors are never published.
+        refuse_failing_checks(
+            "emotion_vectors",
+            str(context.partition_key),
+            {"emotion_vectors_nonzero": nonzero_check(tensors, boundaries)},
+        )
+
         out = store.directory(profile_name, "emotion_vectors", model_name)
 
         rec.artifacts(out)
@@ -199,6 +207,11 @@ def emotion_vectors_nonzero(
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     vectors, boundaries = load_vectors(store, profile_name, model_name)
+    return nonzero_check(vectors, boundaries)
+
+
+def nonzero_check(vectors: dict[str, torch.Tensor], boundaries: list[int]) -> dg.AssetCheckResult:
+    """The logic of ``emotion_vectors_nonzero`` on ``{"strategy/emotion": [n_boundaries, d_model]}``."""
     non_finite = [k for k, v in vectors.items() if not torch.isfinite(v).all()]
     zero_at: dict[str, list[int]] = {
         k: [boundaries[i] for i in (v.norm(dim=-1) == 0).nonzero().flatten().tolist()]
@@ -206,8 +219,15 @@ def emotion_vectors_nonzero(
     }
     zero_inside = {k: [b for b in bs if b > 0] for k, bs in zero_at.items() if any(b > 0 for b in bs)}
     zero_embeddings = sorted(k for k, bs in zero_at.items() if 0 in bs)
+    problems = [f"non-finite vectors {non_finite}"] if non_finite else []
+    if zero_inside:
+        problems.append(
+            f"zero vectors past the embeddings {zero_inside} (the emotion's train mean equals neutral's: "
+            "check the labels and splits of the dataset)"
+        )
     return dg.AssetCheckResult(
-        passed=not non_finite and not zero_inside,
+        passed=not problems,
+        description="; ".join(problems) or "Every vector is finite and non-zero past boundary 0.",
         metadata={
             "non_finite_vectors": non_finite,
             "zero_vectors_past_embeddings": zero_inside,
@@ -281,6 +301,12 @@ def emotion_subspaces(
                     )
         rec.timing.samples = len(rows)
         table = pd.DataFrame(rows)
+        # The blocking check's logic runs on the staged bases: failing subspaces are never published.
+        refuse_failing_checks(
+            "emotion_subspaces",
+            str(context.partition_key),
+            {"emotion_subspaces_orthonormal": orthonormal_check(tensors)},
+        )
         out = store.directory(profile_name, "emotion_subspaces", model_name)
         rec.artifacts(out)
         tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
@@ -322,15 +348,32 @@ def emotion_subspaces_orthonormal(
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     tensors, _ = load_subspaces(store, profile_name, model_name)
-    worst = 0.0
+    return orthonormal_check(tensors)
+
+
+def orthonormal_check(tensors: dict[str, torch.Tensor], tolerance: float = 1e-4) -> dg.AssetCheckResult:
+    """The logic of ``emotion_subspaces_orthonormal`` on ``{".../basis": [n_b, k, d],
+    ".../explained_variance_ratio": [n_b, k]}``."""
+    worst, worst_key = 0.0, ""
     bad_ratios = []
     for key, value in tensors.items():
         if key.endswith("/basis"):
             gram = value.double() @ value.double().transpose(-1, -2)  # [n_boundaries, k, k]
-            worst = max(worst, float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype)).abs().max()))
-        elif ((value < -1e-6) | (value.sum(-1, keepdim=True) > 1 + 1e-5)).any():
+            error = float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype)).abs().max())
+            if not math.isnan(worst) and (math.isnan(error) or error > worst):  # NaN is the worst
+                worst, worst_key = error, key
+        elif (
+            not torch.isfinite(value).all()
+            or ((value < -1e-6) | (value.sum(-1, keepdim=True) > 1 + 1e-5)).any()
+        ):
             bad_ratios.append(key)
+    problems = []
+    if not worst < tolerance:
+        problems.append(f"basis {worst_key} is not orthonormal (max |B Bᵀ - I| = {worst:.3g} ≥ {tolerance})")
+    if bad_ratios:
+        problems.append(f"variance ratios outside [0, 1] or summing over 1: {bad_ratios}")
     return dg.AssetCheckResult(
-        passed=worst < 1e-4 and not bad_ratios,
+        passed=not problems,
+        description="; ".join(problems) or "Every basis is orthonormal; ratios lie in [0, 1].",
         metadata={"max_orthonormality_error": worst, "bad_variance_ratios": bad_ratios},
     )

@@ -415,6 +415,16 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _given(value: Any) -> bool:
+    """A field value that says something (not missing, not blank)."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _label_key(value: Any) -> Any:
+    """An emotion label as compared between the ``emotion`` and ``label`` fields (case and spaces aside)."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def _validate_record(
     rec: _Record, allowed: tuple[str, ...], default_lang: str, problems: list[Problem]
 ) -> dict[str, Any] | None:
@@ -439,7 +449,17 @@ def _validate_record(
 
     label = rec.fields.get("emotion", rec.fields.get("label", rec.default_emotion))
     allowed_list = ", ".join(allowed)
-    if label is None or (isinstance(label, str) and not label.strip()):
+    other = rec.fields.get("label")
+    if _given(label) and _given(other) and "emotion" in rec.fields and _label_key(other) != _label_key(label):
+        problems.append(
+            Problem(
+                loc,
+                f"fields 'emotion' ({label!r}) and 'label' ({other!r}) disagree",
+                "keep one of the two fields, or give both the same emotion",
+            )
+        )
+        ok = False
+    elif label is None or (isinstance(label, str) and not label.strip()):
         problems.append(
             Problem(loc, "missing field 'emotion' (or 'label')", f"add an emotion, one of: {allowed_list}")
         )
@@ -714,29 +734,47 @@ def _key(role: str, *parts: Hashable) -> tuple[Hashable, ...]:
     return parts if role == ROLE_FIT else (*parts, role)
 
 
-def assign_splits(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
-    """Assign ``train``/``eval`` per row, stratified by emotion × role (and register when there is more than
-    one).
+def given_splits(df: pd.DataFrame) -> pd.Series:
+    """True where a row already has a valid split (``train`` / ``eval``); an unknown value is an error."""
+    if "split" not in df.columns:
+        return pd.Series(False, index=df.index)
+    present = df["split"].notna()
+    unknown = sorted(set(df.loc[present & ~df["split"].isin(SPLITS), "split"].astype(str)))
+    if unknown:
+        raise ValueError(f"Unknown split value(s) {unknown}; use 'train' or 'eval', or leave split empty.")
+    return present
 
-    Each role keeps its own eval share: fitting prompts and steering prompts of an emotion are split
-    separately, so the eval split holds both held-out fitting prompts and steering starts. Existing splits
-    are kept when every row has a valid one. Each emotion × role with at least two prompts gets at least one
-    prompt in each split. The result depends only on the rows' ids/texts/roles and the seed.
+
+def assign_splits(df: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
+    """Assign ``train``/``eval`` to the rows without a split, stratified by emotion × role (and register
+    when there is more than one).
+
+    A split given in the data is always kept. In each emotion × role the rows without one fill the eval
+    split up to the eval count of the whole group (``eval_fraction`` of it, at least one prompt in each
+    split when the group has two), as far as the given rows leave room: given eval rows count towards it
+    and are never moved. Each role keeps its own eval share, so the eval split holds both held-out fitting
+    prompts and steering starts. The result depends only on the rows' ids/texts/roles/given splits and the
+    seed; with no split given it is the plain stratified split.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
-    if "split" in df.columns and df["split"].notna().all() and df["split"].isin(SPLITS).all():
+    given = given_splits(df).to_numpy()
+    if given.all():
         return df.copy()
     out = df.reset_index(drop=True)
-    out["split"] = "train"
+    out["split"] = out["split"].where(given, "train") if "split" in out.columns else "train"
     strata = _strata_column(out)
     for emotion, role, members in _groups(out):
-        n_eval = _eval_count(len(members), eval_fraction)
-        sizes = strata[members.index].value_counts().to_dict()
+        open_rows = members[~given[members.index]]
+        if open_rows.empty:
+            continue
+        given_eval = int(((members["split"] == "eval").to_numpy() & given[members.index]).sum())
+        n_eval = min(max(_eval_count(len(members), eval_fraction) - given_eval, 0), len(open_rows))
+        sizes = strata[open_rows.index].value_counts().to_dict()
         for stratum, k in sorted(_allocate(sizes, n_eval).items(), key=lambda kv: str(kv[0])):
             if k == 0:
                 continue
-            group = _ordered(members[strata[members.index] == stratum])
+            group = _ordered(open_rows[strata[open_rows.index] == stratum])
             rng = _rng(seed, _key(role, "split", emotion, stratum))
             picks = rng.choice(len(group), size=k, replace=False)
             out.loc[group.index[picks], "split"] = "eval"

@@ -344,17 +344,51 @@ def emotion_word_pattern(emotion_words: Iterable[str]) -> re.Pattern[str] | None
     return re.compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
+class PromptTooLongError(ValueError):
+    """A prompt has more tokens than the limit; prompts are never cut silently."""
+
+
+def check_prompt_lengths(
+    lengths: Sequence[int],
+    max_length: int,
+    ids: Sequence[str] | None = None,
+    setting: str = "max_length",
+) -> None:
+    """Raise :class:`PromptTooLongError` naming every prompt longer than ``max_length`` tokens.
+
+    ``lengths`` counts each prompt's tokens as the model sees them (special tokens included); ``ids`` name
+    the prompts (else their position); ``setting`` names the knob that sets the limit.
+    """
+    over = [(i, int(n)) for i, n in enumerate(lengths) if int(n) > max_length]
+    if not over:
+        return
+    shown = "; ".join(
+        f"prompt {ids[i]!r} has {n} tokens" if ids is not None else f"prompt #{i} has {n} tokens"
+        for i, n in over[:10]
+    )
+    more = f" (and {len(over) - 10} more)" if len(over) > 10 else ""
+    raise PromptTooLongError(
+        f"{len(over)} prompt(s) are longer than {setting} = {max_length} tokens (special tokens included): "
+        f"{shown}{more}. Prompts are never truncated, since a cut prompt loses the words that carry its "
+        f"emotion. Shorten or remove these prompts, or raise {setting}."
+    )
+
+
 def tokenize_prompts(
     tokenizer: Any,
     texts: Sequence[str],
     emotion_words: Iterable[str],
     max_length: int,
+    *,
+    ids: Sequence[str] | None = None,
+    setting: str = "max_length",
 ) -> dict[str, Tensor]:
     """Tokenize with left padding and mark special and emotion-word positions.
 
     Returns ``input_ids``, ``attention_mask``, ``special_mask`` (True at pads and special tokens),
     ``emotion_mask`` (tokens whose character span overlaps an emotion-word match) — all ``[batch, pos]`` —
-    and ``n_tokens`` ``[batch]`` (real non-special tokens).
+    and ``n_tokens`` ``[batch]`` (real non-special tokens). A prompt longer than ``max_length`` tokens is
+    an error naming it (by ``ids`` when given) and ``setting``, never truncated.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed.")
@@ -364,14 +398,14 @@ def tokenize_prompts(
         list(texts),
         padding=True,
         padding_side="left",
-        truncation=True,
-        max_length=max_length,
+        truncation=False,
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
         return_tensors="pt",
     )
     input_ids = enc["input_ids"]  # [batch, pos]
     attention_mask = enc["attention_mask"]  # [batch, pos]
+    check_prompt_lengths(attention_mask.sum(dim=1).tolist(), max_length, ids, setting)
     special_ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     special = enc["special_tokens_mask"].bool() | (attention_mask == 0)
     if special_ids:
@@ -438,12 +472,16 @@ def extract_pooled_activations(
     max_length: int = 128,
     exclude_first: bool = DEFAULT_EXCLUDE_FIRST,
     norm_ratio: float | None = DEFAULT_NORM_RATIO,
+    prompt_ids: Sequence[str] | None = None,
+    length_setting: str = "max_length",
 ) -> PooledActivations:
     """Capture and pool residual activations for every prompt, batch by batch.
 
     Prompts are batched by length (less padding) and results are returned in the input order. Only pooled
     ``[batch, n_boundaries, d_model]`` tensors and per-position sink statistics are kept per batch.
-    ``exclude_first`` / ``norm_ratio`` are the sink rules of ``find_sinks`` (``Profile.sinks``).
+    ``exclude_first`` / ``norm_ratio`` are the sink rules of ``find_sinks`` (``Profile.sinks``). A prompt
+    longer than ``max_length`` tokens raises :class:`PromptTooLongError` naming it (``prompt_ids``) and
+    the knob (``length_setting``).
     """
     if not texts:
         raise ValueError("extract_pooled_activations got no texts.")
@@ -452,7 +490,9 @@ def extract_pooled_activations(
         raise ValueError(f"Unknown pooling strategies {unknown}; expected a subset of {POOL_STRATEGIES}.")
     n_layers = len(decoder_blocks(model))
     boundaries = list(boundaries)
-    enc = tokenize_prompts(tokenizer, texts, emotion_words, max_length)
+    enc = tokenize_prompts(
+        tokenizer, texts, emotion_words, max_length, ids=prompt_ids, setting=length_setting
+    )
     n = len(texts)
     lengths = enc["attention_mask"].sum(dim=1)  # [n]
     order = torch.argsort(lengths, stable=True)  # [n]
