@@ -70,7 +70,7 @@ def test_top_heads_are_labelled_and_reported_held_out(smoke_study):
         held_out = other.set_index(["layer", "head"]).loc[list(zip(rows["layer"], rows["head"], strict=True))]
         # The held-out mean is the other half's screening score of the same heads.
         assert rows["held_out_effect"].to_numpy() == pytest.approx(
-            held_out["ablation_effect"].to_numpy(), abs=1e-3
+            held_out["ablation_effect"].to_numpy(), rel=1e-3, abs=1e-3
         )
     assert (top["held_out_ci_low"] <= top["held_out_ci_high"]).all()
 
