@@ -37,7 +37,10 @@ def _accuracy(truth: pd.Series, predicted: np.ndarray, mask: np.ndarray) -> tupl
 
 
 def classifier_subgroup_rows(
-    evaluation: pd.DataFrame, scores: pd.DataFrame, label_columns: Mapping[str, str], emotion_words: Iterable[str]
+    evaluation: pd.DataFrame,
+    scores: pd.DataFrame,
+    label_columns: Mapping[str, str],
+    emotion_words: Iterable[str],
 ) -> list[dict]:
     """Accuracy of the classifier per register, by person, and on neutral sentences by person.
 
@@ -63,7 +66,10 @@ def classifier_subgroup_rows(
 
 
 def evaluator_quality_table(
-    evaluation: pd.DataFrame, scores: pd.DataFrame, label_columns: Mapping[str, str], emotion_words: Iterable[str]
+    evaluation: pd.DataFrame,
+    scores: pd.DataFrame,
+    label_columns: Mapping[str, str],
+    emotion_words: Iterable[str],
 ) -> tuple[pd.DataFrame, dict]:
     """Every evaluator-quality number (``evaluator``, ``metric``, ``value``, ``n``) and the classifier's
     ``classification_quality`` (accuracy, macro-F1, AUROC, confusion matrix)."""

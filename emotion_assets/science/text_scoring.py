@@ -487,7 +487,8 @@ class PolitenessScorer:
         raw = feats @ self._weights
         marker = [float(has_emotion_marker(t)) for t in texts]
         return pd.DataFrame(
-            {"politeness": 1.0 / (1.0 + np.exp(-raw)), "politeness_raw": raw, MARKER_COLUMN: marker}, dtype=float
+            {"politeness": 1.0 / (1.0 + np.exp(-raw)), "politeness_raw": raw, MARKER_COLUMN: marker},
+            dtype=float,
         )
 
 
