@@ -248,3 +248,58 @@ def test_a_planted_head_is_selected_on_both_halves_and_confirmed_held_out():
     assert first["held_out_effect"].to_numpy() == pytest.approx([3.0, 3.0], abs=0.8)
     assert (first["held_out_ci_low"] > 1.0).all()
     assert (first["n_held_out"] == 20).all()
+
+
+def test_circuits_and_shift_tables_keep_folds_and_pool_them(handle, screened, direction):
+    pair, split, screening = screened
+    boundaries = list(range(N_LAYERS + 1))
+    vectors = {
+        "last/gratitude": torch.randn(len(boundaries), D_MODEL, generator=torch.Generator().manual_seed(1))
+    }
+    vectors["last/gratitude"][-1] = direction
+    inputs = assets.CircuitInputs(vectors, boundaries, "last", ["gratitude"], direction, N_LAYERS)
+    heads, tables = [], []
+    for plan in C.fold_plans(split, screening, top_n=2):
+        rows, table = assets.fold_circuit(
+            handle, plan, assets.sub_pair(handle, pair, plan.measurement_pairs), screening, inputs
+        )
+        heads += rows
+        tables.append(table)
+        # Single effects summed in the joint-vs-sum table are the measurement half's screening scores.
+        measured = screening[screening["half"] == plan.measurement_half].set_index(["layer", "head"])
+        joint = table[table["intervention"] == "ablate_heads"].iloc[0]
+        assert joint["sum_single_effects"] == pytest.approx(measured.loc[plan.heads, "ablation_effect"].sum())
+    heads = pd.DataFrame(heads)
+    for row in heads.itertuples():
+        assert not C.split_ids(row.measured_on_prompt_ids) & C.split_ids(row.selected_on_prompt_ids)
+    folds = pd.concat(tables, ignore_index=True)
+    pooled = assets.pooled_circuit_effects(folds)
+    assert set(pooled["fold"]) == {"both"} and (pooled["n_prompts"] == pair.n).all()
+    one = folds[folds["intervention"] == "patch_heads_z"]
+    expected = float(np.average(one["joint_effect"], weights=one["n_prompts"]))
+    assert pooled.set_index("intervention").loc["patch_heads_z", "joint_effect"] == pytest.approx(expected)
+
+    generations = pd.DataFrame(
+        [{**row, "emotion_gratitude": float(row["pair_index"]) + (row["kind"] != "baseline"),
+          "sentiment_compound": 0.0}
+         for row in _generation_rows(handle, pair, split, screening)]
+    )  # fmt: skip
+    shifts = assets.shift_table(generations, {"gratitude": ["emotion_gratitude", "sentiment_compound"]})
+    assert set(shifts["fold"]) == {"A_to_B", "B_to_A", "both"}
+    both = shifts[shifts["fold"] == "both"]
+    assert (both["n_prompts"] == pair.n).all()
+    assert np.allclose(both.loc[both["kind"] == "baseline", "target_shift"], 0.0)
+    assert np.allclose(both.loc[both["kind"] != "baseline", "target_shift"], 1.0)  # the planted +1
+    versus = assets.top_vs_random(shifts)
+    assert versus["heads"].str.contains("A_to_B: ").all() and versus["heads"].str.contains("B_to_A: ").all()
+
+
+def _generation_rows(handle, pair, split, screening) -> list[dict]:
+    model = handle.model
+    ids, mask = pair.neutral_batch["input_ids"], pair.neutral_batch["attention_mask"]
+    mean_z = H.mean_head_outputs(H.capture_head_outputs(model, ids, mask, range(N_LAYERS)), mask)
+    rows = []
+    for plan in C.fold_plans(split, screening, top_n=2):
+        sub = assets.sub_pair(handle, pair, plan.measurement_pairs)
+        rows += assets._fold_generations(handle, plan, sub, H.head_layout(model), mean_z, 1, 13)
+    return rows
