@@ -18,6 +18,7 @@ from emotion_assets.common import (
 from emotion_assets.partitions import profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.profiles import Profile
+from emotion_assets.science.evaluator_checks import CLASSIFIER, POLITENESS, evaluator_quality_table
 from emotion_assets.science.prompts import (
     EMOTIONS,
     ROLE_STEERING,
@@ -36,7 +37,6 @@ from emotion_assets.science.surface import (
     surface_balance_problems,
     surface_table,
 )
-from emotion_assets.science.text_scoring import binary_auroc, classification_quality
 from jobs.jobs import DATASET_GROUP
 from resources.device import resolve_device
 from resources.evaluators import EvaluatorResource
@@ -290,9 +290,11 @@ def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFr
     group_name=DATASET_GROUP,
     deps=[emotion_dataset],
     kinds={"sklearn"},
-    code_version="2",
+    code_version="3",
     description="How well each evaluator recovers the labels of the eval split's fitting prompts (the "
-    "embedded classifier is fit on train fitting prompts): accuracy, macro-F1, AUROC.",
+    "embedded classifier is fit on train fitting prompts): accuracy, macro-F1, AUROC; the classifier's "
+    "accuracy per register and on first/second- vs third-person neutral sentences; politeness (without "
+    "gratitude/apology keywords) and the separate keyword marker on the polite vs direct register.",
 )
 def evaluator_quality(
     context: dg.AssetExecutionContext,
@@ -319,60 +321,9 @@ def evaluator_quality(
         scores = suite.score(evaluation["text"].tolist())
         rec.timing.samples = len(evaluation)
 
-        quality = classification_quality(evaluation["emotion"].tolist(), scores, EMOTION_COLUMNS)
-        by_emotion = {e: scores.loc[evaluation["emotion"] == e] for e in EMOTIONS}
-        by_register = {r: scores.loc[evaluation["register"] == r] for r in evaluation["register"].unique()}
-        rows = [
-            {
-                "evaluator": "emotions (embedded classifier)",
-                "metric": "accuracy",
-                "value": quality["accuracy"],
-            },
-            {
-                "evaluator": "emotions (embedded classifier)",
-                "metric": "macro_f1",
-                "value": quality["macro_f1"],
-            },
-            *[
-                {"evaluator": "emotions (embedded classifier)", "metric": f"auroc_{e}", "value": v}
-                for e, v in quality["auroc"].items()
-            ],
-            {
-                "evaluator": "sentiment (vader)",
-                "metric": "auroc_gratitude_vs_anger",
-                "value": binary_auroc(
-                    by_emotion["gratitude"]["sentiment_compound"], by_emotion["anger"]["sentiment_compound"]
-                ),
-            },
-            {
-                "evaluator": "emotions (nrc lexicon)",
-                "metric": "auroc_anger_vs_rest",
-                "value": binary_auroc(
-                    by_emotion["anger"]["nrc_anger"],
-                    scores.loc[evaluation["emotion"] != "anger", "nrc_anger"],
-                ),
-            },
-        ]
-        if "polite" in by_register and "direct" in by_register:
-            rows += [
-                {
-                    "evaluator": "politeness (strategies)",
-                    "metric": "auroc_polite_vs_direct_register",
-                    "value": binary_auroc(
-                        by_register["polite"]["politeness"], by_register["direct"]["politeness"]
-                    ),
-                },
-                {
-                    "evaluator": "politeness (strategies)",
-                    "metric": "mean_polite_minus_direct",
-                    "value": float(
-                        by_register["polite"]["politeness"].mean()
-                        - by_register["direct"]["politeness"].mean()
-                    ),
-                },
-            ]
-        table = pd.DataFrame(rows)
-        table["value"] = table["value"].astype(float)
+        table, quality = evaluator_quality_table(evaluation, scores, EMOTION_COLUMNS, all_emotion_words())
+        headline = table.set_index(["evaluator", "metric"])["value"]
+        politeness_auroc = float(headline.get((POLITENESS, "auroc_polite_vs_direct_register"), float("nan")))
 
         out = store.directory(profile.name, "evaluator_quality")
 
@@ -399,8 +350,12 @@ def evaluator_quality(
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
-            "quality": markdown_table(table),
+            "quality": markdown_table(table, max_rows=len(table)),
             "emotion_macro_f1": dg.MetadataValue.float(float(quality["macro_f1"])),
+            "classifier_by_register_and_person": markdown_table(
+                table[(table["evaluator"] == CLASSIFIER) & table["metric"].str.contains("register=|person")]
+            ),
+            "politeness_auroc_polite_vs_direct": dg.MetadataValue.float(politeness_auroc),
             "confusion_matrix": plot,
             "null_metrics": dg.MetadataValue.json(suite.null_reasons),
             "n_eval_prompts": dg.MetadataValue.int(len(evaluation)),

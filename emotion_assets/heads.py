@@ -12,6 +12,7 @@ ablation uses the mean head output over **train** neutral fitting prompts.
 """
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,9 +45,26 @@ from emotion_assets.partitions import (
 from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.circuits import ablate_mlps, readout_projection
+from emotion_assets.science.crossfit import (
+    HALVES,
+    FoldPlan,
+    ablation_effects_per_prompt,
+    fold_plans,
+    half_ids,
+    heads_by_fold,
+    honest_top_heads,
+    join_ids,
+    leaked_rows,
+    other_half,
+    rank_within_halves,
+    split_table,
+    top_of_half,
+    top_set_overlap,
+)
 from emotion_assets.science.heads import (
     AblationMode,
     Head,
+    OVReport,
     PatchMode,
     ablate_heads,
     attribution_scores,
@@ -105,23 +123,18 @@ class PromptPair:
     neutral: pd.DataFrame
     emotion_batch: dict[str, Tensor]  # input_ids, attention_mask, emotion_mask: [n, pos]
     neutral_batch: dict[str, Tensor]
+    max_tokens: int  # the profile's max_prompt_tokens, kept for sub-pairs
 
     @property
     def n(self) -> int:
         return len(self.emotion)
 
 
-def prompt_pair(
-    handle: ModelHandle, frame: pd.DataFrame, emotion: str, max_prompts: int | None, max_tokens: int
-) -> PromptPair:
-    """Pair the first ``n`` eval prompts of ``emotion`` and of neutral (``n`` = the smaller count); a
+def _tokenized_pair(handle: ModelHandle, emo: pd.DataFrame, neu: pd.DataFrame, max_tokens: int) -> PromptPair:
+    """Tokenize paired prompt rows together (left padding), so pair ``i`` shares its width and last token; a
     prompt over ``max_tokens`` (the profile's ``max_prompt_tokens``) is an error, never cut."""
-    emo = eval_prompts(frame, emotion, max_prompts)
-    neu = eval_prompts(frame, NEUTRAL, max_prompts)
-    n = min(len(emo), len(neu))
-    if n == 0:
-        raise ValueError(f"No eval prompts to pair for {emotion!r} and {NEUTRAL!r}.")
-    emo, neu = emo.head(n).reset_index(drop=True), neu.head(n).reset_index(drop=True)
+    n = len(emo)
+    emo, neu = emo.reset_index(drop=True), neu.reset_index(drop=True)
     enc = tokenize_prompts(
         handle.tokenizer, emo["text"].tolist() + neu["text"].tolist(), all_emotion_words(), max_tokens,
         ids=emo["id"].astype(str).tolist() + neu["id"].astype(str).tolist(), setting="max_prompt_tokens",
@@ -129,7 +142,42 @@ def prompt_pair(
     keys = ("input_ids", "attention_mask", "emotion_mask")
     first = {k: enc[k][:n].to(handle.device) for k in keys}
     second = {k: enc[k][n:].to(handle.device) for k in keys}
-    return PromptPair(emo, neu, first, second)
+    return PromptPair(emo, neu, first, second, max_tokens)
+
+
+def prompt_pair(
+    handle: ModelHandle, frame: pd.DataFrame, emotion: str, max_prompts: int | None, max_tokens: int
+) -> PromptPair:
+    """Pair the first ``n`` eval prompts of ``emotion`` and of neutral (``n`` = the smaller count).
+
+    Both frames get a ``pair_index`` column (0..n-1) that :func:`sub_pair` keeps.
+    """
+    emo = eval_prompts(frame, emotion, max_prompts)
+    neu = eval_prompts(frame, NEUTRAL, max_prompts)
+    n = min(len(emo), len(neu))
+    if n == 0:
+        raise ValueError(f"No eval prompts to pair for {emotion!r} and {NEUTRAL!r}.")
+    emo = emo.head(n).reset_index(drop=True).assign(pair_index=np.arange(n))
+    neu = neu.head(n).reset_index(drop=True).assign(pair_index=np.arange(n))
+    return _tokenized_pair(handle, emo, neu, max_tokens)
+
+
+def sub_pair(handle: ModelHandle, pair: PromptPair, pair_indices: Sequence[int]) -> PromptPair:
+    """The pairs of ``pair`` whose ``pair_index`` is in ``pair_indices``, tokenized together anew."""
+    keep = pair.emotion["pair_index"].isin(list(pair_indices)).to_numpy()
+    if not keep.any():
+        raise ValueError(f"None of the pair indices {list(pair_indices)} is in the prompt pair.")
+    return _tokenized_pair(handle, pair.emotion[keep], pair.neutral[keep], pair.max_tokens)
+
+
+def crossfit_split(pair: PromptPair, emotion: str, profile_seed: int) -> pd.DataFrame:
+    """The seeded half (A/B) of every pair of ``emotion`` (see ``science.crossfit.split_table``)."""
+    seed = stable_seed(profile_seed, "head_crossfit", emotion)
+    return split_table(emotion, pair.emotion["id"].tolist(), pair.neutral["id"].tolist(), seed)
+
+
+def load_split(store: ArtifactStore, profile: str, model: str) -> pd.DataFrame:
+    return read_table(store.existing(profile, SCREENING_ASSET, model) / "split.parquet")
 
 
 def trimmed(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -162,12 +210,6 @@ def load_screening(store: ArtifactStore, profile: str, model: str) -> pd.DataFra
     return read_table(store.existing(profile, SCREENING_ASSET, model) / "screening.parquet")
 
 
-def top_heads(screening: pd.DataFrame, emotion: str, n: int) -> list[Head]:
-    """The ``n`` heads with the largest |ablation effect| for ``emotion`` (rank 1 first)."""
-    rows = screening[screening["emotion"] == emotion].sort_values("rank_by_abs_ablation").head(n)
-    return [(int(r.layer), int(r.head)) for r in rows.itertuples()]
-
-
 def random_heads(n_layers: int, n_heads: int, exclude: Sequence[Head], n: int, seed: int) -> list[Head]:
     """``n`` distinct heads drawn uniformly from every head not in ``exclude``, sorted by (layer, head)."""
     pool = [(ly, h) for ly in range(n_layers) for h in range(n_heads) if (ly, h) not in set(exclude)]
@@ -196,6 +238,32 @@ def correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 SCREEN_HEADS_PER_PASS = 288
 
 
+def screen_pairs(
+    handle: ModelHandle, pair: PromptPair, direction: Tensor, n_layers: int, every_head: list[Head]
+) -> pd.DataFrame:
+    """Zero-ablation effect and attribution of every head on one set of pairs (one row per head)."""
+    ids, mask = trimmed(pair.emotion_batch)
+    ablation = screen_heads_by_ablation(
+        handle.model, ids, mask, direction, n_layers, every_head,
+        heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
+    )  # fmt: skip
+    attribution = attribution_scores(
+        handle.model, pair.emotion_batch, pair.neutral_batch, direction, n_layers
+    )  # [n_layers, n_heads]
+    layout = head_layout(handle.model)
+    return pd.DataFrame(
+        {
+            "layer": [ly for ly, _ in every_head],
+            "head": [h for _, h in every_head],
+            "kv_head": [layout.kv_head(h) for _, h in every_head],
+            "ablation_effect": ablation.double().numpy(),
+            "attribution": [float(attribution[ly, h]) for ly, h in every_head],
+            "n_prompts": pair.n,
+            "prompt_ids": join_ids(pair.emotion["id"].tolist()),
+        }
+    )
+
+
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
@@ -205,11 +273,10 @@ SCREEN_HEADS_PER_PASS = 288
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="2",
-    pool="model",
-    description="Every attention head scored per emotion on eval prompts: forward-only zero-ablation effect "
-    "on the final-boundary emotion readout, and the attribution-patching estimate (one backward pass) of "
-    "patching the emotion prompt's head output into its paired neutral prompt; their correlation.",
+    code_version="3",
+    description="Every attention head scored per emotion on each half of a seeded split of the eval prompt "
+    "pairs (cross-fitting): forward-only zero-ablation effect on the final-boundary emotion readout and the "
+    "attribution-patching estimate; each half's top-N heads with their held-out effect on the other half.",
 )
 def head_screening(
     context: dg.AssetExecutionContext,
@@ -218,15 +285,23 @@ def head_screening(
     store: ArtifactStore,
     tracking: TrackingResource,
 ) -> dg.MaterializeResult:
-    """Ablation screening and attribution for every ``(layer, head)``.
+    """Ablation screening and attribution for every ``(layer, head)``, on each half of the prompts.
 
-    ``ablation_effect``: mean change of the readout on the emotion's eval prompts when the head's output is
-    zeroed at every position (``screen_heads_by_ablation``: prompts regrouped by length without padding, up
-    to ``SCREEN_HEADS_PER_PASS`` heads per forward, each head's copy joining at its layer). ``attribution``:
-    the linear estimate of the readout change on the paired neutral prompts when the head's output is
-    copied from the emotion prompts at shared positions (``attribution_scores``). Ablation removes what a
-    head adds on emotion prompts while the patch adds it to neutral ones, so heads that carry the emotion
-    have opposite signs on the two scores: agreement shows as a **negative** correlation.
+    Split. Each emotion's eval prompt pairs are split into halves ``A`` and ``B`` by a seeded hash of the
+    emotion prompt's id (``split.parquet``: pair, both prompt ids, half, seed). Every score below is
+    computed on each half separately (``screening.parquet`` has one row per emotion × half × head; ``rank``
+    is within the half): heads chosen on one half are measured by ``head_patching`` and
+    ``emotion_circuits`` on the other (``science/crossfit.py``).
+
+    ``ablation_effect``: mean change of the readout on the half's emotion prompts when the head's output is
+    zeroed at every position (``screen_heads_by_ablation``). ``attribution``: the linear estimate of the
+    readout change on the paired neutral prompts when the head's output is copied from the emotion prompts
+    at shared positions (``attribution_scores``). Heads that carry the emotion have opposite signs on the
+    two scores: agreement shows as a **negative** correlation.
+
+    Honest maxima (``top_heads.parquet``): each half's top-N heads, labelled with the half that selected
+    them, with the selection effect (a maximum, biased away from 0) beside the held-out per-prompt effect on
+    the other half and its bootstrap CI, the number to report.
     """
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
@@ -240,80 +315,83 @@ def head_screening(
     n_layers = layout.n_layers
     every_head = [(ly, h) for ly in range(n_layers) for h in range(layout.n_heads)]
     emotions = emotions_of(vectors, strategy)
+    top_n = profile.heads.top_n
     with recorded(
         context, tracking=tracking, store=store, phase="6-heads", model=model_name, profile=profile,
         device=str(handle.device), config=config, throughput_unit="head_scores",
     ) as rec:  # fmt: skip
-        tables, corr_rows = [], []
+        tables, splits, tops, corr_rows = [], [], [], []
         for number, emotion in enumerate(emotions, start=1):
             context.log.info(f"Screening {len(every_head)} heads for {emotion} ({number} of {len(emotions)})")
             pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
+            split = crossfit_split(pair, emotion, profile.seed)
             direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
-            ids, mask = trimmed(pair.emotion_batch)
-            ablation = screen_heads_by_ablation(
-                handle.model, ids, mask, direction, n_layers, every_head,
-                heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
-            )  # fmt: skip
-            attribution = attribution_scores(
-                handle.model, pair.emotion_batch, pair.neutral_batch, direction, n_layers
-            )  # [n_layers, n_heads]
-            table = pd.DataFrame(
-                {
-                    "emotion": emotion,
-                    "layer": [ly for ly, _ in every_head],
-                    "head": [h for _, h in every_head],
-                    "kv_head": [layout.kv_head(h) for _, h in every_head],
-                    "ablation_effect": ablation.double().numpy(),
-                    "attribution": [float(attribution[ly, h]) for ly, h in every_head],
-                }
-            )
-            table["abs_ablation"] = table["ablation_effect"].abs()
-            table["rank_by_abs_ablation"] = (
-                table["abs_ablation"].rank(ascending=False, method="first").astype(int)
-            )
-            table["n_prompts"] = pair.n
-            table["readout_boundary"] = n_layers
-            table["strategy"] = strategy
-            tables.append(table)
-            pearson, spearman = correlation(table["ablation_effect"], table["attribution"])
-            _, spearman_abs = correlation(table["abs_ablation"], table["attribution"].abs())
-            corr_rows.append({
-                "emotion": emotion, "n_heads": len(table), "n_prompts": pair.n, "pearson": pearson,
-                "spearman": spearman, "spearman_abs": spearman_abs,
-            })  # fmt: skip
-        rec.timing.samples = len(every_head) * len(emotions)
-        screening = pd.concat(tables, ignore_index=True)
+            halves = {
+                half: sub_pair(handle, pair, split.loc[split["half"] == half, "pair_index"].tolist())
+                for half in HALVES
+            }
+            for half, half_pair in halves.items():
+                table = screen_pairs(handle, half_pair, direction, n_layers, every_head)
+                tables.append(table.assign(emotion=emotion, half=half))
+            screened = rank_within_halves(pd.concat(tables[-len(HALVES) :], ignore_index=True))
+            held_out = {}
+            for half in HALVES:
+                other = halves[other_half(half)]
+                ids, mask = trimmed(other.emotion_batch)
+                held_out[half] = ablation_effects_per_prompt(
+                    handle.model, ids, mask, direction, n_layers, top_of_half(screened, emotion, half, top_n)
+                )  # [n other-half prompts, top_n]
+            tops.append(honest_top_heads(
+                screened, emotion, top_n, held_out, n_boot=profile.n_bootstrap,
+                seed=stable_seed(profile.seed, "head_screening", model_name),
+            ))  # fmt: skip
+            splits.append(split)
+            for half in HALVES:
+                rows = screened[screened["half"] == half]
+                pearson, spearman = correlation(rows["ablation_effect"], rows["attribution"])
+                _, spearman_abs = correlation(rows["abs_ablation"], rows["attribution"].abs())
+                corr_rows.append({
+                    "emotion": emotion, "half": half, "n_heads": len(rows), "n_prompts": int(rows["n_prompts"].iloc[0]),
+                    "pearson": pearson, "spearman": spearman, "spearman_abs": spearman_abs,
+                    "top_set_overlap": top_set_overlap(screened, emotion, top_n),
+                })  # fmt: skip
+        rec.timing.samples = len(every_head) * len(emotions) * len(HALVES)
+        screening = rank_within_halves(pd.concat(tables, ignore_index=True))
+        leading = ["emotion", "half", "layer", "head"]
+        screening = screening[leading + [c for c in screening.columns if c not in leading]]
+        screening["readout_boundary"] = n_layers
+        screening["strategy"] = strategy
+        split = pd.concat(splits, ignore_index=True)
+        top = pd.concat(tops, ignore_index=True)
         correlations = pd.DataFrame(corr_rows)
         # The blocking check's logic runs on the staged table: an incomplete screen is never published.
         refuse_failing_checks(
             SCREENING_ASSET,
             str(context.partition_key),
-            {"head_screening_complete": screening_check(screening, layout.n_layers, layout.n_heads)},
+            {"head_screening_complete": screening_check(screening, split, layout.n_layers, layout.n_heads)},
         )
 
         out = store.directory(profile_name, SCREENING_ASSET, model_name)
         rec.artifacts(out)
         write_table(out / "screening.parquet", screening, csv=True)
+        write_table(out / "split.parquet", split, csv=True)
+        write_table(out / "top_heads.parquet", top, csv=True)
         write_table(out / "correlations.parquet", correlations, csv=True)
         plots = {}
         for emotion in emotions:
-            rows = screening[screening["emotion"] == emotion]
-            for column, what in (("ablation_effect", "zero-ablation effect"), ("attribution", "attribution")):
-                grid = rows.pivot_table(index="layer", columns="head", values=column)
-                plots[f"{column}_heatmap_{emotion}"] = save_figure(
+            for half in HALVES:
+                rows = screening[(screening["emotion"] == emotion) & (screening["half"] == half)]
+                grid = rows.pivot_table(index="layer", columns="head", values="ablation_effect")
+                plots[f"ablation_effect_heatmap_{emotion}_{half}"] = save_figure(
                     heatmap(grid.to_numpy(), list(grid.index), list(grid.columns),
-                            f"{model_name}: {what} on the {emotion} readout", "head", "layer"),
-                    out / f"{column}_heatmap_{emotion}.png",
+                            f"{model_name}: zero-ablation effect on the {emotion} readout, half {half}",
+                            "head", "layer"),
+                    out / f"ablation_effect_heatmap_{emotion}_{half}.png",
                 )  # fmt: skip
-        top = (
-            screening[screening["rank_by_abs_ablation"] <= profile.heads.top_n]
-            .sort_values(["emotion", "rank_by_abs_ablation"])
-            .loc[:, ["emotion", "rank_by_abs_ablation", "layer", "head", "kv_head", "ablation_effect",
-                     "attribution"]]
-        )  # fmt: skip
         rec.metrics(
-            **{f"spearman_{r.emotion}": r.spearman for r in correlations.itertuples()},
-            **{f"pearson_{r.emotion}": r.pearson for r in correlations.itertuples()},
+            **{f"spearman_{r.emotion}_{r.half}": r.spearman for r in correlations.itertuples()},
+            **{f"top_set_overlap_{r.emotion}": r.top_set_overlap for r in correlations.itertuples()},
+            **{f"mean_shrinkage_{e}": float(g["shrinkage"].mean()) for e, g in top.groupby("emotion")},
         )
     return dg.MaterializeResult(
         metadata={
@@ -321,11 +399,30 @@ def head_screening(
             "dg.row_count": dg.MetadataValue.int(len(screening)),
             "n_heads": dg.MetadataValue.int(len(every_head)),
             "readout_boundary": dg.MetadataValue.int(n_layers),
+            "crossfit_split": markdown_table(
+                split.groupby(["emotion", "half"]).size().rename("pairs").reset_index()
+            ),
             # The readout is the emotion vector at the final boundary: what the confound audit says of it.
             "confound_flags": json_metadata(
                 audit_flags(store, profile_name, model_name, strategy, [n_layers])
             ),
-            "top_heads": markdown_table(top, max_rows=3 * profile.heads.top_n),
+            "top_heads": markdown_table(
+                top[
+                    [
+                        "emotion",
+                        "label",
+                        "rank",
+                        "layer",
+                        "head",
+                        "selection_effect",
+                        "held_out_effect",
+                        "held_out_ci_low",
+                        "held_out_ci_high",
+                        "n_held_out",
+                    ]
+                ],
+                max_rows=len(HALVES) * top_n * max(len(emotions), 1),
+            ),
             "correlations": markdown_table(correlations),
             **plots,
             **rec.metadata(),
@@ -334,36 +431,52 @@ def head_screening(
 
 
 @dg.asset_check(asset=head_screening, blocking=True, description="Every (layer, head) of the model is "
-                "scored for every emotion, and every score is finite.")  # fmt: skip
+                "scored for every emotion on both halves of its prompt pairs, every score is finite, and the "
+                "halves are disjoint.")  # fmt: skip
 def head_screening_complete(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore
 ) -> dg.AssetCheckResult:
     model_name, profile_name = model_and_profile(context)
     spec = REGISTRY.get(model_name)
-    return screening_check(load_screening(store, profile_name, model_name), spec.layers, spec.heads)
+    screening = load_screening(store, profile_name, model_name)
+    split = load_split(store, profile_name, model_name)
+    return screening_check(screening, split, spec.layers, spec.heads)
 
 
-def screening_check(screening: pd.DataFrame, n_layers: int, n_heads: int) -> dg.AssetCheckResult:
-    """The logic of ``head_screening_complete``: every ``(layer, head)`` scored once per emotion, finitely."""
+def screening_check(
+    screening: pd.DataFrame, split: pd.DataFrame, n_layers: int, n_heads: int
+) -> dg.AssetCheckResult:
+    """The logic of ``head_screening_complete``: every ``(layer, head)`` scored once per emotion and half,
+    finitely, on halves that share no prompt."""
     expected = {(ly, h) for ly in range(n_layers) for h in range(n_heads)}
     missing = {}
-    for emotion, rows in screening.groupby("emotion"):
-        got = set(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True))
-        if got != expected or len(rows) != len(expected):
-            missing[str(emotion)] = len(expected - got) + abs(len(rows) - len(expected))
+    for emotion in screening["emotion"].unique():
+        for half in HALVES:
+            rows = screening[(screening["emotion"] == emotion) & (screening["half"] == half)]
+            got = set(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True))
+            if got != expected or len(rows) != len(expected):
+                missing[f"{emotion}/{half}"] = len(expected - got) + abs(len(rows) - len(expected))
+    overlapping = [
+        str(emotion)
+        for emotion, rows in split.groupby("emotion")
+        if set(half_ids(rows, HALVES[0])) & set(half_ids(rows, HALVES[1]))
+    ]
     finite = bool(np.isfinite(screening[["ablation_effect", "attribution"]].to_numpy()).all())
     problems = [f"incomplete or repeated heads per emotion {missing}"] if missing else []
     if not finite:
         problems.append("non-finite ablation or attribution scores")
+    if overlapping:
+        problems.append(f"halves share a prompt for {overlapping}")
     if screening["emotion"].nunique() == 0:
         problems.append("no emotion was screened")
     return dg.AssetCheckResult(
         passed=not problems,
-        description="; ".join(problems) or "Every head is scored once per emotion, finitely.",
+        description="; ".join(problems) or "Every head is scored once per emotion and half, finitely.",
         metadata={
             "emotions": sorted(screening["emotion"].unique().tolist()),
-            "heads_per_emotion": len(expected),
+            "heads_per_emotion_and_half": len(expected),
             "incomplete": missing,
+            "halves_sharing_a_prompt": overlapping,
             "all_finite": finite,
         },
     )
@@ -433,6 +546,8 @@ def build_generation_conditions(
 ) -> list[GenerationCondition]:
     """Baselines, single and joint ablations, joint patching in both directions and random-head controls.
 
+    Conditions are named by rank, not by head (``ablate_zero_rank1``, ``ablate_zero_top3``): cross-fitted
+    folds measure different heads under one name, and each prompt is measured under every name once.
     Ablations run on the emotion prompts in prefill and decoding; patches copy source tensors captured on
     the paired prompts (same padded width) and act during the prefill only.
     """
@@ -442,7 +557,8 @@ def build_generation_conditions(
         GenerationCondition("baseline_neutral", "baseline", NEUTRAL),
     ]
     for mode in ("zero", "mean"):
-        for scope, heads, name in [("single", [h], head_label([h])) for h in top] + [("joint", top, label)]:
+        singles = [("single", [h], f"rank{rank}") for rank, h in enumerate(top, start=1)]
+        for scope, heads, name in [*singles, ("joint", top, label)]:
             factory = _ablation(model, heads, mode, mean_z)
             conditions.append(
                 GenerationCondition(
@@ -486,34 +602,44 @@ def build_generation_conditions(
     return conditions
 
 
+POOLED_FOLD = "both"
+
+
 def shift_table(scored: pd.DataFrame, metrics_by_emotion: dict[str, list[str]]) -> pd.DataFrame:
-    """Per emotion × condition: mean score and mean paired shift against the baseline on the same prompts."""
+    """Per emotion × condition × fold: mean score and mean paired shift against the baseline on the same
+    prompts; fold ``both`` pools the two cross-fitted folds (every prompt once, with heads chosen on the
+    other half; ``heads`` then names each fold's heads)."""
     rows = []
-    keys = ["emotion", "condition", "kind", "mode", "direction", "scope", "heads", "seed", "destination"]
+    keys = ["emotion", "condition", "kind", "mode", "direction", "scope", "seed", "destination"]
     for values, group in scored.groupby(keys, dropna=False, sort=False):
-        row = dict(zip(keys, values, strict=True))
-        base = scored[
-            (scored["emotion"] == row["emotion"])
-            & (scored["kind"] == "baseline")
-            & (scored["destination"] == row["destination"])
-        ].set_index("pair_index")
-        paired = group.set_index("pair_index")
-        base = base.loc[paired.index]
-        row["n_prompts"] = len(paired)
-        row["n_changed"] = int((paired["continuation"] != base["continuation"]).sum())
-        for metric in metrics_by_emotion[row["emotion"]]:
-            name = "target" if metric.startswith("emotion_") else "sentiment"
-            row[f"{name}_metric"] = metric
-            row[f"{name}_mean"] = float(paired[metric].mean())
-            row[f"{name}_shift"] = float((paired[metric] - base[metric]).mean())
-        rows.append(row)
+        for fold, part in [*group.groupby("fold", sort=True), (POOLED_FOLD, group)]:
+            row = dict(zip(keys, values, strict=True))
+            row["fold"] = fold
+            row["heads"] = heads_by_fold(part) if fold == POOLED_FOLD else part["heads"].iloc[0]
+            base = scored[
+                (scored["emotion"] == row["emotion"])
+                & (scored["kind"] == "baseline")
+                & (scored["destination"] == row["destination"])
+            ].set_index("pair_index")
+            paired = part.set_index("pair_index")
+            base = base.loc[paired.index]
+            row["n_prompts"] = len(paired)
+            row["n_changed"] = int((paired["continuation"] != base["continuation"]).sum())
+            for metric in metrics_by_emotion[row["emotion"]]:
+                name = "target" if metric.startswith("emotion_") else "sentiment"
+                row[f"{name}_metric"] = metric
+                row[f"{name}_mean"] = float(paired[metric].mean())
+                row[f"{name}_shift"] = float((paired[metric] - base[metric]).mean())
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def top_vs_random(shifts: pd.DataFrame) -> pd.DataFrame:
-    """Joint top-N interventions next to the mean of the random-head controls of the same kind."""
+    """Joint top-N interventions next to the mean of the random-head controls of the same kind, both folds
+    pooled (every prompt measured with heads chosen on the other half)."""
     rows = []
-    for emotion, group in shifts[shifts["scope"] == "joint"].groupby("emotion", sort=False):
+    pooled = shifts[(shifts["scope"] == "joint") & (shifts["fold"] == POOLED_FOLD)]
+    for emotion, group in pooled.groupby("emotion", sort=False):
         for what, kind, mode, direction in (
             ("zero ablation", "ablation", "zero", None),
             ("z patch neutral_to_emotion", "patch", "z", "neutral_to_emotion"),
@@ -540,6 +666,58 @@ def top_vs_random(shifts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def check_split_matches(split: pd.DataFrame, pair: PromptPair) -> None:
+    """Refuse a screening split whose prompt pairs are not this run's pairs (dataset or profile changed)."""
+    want = list(zip(split["prompt_id"].astype(str), split["neutral_prompt_id"].astype(str), strict=True))
+    have = list(zip(pair.emotion["id"].astype(str), pair.neutral["id"].astype(str), strict=True))
+    if sorted(want) != sorted(have):
+        raise ValueError(
+            f"head_screening's split of {pair.emotion['emotion'].iloc[0]!r} pairs other prompts than this run "
+            f"({len(want)} vs {len(have)} pairs); re-materialize head_screening with the same dataset and "
+            "profile before head_patching / emotion_circuits."
+        )
+
+
+def _fold_generations(
+    handle: ModelHandle,
+    plan: FoldPlan,
+    pair: PromptPair,
+    layout: Any,
+    mean_z: dict[int, Tensor],
+    max_new: int,
+    profile_seed: int,
+) -> list[dict[str, Any]]:
+    """Every generation condition of one fold: ``plan.heads`` (chosen on the other half) on ``pair``."""
+    top = plan.heads
+    randoms = [
+        (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
+                            stable_seed(profile_seed, "head_patching", plan.emotion, plan.name, seed)))
+        for seed in range(N_RANDOM_SEEDS)
+    ]  # fmt: skip
+    frames = {"emotion": pair.emotion, NEUTRAL: pair.neutral}
+    batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+    rows = []
+    for cond in build_generation_conditions(handle.model, pair, top, randoms, mean_z):
+        batch = batches[cond.destination]
+        texts = greedy_generate_with_prefill(
+            handle.model, handle.tokenizer, batch["input_ids"], batch["attention_mask"], max_new,
+            prefill_context=cond.prefill, decode_context=cond.decode,
+        )  # fmt: skip
+        prompts = frames[cond.destination]
+        source = frames[cond.source] if cond.source else None
+        for i, text in enumerate(texts):
+            rows.append({
+                "emotion": plan.emotion, "condition": cond.name, "kind": cond.kind, "mode": cond.mode,
+                "direction": cond.direction, "scope": cond.scope, "heads": head_label(cond.heads),
+                "seed": cond.seed, "destination": cond.destination, "source": cond.source,
+                "pair_index": int(prompts["pair_index"].iloc[i]),
+                "prompt_id": prompts["id"].iloc[i], "prompt": prompts["text"].iloc[i],
+                "source_prompt_id": source["id"].iloc[i] if source is not None else None,
+                **plan.labels(), "continuation": text,
+            })  # fmt: skip
+    return rows
+
+
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
@@ -549,7 +727,7 @@ def top_vs_random(shifts: pd.DataFrame) -> pd.DataFrame:
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="2",
+    code_version="3",
     pool="model",
     description="Greedy continuations with the top-N screened heads ablated (zero, mean; single and joint) "
     "or patched between paired emotion and neutral prompts (z, v_only, pattern_v), next to random-head "
@@ -565,7 +743,14 @@ def head_patching(
 ) -> dg.MaterializeResult:
     """Does removing or transplanting an emotion's top heads change what the model writes?
 
-    Per emotion (top-N heads by |ablation effect| from ``head_screening``):
+    Cross-fitted: per emotion and fold, the top-N heads by |ablation effect| on one half of the prompt pairs
+    (``head_screening``) are measured on the other half (fold ``A_to_B``: chosen on A, measured on B; and
+    ``B_to_A``). The folds' rows are concatenated: every prompt is continued once per condition, with heads
+    chosen on the half it is not in. Each row stores ``fold``, ``selection_half``, ``measurement_half`` and
+    ``selected_on_prompt_ids`` (every prompt id of the selecting half) beside its own ``prompt_id`` and
+    ``source_prompt_id``; the blocking check ``head_patching_crossfit`` verifies from them that no head set
+    was measured on a prompt that selected it. Random-head controls are drawn per fold, never a top head of
+    that fold. Conditions:
 
     - ``baseline``: no intervention, on the emotion prompts and on the neutral prompts;
     - ``ablation``: each top head alone and all jointly, zero and mean (mean over train neutral prompts),
@@ -590,6 +775,7 @@ def head_patching(
         torch.set_num_threads(config.n_jobs)
     frame = limit_for_run(load_dataset(store, profile_name), profile)
     screening = load_screening(store, profile_name, model_name)
+    splits = load_split(store, profile_name, model_name)
     vectors, _ = load_vectors(store, profile_name, model_name)
     emotions = [e for e in emotions_of(vectors, profile.pooling[0]) if e in set(screening["emotion"])]
     layout = head_layout(handle.model)
@@ -615,32 +801,11 @@ def head_patching(
         for number, emotion in enumerate(emotions, start=1):
             context.log.info(f"Generating the {emotion} conditions ({number} of {len(emotions)})")
             pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
-            top = top_heads(screening, emotion, top_n)
-            randoms = [
-                (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
-                                    stable_seed(profile.seed, "head_patching", emotion, seed)))
-                for seed in range(N_RANDOM_SEEDS)
-            ]  # fmt: skip
-            frames = {"emotion": pair.emotion, NEUTRAL: pair.neutral}
-            batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
-            for cond in build_generation_conditions(handle.model, pair, top, randoms, mean_z):
-                batch = batches[cond.destination]
-                texts = greedy_generate_with_prefill(
-                    handle.model, handle.tokenizer, batch["input_ids"], batch["attention_mask"], max_new,
-                    prefill_context=cond.prefill, decode_context=cond.decode,
-                )  # fmt: skip
-                prompts = frames[cond.destination]
-                source = frames[cond.source] if cond.source else None
-                for i, text in enumerate(texts):
-                    rows.append({
-                        "emotion": emotion, "condition": cond.name, "kind": cond.kind, "mode": cond.mode,
-                        "direction": cond.direction, "scope": cond.scope, "heads": head_label(cond.heads),
-                        "seed": cond.seed, "destination": cond.destination, "source": cond.source,
-                        "pair_index": i,
-                        "prompt_id": prompts["id"].iloc[i], "prompt": prompts["text"].iloc[i],
-                        "source_prompt_id": source["id"].iloc[i] if source is not None else None,
-                        "continuation": text,
-                    })  # fmt: skip
+            split = splits[splits["emotion"] == emotion]
+            check_split_matches(split, pair)
+            for plan in fold_plans(split, screening, top_n):
+                rows += _fold_generations(handle, plan, sub_pair(handle, pair, plan.measurement_pairs),
+                                          layout, mean_z, max_new, profile.seed)  # fmt: skip
         generations = pd.DataFrame(rows)
         rec.timing.samples = len(generations)
         suite = evaluator_suite_for(evaluators, profile, frame)
@@ -652,7 +817,12 @@ def head_patching(
         comparison = top_vs_random(shifts)
         # The blocking check's logic runs on the staged table: an incomplete sweep is never published.
         refuse_failing_checks(
-            PATCHING_ASSET, str(context.partition_key), {"head_patching_complete": patching_check(scored)}
+            PATCHING_ASSET,
+            str(context.partition_key),
+            {
+                "head_patching_complete": patching_check(scored),
+                "head_patching_crossfit": crossfit_check(scored, splits),
+            },
         )
 
         out = store.directory(profile_name, PATCHING_ASSET, model_name)
@@ -674,8 +844,20 @@ def head_patching(
             "dg.row_count": dg.MetadataValue.int(len(scored)),
             "n_conditions": dg.MetadataValue.int(int(scored.groupby(["emotion", "condition"]).ngroups)),
             "top_vs_random": markdown_table(comparison),
+            "selection": dg.MetadataValue.text(
+                "Cross-fitted: top heads chosen on one half of each emotion's prompt pairs, measured on the "
+                "other; every number pools both folds (see condition_shifts fold = both)."
+            ),
+            "heads_by_fold": markdown_table(
+                scored[scored["kind"] == "patch"].drop_duplicates(["emotion", "fold"])[
+                    ["emotion", "fold", "selection_half", "measurement_half", "heads"]
+                ]
+            ),
             "condition_shifts": markdown_table(
-                shifts[["emotion", "condition", "n_prompts", "n_changed", "target_shift", "sentiment_shift"]],
+                shifts.loc[
+                    shifts["fold"] == POOLED_FOLD,
+                    ["emotion", "condition", "n_prompts", "n_changed", "target_shift", "sentiment_shift"],
+                ],
                 max_rows=40,
             ),
             "examples": markdown_table(
@@ -719,6 +901,39 @@ def patching_check(scored: pd.DataFrame) -> dg.AssetCheckResult:
             "conditions": int(scored.groupby(["emotion", "condition"]).ngroups),
             "incomplete": incomplete[:20],
             "missing_kinds": sorted(needed - kinds),
+        },
+    )
+
+
+@dg.asset_check(asset=head_patching, blocking=True, description="Cross-fitting holds row by row: no head set "
+                "is measured on a prompt of the half that selected it, and every prompt is measured by each "
+                "condition in exactly one fold.")  # fmt: skip
+def head_patching_crossfit(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+) -> dg.AssetCheckResult:
+    model_name, profile_name = model_and_profile(context)
+    scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+    return crossfit_check(scored, load_split(store, profile_name, model_name))
+
+
+def crossfit_check(scored: pd.DataFrame, split: pd.DataFrame) -> dg.AssetCheckResult:
+    """The logic of ``head_patching_crossfit``: no row's prompt selected its heads, one fold per prompt."""
+    leaks = leaked_rows(scored, split)
+    folds_per_prompt = scored.groupby(["emotion", "condition", "pair_index"])["fold"].nunique()
+    in_two = int((folds_per_prompt > 1).sum())
+    problems = (
+        [f"{len(leaks)} rows measured on a prompt that selected their heads"] if not leaks.empty else []
+    )
+    if in_two:
+        problems.append(f"{in_two} prompt × condition cells measured in two folds")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or "No head set is measured on a prompt that selected it.",
+        metadata={
+            "rows": len(scored),
+            "leaking_rows": len(leaks),
+            "leaks": leaks[["emotion", "condition", "fold", "prompt_id"]].head(20).to_dict("records"),
+            "prompts_in_two_folds": in_two,
         },
     )
 
@@ -825,6 +1040,112 @@ def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
+@dataclass
+class CircuitInputs:
+    """What every fold of one emotion's circuit analysis reads: vectors, boundaries and the readout."""
+
+    vectors: dict[str, Tensor]
+    boundaries: list[int]
+    strategy: str
+    emotions: list[str]
+    direction: Tensor
+    n_layers: int
+
+
+def fold_circuit(
+    handle: ModelHandle, plan: FoldPlan, pair: PromptPair, screening: pd.DataFrame, inputs: CircuitInputs
+) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """OV/QK readouts, roles and circuit effects of ``plan.heads`` on the measurement half's ``pair``.
+
+    Single-head effects (the sum of singles, the role threshold) are the screening scores of the
+    **measurement** half, so joint and summed effects are measured on the same held-out prompts;
+    ``selection_effect`` is the score on the selecting half, for reference only.
+    """
+    emotion, top, vectors, boundaries = plan.emotion, plan.heads, inputs.vectors, inputs.boundaries
+    rows = screening[(screening["emotion"] == emotion) & (screening["half"] == plan.measurement_half)]
+    effects = {(int(r.layer), int(r.head)): float(r.ablation_effect) for r in rows.itertuples()}
+    threshold = float(np.percentile(rows["ablation_effect"].abs(), 75))
+    selected = screening[(screening["emotion"] == emotion) & (screening["half"] == plan.selection_half)]
+    selected = selected.set_index(["layer", "head"])
+    layers = sorted({ly for ly, _ in top})
+    emo_att = capture_attention(
+        handle.model, pair.emotion_batch["input_ids"], pair.emotion_batch["attention_mask"], layers
+    )
+    neu_att = capture_attention(
+        handle.model, pair.neutral_batch["input_ids"], pair.neutral_batch["attention_mask"], layers
+    )
+    words = pair.emotion_batch["emotion_mask"].bool()  # [n, pos]
+    same_positions = words & pair.neutral_batch["attention_mask"].bool()
+    has_words = words.any(dim=1).cpu()  # [n]
+    table, single_patch = circuit_effects(handle.model, pair, top, inputs.direction, inputs.n_layers, effects)
+    labels = {**plan.labels(), "measured_on_prompt_ids": join_ids(plan.measurement_ids)}
+    table = table.assign(emotion=emotion, **labels)
+    screened = rows.set_index(["layer", "head"])
+    head_rows = []
+    own = vectors[f"{inputs.strategy}/{emotion}"]  # [n_boundaries, d_model]
+    for rank, (layer, head) in enumerate(top, start=1):
+        # The OV input is the emotion direction at the latest boundary before the head where it exists: a
+        # zero vector (e.g. boundary 0 when every class ends in the same token) has no direction to read.
+        live = [b for b in boundaries if b <= layer and float(own[boundaries.index(b)].norm()) > 0]
+        b_in = live[-1] if live else boundary_at_most(boundaries, layer)
+        b_out = boundary_at_least(boundaries, layer + 1)
+        outs = {e: vectors[f"{inputs.strategy}/{e}"][boundaries.index(b_out)] for e in inputs.emotions}
+        if live:
+            ov = ov_circuit(
+                handle.model,
+                layer,
+                head,
+                own[boundaries.index(b_in)],
+                emotion_directions=outs,
+                unembed_top_k=10,
+            )
+        else:
+            ov = OVReport(layer, head, head_layout(handle.model).kv_head(head), torch.zeros(0), math.nan,
+                          dict.fromkeys(inputs.emotions, math.nan), [], [])  # fmt: skip
+        to_words = qk_attention_to_positions(emo_att.patterns[layer], words)[:, head].cpu()
+        to_same = qk_attention_to_positions(neu_att.patterns[layer], same_positions)[:, head].cpu()
+        att_emotion = float(to_words[has_words].mean()) if has_words.any() else float("nan")
+        att_neutral = float(to_same[has_words].mean()) if has_words.any() else float("nan")
+        ablation = float(screened.loc[(layer, head), "ablation_effect"])
+        role = role_heuristic(
+            np.nan_to_num(ov.cosines[emotion]), ablation, np.nan_to_num(att_emotion), np.nan_to_num(att_neutral),
+            effect_threshold=threshold,
+        ) if live else "undetermined: no emotion direction at the head's input"  # fmt: skip
+        head_rows.append({
+            "emotion": emotion, **labels, "rank": rank, "layer": layer, "head": head, "kv_head": ov.kv_head,
+            "selection_effect": float(selected.loc[(layer, head), "ablation_effect"]),
+            "ablation_effect": ablation, "attribution": float(screened.loc[(layer, head), "attribution"]),
+            "single_patch_effect": single_patch[(layer, head)], "effect_threshold": threshold,
+            "boundary_in": b_in, "boundary_out": b_out, "ov_gain": ov.gain,
+            "ov_cosine_own": ov.cosines[emotion],
+            **{f"ov_cosine_{e}": ov.cosines[e] for e in inputs.emotions},
+            "ov_top_tokens": " | ".join(repr(handle.tokenizer.decode([t])) for t in ov.top_token_ids),
+            "attention_emotion_words": att_emotion, "attention_neutral_same_positions": att_neutral,
+            "attention_delta": att_emotion - att_neutral, "n_attention_prompts": int(has_words.sum()),
+            "role": role,
+        })  # fmt: skip
+    return head_rows, table
+
+
+def pooled_circuit_effects(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per emotion × intervention, the folds' effects pooled with weights ``n_prompts`` (every prompt once,
+    each measured with heads chosen on the other half); ``fold`` = ``both``."""
+    rows = []
+    for (emotion, intervention), group in effects.groupby(["emotion", "intervention"], sort=False):
+        weights = group["n_prompts"].to_numpy(dtype=float)
+        joint = float(np.average(group["joint_effect"], weights=weights))
+        total = float(np.average(group["sum_single_effects"], weights=weights))
+        rows.append({
+            "emotion": emotion, "intervention": intervention, "fold": POOLED_FOLD,
+            "heads": heads_by_fold(group), "n_components": int(group["n_components"].max()),
+            "joint_effect": joint, "sum_single_effects": total, "difference": joint - total,
+            "ratio": joint / total if abs(total) > 1e-12 else float("nan"),
+            "clean_readout": float(np.average(group["clean_readout"], weights=weights)),
+            "n_prompts": int(weights.sum()),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
@@ -834,11 +1155,12 @@ def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="2",
+    code_version="3",
     pool="model",
-    description="The top heads per emotion as circuit parts: OV image of the emotion vector (gain, cosine, "
-    "promoted tokens), attention from the final token to emotion words, a role, and joint vs summed "
-    "single effects of ablating the heads (with and without their layers' MLPs) and of patching them.",
+    description="The top heads per emotion as circuit parts, cross-fitted (heads chosen on one half of the "
+    "prompts, measured on the other): OV image of the emotion vector (gain, cosine, promoted tokens), "
+    "attention from the final token to emotion words, a role, and joint vs summed single effects of "
+    "ablating the heads (with and without their layers' MLPs) and of patching them.",
 )
 def emotion_circuits(
     context: dg.AssetExecutionContext,
@@ -847,7 +1169,11 @@ def emotion_circuits(
     store: ArtifactStore,
     tracking: TrackingResource,
 ) -> dg.MaterializeResult:
-    """OV, QK, roles and circuit effects of each emotion's top-N heads.
+    """OV, QK, roles and circuit effects of each emotion's top-N heads, per cross-fitted fold.
+
+    Folds: the top-N heads of half ``A`` (``head_screening``) are analysed on the pairs of half ``B`` and
+    vice versa (``fold_circuit``); every row stores its fold, halves and the prompt ids that selected and
+    measured it. ``circuit_effects.parquet`` adds fold ``both``: the folds pooled per prompt.
 
     OV: ``ov_circuit`` of the emotion vector at the head's ``resid_pre`` boundary (the last captured one
     before it when that block was not captured: ``boundary_in``), cosines with every emotion's vector at
@@ -857,8 +1183,8 @@ def emotion_circuits(
     neutral prompt to the **same positions** (same distance from the end under left padding, real tokens
     only): it separates attending to the emotion word from attending to that position. Rows whose emotion
     prompt has no emotion-word token are left out of both means. Role: ``role_heuristic`` with the effect
-    threshold at the 75th percentile of |ablation effect| over every screened head of the emotion.
-    Circuit effects: see ``circuit_effects``.
+    threshold at the 75th percentile of |ablation effect| over every head screened on the measurement
+    half. Circuit effects: see ``circuit_effects``.
     """
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
@@ -867,77 +1193,46 @@ def emotion_circuits(
         torch.set_num_threads(config.n_jobs)
     frame = limit_for_run(load_dataset(store, profile_name), profile)
     screening = load_screening(store, profile_name, model_name)
+    splits = load_split(store, profile_name, model_name)
     vectors, boundaries = load_vectors(store, profile_name, model_name)
     strategy = profile.pooling[0]
     emotions = [e for e in emotions_of(vectors, strategy) if e in set(screening["emotion"])]
-    layout = head_layout(handle.model)
-    n_layers = layout.n_layers
+    n_layers = head_layout(handle.model).n_layers
     with recorded(
         context, tracking=tracking, store=store, phase="8-circuits", model=model_name, profile=profile,
         device=str(handle.device), config=config, throughput_unit="heads",
     ) as rec:  # fmt: skip
         head_rows, effect_tables = [], []
         for emotion in emotions:
-            rows = screening[screening["emotion"] == emotion]
-            effects = {(int(r.layer), int(r.head)): float(r.ablation_effect) for r in rows.itertuples()}
-            threshold = float(np.percentile(rows["ablation_effect"].abs(), 75))
-            top = top_heads(screening, emotion, profile.heads.top_n)
             pair = prompt_pair(handle, frame, emotion, profile.heads.max_prompts, profile.max_prompt_tokens)
-            direction = final_direction(vectors, boundaries, strategy, emotion, n_layers)
-            layers = sorted({ly for ly, _ in top})
-            emo_att = capture_attention(
-                handle.model, pair.emotion_batch["input_ids"], pair.emotion_batch["attention_mask"], layers
-            )
-            neu_att = capture_attention(
-                handle.model, pair.neutral_batch["input_ids"], pair.neutral_batch["attention_mask"], layers
-            )
-            words = pair.emotion_batch["emotion_mask"].bool()  # [n, pos]
-            same_positions = words & pair.neutral_batch["attention_mask"].bool()
-            has_words = words.any(dim=1).cpu()  # [n]
-            table, single_patch = circuit_effects(handle.model, pair, top, direction, n_layers, effects)
-            table.insert(0, "emotion", emotion)
-            effect_tables.append(table)
-            screened = rows.set_index(["layer", "head"])
-            for rank, (layer, head) in enumerate(top, start=1):
-                b_in = boundary_at_most(boundaries, layer)
-                b_out = boundary_at_least(boundaries, layer + 1)
-                outs = {e: vectors[f"{strategy}/{e}"][boundaries.index(b_out)] for e in emotions}
-                ov = ov_circuit(
-                    handle.model, layer, head, vectors[f"{strategy}/{emotion}"][boundaries.index(b_in)],
-                    emotion_directions=outs, unembed_top_k=10,
-                )  # fmt: skip
-                to_words = qk_attention_to_positions(emo_att.patterns[layer], words)[:, head].cpu()
-                to_same = qk_attention_to_positions(neu_att.patterns[layer], same_positions)[:, head].cpu()
-                att_emotion = float(to_words[has_words].mean()) if has_words.any() else float("nan")
-                att_neutral = float(to_same[has_words].mean()) if has_words.any() else float("nan")
-                ablation = float(screened.loc[(layer, head), "ablation_effect"])
-                role = role_heuristic(
-                    ov.cosines[emotion], ablation, np.nan_to_num(att_emotion), np.nan_to_num(att_neutral),
-                    effect_threshold=threshold,
-                )  # fmt: skip
-                head_rows.append({
-                    "emotion": emotion, "rank": rank, "layer": layer, "head": head, "kv_head": ov.kv_head,
-                    "ablation_effect": ablation,
-                    "attribution": float(screened.loc[(layer, head), "attribution"]),
-                    "single_patch_effect": single_patch[(layer, head)], "effect_threshold": threshold,
-                    "boundary_in": b_in, "boundary_out": b_out, "ov_gain": ov.gain,
-                    "ov_cosine_own": ov.cosines[emotion],
-                    **{f"ov_cosine_{e}": ov.cosines[e] for e in emotions},
-                    "ov_top_tokens": " | ".join(repr(handle.tokenizer.decode([t])) for t in ov.top_token_ids),
-                    "attention_emotion_words": att_emotion, "attention_neutral_same_positions": att_neutral,
-                    "attention_delta": att_emotion - att_neutral, "n_attention_prompts": int(has_words.sum()),
-                    "role": role,
-                })  # fmt: skip
+            split = splits[splits["emotion"] == emotion]
+            check_split_matches(split, pair)
+            inputs = CircuitInputs(
+                vectors, boundaries, strategy, emotions,
+                final_direction(vectors, boundaries, strategy, emotion, n_layers), n_layers,
+            )  # fmt: skip
+            for plan in fold_plans(split, screening, profile.heads.top_n):
+                rows, table = fold_circuit(
+                    handle, plan, sub_pair(handle, pair, plan.measurement_pairs), screening, inputs
+                )
+                head_rows += rows
+                effect_tables.append(table)
         rec.timing.samples = len(head_rows)
         heads_table = pd.DataFrame(head_rows)
-        effects_table = pd.concat(effect_tables, ignore_index=True)
+        folds = pd.concat(effect_tables, ignore_index=True)
+        pooled = pooled_circuit_effects(folds)
+        effects_table = pd.concat([folds, pooled], ignore_index=True)
+        leading = ["emotion", "fold", "intervention"]
+        effects_table = effects_table[leading + [c for c in effects_table.columns if c not in leading]]
         summary = pd.DataFrame([
             {
-                "emotion": emotion, "heads": head_label(list(zip(g["layer"], g["head"], strict=True))),
-                "roles": ",".join(g["role"]), "mean_ov_cosine_own": float(g["ov_cosine_own"].mean()),
+                "emotion": emotion,
+                "heads": " | ".join(f"{fold}: {head_label(list(zip(f['layer'], f['head'], strict=True)))}"
+                                    for fold, f in g.groupby("fold")),
+                "roles": " | ".join(f"{fold}: {','.join(f['role'])}" for fold, f in g.groupby("fold")),
+                "mean_ov_cosine_own": float(g["ov_cosine_own"].mean()),
                 "mean_attention_delta": float(g["attention_delta"].mean()),
-                **{f"ratio_{r.intervention}": r.ratio
-                   for r in effects_table[effects_table["emotion"] == emotion].itertuples()},
+                **{f"ratio_{r.intervention}": r.ratio for r in pooled[pooled["emotion"] == emotion].itertuples()},
             }
             for emotion, g in heads_table.groupby("emotion", sort=False)
         ])  # fmt: skip
@@ -948,25 +1243,29 @@ def emotion_circuits(
         write_table(out / "circuit_effects.parquet", effects_table, csv=True)
         write_table(out / "summary.parquet", summary, csv=True)
         plot = save_figure(
-            _joint_vs_sum_plot(effects_table, f"{model_name}: joint vs summed single effects (top heads)"),
+            _joint_vs_sum_plot(pooled, f"{model_name}: joint vs summed single effects (top heads, held out)"),
             out / "joint_vs_sum.png",
         )
-        rec.metrics(**{
-            f"ratio_{r.emotion}_{r.intervention}": r.ratio for r in effects_table.itertuples()
-        })  # fmt: skip
+        rec.metrics(**{f"ratio_{r.emotion}_{r.intervention}": r.ratio for r in pooled.itertuples()})
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / "heads.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(heads_table)),
+            "selection": dg.MetadataValue.text(
+                "Cross-fitted: each fold's heads were selected on one half of the prompt pairs "
+                "(selection_half) and every number here is measured on the other half (measurement_half)."
+            ),
             "summary": markdown_table(summary),
             "heads": markdown_table(
                 heads_table[
                     [
                         "emotion",
+                        "fold",
                         "rank",
                         "layer",
                         "head",
                         "role",
+                        "selection_effect",
                         "ablation_effect",
                         "ov_gain",
                         "ov_cosine_own",
@@ -975,9 +1274,12 @@ def emotion_circuits(
                         "ov_top_tokens",
                     ]
                 ],
-                max_rows=30,
+                max_rows=60,
             ),
-            "circuit_effects": markdown_table(effects_table.drop(columns=["heads"])),
+            "circuit_effects": markdown_table(
+                effects_table.drop(columns=["heads", "selected_on_prompt_ids", "measured_on_prompt_ids"]),
+                max_rows=60,
+            ),
             "joint_vs_sum": plot,
             **rec.metadata(),
         }

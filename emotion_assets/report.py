@@ -198,7 +198,7 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
         dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="3",
+    code_version="4",
     description="The results section of the study for one profile across models: the confound audit first "
     "(surface baselines, nuisance cosines, registers, validation sets, flags), corrected-effect counts, "
     "evaluator quality, probe accuracy, steering effects against baseline and random controls, top heads, "
@@ -227,12 +227,12 @@ def findings_report(
             survivors = survivors.drop(columns=["source", "mode", "direction", "heads", "destination"])
             heads_rows = rollup["comparison"].isin(["vs_random_heads", "emotion_vs_neutral_prompts"])
             head_effects = rollup.loc[heads_rows, HEAD_TABLE_COLUMNS]
-        top_heads = _stack(sorted(base.glob("head_screening/*/screening.parquet")), "model")
+        top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
         if top_heads is not None:
-            top_heads = (top_heads[top_heads["rank_by_abs_ablation"] <= TOP_HEADS_SHOWN]
-                         .sort_values(["model", "emotion", "rank_by_abs_ablation"])
-                         [["model", "emotion", "rank_by_abs_ablation", "layer", "head", "kv_head",
-                           "ablation_effect", "attribution", "n_prompts"]])  # fmt: skip
+            top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
+                         .sort_values(["model", "emotion", "selected_on", "rank"])
+                         [["model", "emotion", "label", "rank", "layer", "head", "selection_effect",
+                           "held_out_effect", "held_out_ci_low", "held_out_ci_high", "n_held_out"]])  # fmt: skip
         circuits = _stack(sorted(base.glob("emotion_circuits/*/summary.parquet")), "model")
         alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
         chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
@@ -261,9 +261,11 @@ def findings_report(
             _section("Emotion vectors vs random directions surviving BH-FDR (q < 0.05)", survivors,
                      "Paired per unique prompt; the family is every metric × condition of a model and profile."),
             _section(f"Attention heads: top {TOP_HEADS_SHOWN} per emotion by ablation effect", top_heads,
-                     "ablation_effect: mean change of the emotion readout (final boundary, last token) when "
-                     "the head's output is zeroed; attribution: first-order estimate of patching the head "
-                     "from emotion into neutral prompts (opposite sign to the ablation for an emotion head)."),
+                     "Cross-fitted: heads selected on one half of the prompts (label), reported on the other. "
+                     "selection_effect: the mean change of the emotion readout (final boundary, last token) "
+                     "when the head's output is zeroed, on the selecting half (a maximum, biased away from "
+                     "0); held_out_effect and its bootstrap CI: the same on the held-out half, the estimate "
+                     "to read."),
             _section("Head patching: top heads vs random-head controls", head_effects,
                      "vs_random_heads: the joint top-N intervention against the mean of random-head sets of "
                      "the same size, mode and direction, paired per prompt, on the emotion's target score "

@@ -18,6 +18,7 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import TARGET_METRICS, residual_patching
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.crossfit import heads_by_fold, split_ids
 from emotion_assets.science.statistics import (
     correct_family,
     paired_family,
@@ -119,7 +120,47 @@ def comparison_matrices(
     return specs, np.column_stack(control), np.column_stack(treatment), prompts
 
 
-HEAD_CONDITION_KEYS = ["condition", "kind", "mode", "direction", "scope", "heads", "seed", "destination"]
+HEAD_CONDITION_KEYS = [
+    "condition", "kind", "mode", "direction", "scope", "heads", "seed", "destination", "selection",
+]  # fmt: skip
+CROSSFIT_COLUMNS = ["fold", "selection_half", "measurement_half", "selected_on_prompt_ids"]
+SELECTION_LABELS = {
+    "ablation": "top heads selected on the other half (cross-fitted, held out)",
+    "patch": "top heads selected on the other half (cross-fitted, held out)",
+    "random_ablation": "random heads (per fold, never a top head of the fold)",
+    "random_patch": "random heads (per fold, never a top head of the fold)",
+    "baseline": "no heads",
+}
+
+
+def crossfit_attributes(scored: pd.DataFrame) -> pd.DataFrame:
+    """One row per emotion × condition: the condition's fields, ``heads`` of every fold and ``selection``.
+
+    Refuses rows without the cross-fitting columns or where a head set was measured on a prompt that
+    selected it (``selected_on_prompt_ids``): such a statistic would report a maximum on its own data.
+    """
+    missing = [c for c in CROSSFIT_COLUMNS if c not in scored]
+    if missing:
+        raise ValueError(
+            f"head_patching rows lack the cross-fitting columns {missing}; re-materialize head_screening and "
+            "head_patching."
+        )
+    leaking = [
+        (row.emotion, row.condition)
+        for row in scored.itertuples(index=False)
+        if {str(row.prompt_id), str(row.source_prompt_id)} & split_ids(row.selected_on_prompt_ids)
+    ]
+    if leaking:
+        raise ValueError(
+            f"{len(leaking)} head_patching rows measure heads on a prompt that selected them (first: "
+            f"{leaking[0]}); re-materialize head_patching from the current head_screening split."
+        )
+    attributes = scored.drop_duplicates(["emotion", "condition"]).set_index(["emotion", "condition"])
+    attributes["heads"] = pd.Series(
+        {key: heads_by_fold(rows) for key, rows in scored.groupby(["emotion", "condition"], sort=False)}
+    )
+    attributes["selection"] = attributes["kind"].map(SELECTION_LABELS)
+    return attributes
 
 
 def _head_specs(
@@ -162,11 +203,16 @@ def head_comparisons(
       emotion prompts against those of the neutral prompts, Welch t and Hedges' g on the target score, the
       gap the patches try to move.
 
+    Cross-fitted (``head_patching``): each condition's rows concatenate two folds, so every prompt is
+    measured once, with heads selected on the half it is not in; the effects and CIs of the top heads are
+    therefore held-out estimates. ``heads`` names every fold's heads (``A_to_B: ... | B_to_A: ...``) and
+    ``selection`` says how they were chosen (:func:`crossfit_attributes`).
+
     Bootstrap seeds come from ``seed_parts`` + emotion + destination, so reruns reproduce every CI.
     """
+    attributes = crossfit_attributes(scored)
     table = scored.groupby(["emotion", "destination", "prompt_id", "condition"], sort=False)[metrics].mean()
     table = table.reset_index()
-    attributes = scored.drop_duplicates(["emotion", "condition"]).set_index(["emotion", "condition"])
     frames = []
     for (emotion, destination), group in table.groupby(["emotion", "destination"], sort=False):
         prompts = np.sort(group["prompt_id"].unique())
@@ -209,7 +255,7 @@ def head_comparisons(
     group_name=STATISTICS_GROUP,
     deps=[residual_patching, head_patching],
     kinds={"scipy", "parquet"},
-    code_version="2",
+    code_version="3",
     description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores), "
     "every emotion vector vs its norm-matched random controls (target score), every head ablation/patch vs "
     "the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "

@@ -11,7 +11,8 @@ Scorers and their columns:
 - ``NrcLexiconEmotions``: ``nrc_<affect>`` in [0, 1], the fraction of word tokens that the NRC emotion
   lexicon tags with that affect (0 for a text with no words).
 - ``PolitenessScorer``: ``politeness`` in [0, 1] (logistic of ``politeness_raw``) and ``politeness_raw``,
-  a weighted sum of politeness-strategy indicators (range in ``metric_ranges``).
+  a weighted sum of politeness-strategy indicators (range in ``metric_ranges``), both blind to gratitude and
+  apology keywords; ``gratitude_or_apology_marker`` in {0, 1}, whether the text has such a keyword.
 - ``TransformerClassifier``: ``<prefix><label>`` in [0, 1] for every label of a local sequence classifier.
 - ``EmbeddingEmotionClassifier``: ``emotion_<label>`` in [0, 1], class probabilities summing to 1.
 
@@ -22,7 +23,7 @@ Degenerate text is never scored: a text that is empty after stripping, punctuati
 word (:func:`~emotion_assets.science.fluency.structural_degeneracy`) gets each scorer's
 ``neutral_scores`` instead, and ``degenerate = True`` in the suite's output. Neutral (not null) is the
 policy wherever a neutral value exists, so broken text counts as expressing no emotion rather than dropping
-out of a paired comparison: VADER compound 0, pos 0, neg 0, neu 1; NRC rates 0; politeness 0.5 (raw 0);
+out of a paired comparison: VADER compound 0, pos 0, neg 0, neu 1; NRC rates 0; politeness 0.5 (raw 0, marker 0);
 classifiers all probability on their ``neutral`` class. A classifier without a ``neutral`` class gets NaN on
 degenerate texts, with the reason in ``null_reasons``.
 """
@@ -284,10 +285,17 @@ _GREETING_WORDS = _word_set("hi hello hey dear greetings howdy")
 _GREETING_PAIRS = frozenset({"good morning", "good afternoon", "good evening"})
 _DEFERENCE_STARTS = _word_set("great nice excellent wonderful awesome fantastic brilliant impressive")
 
-_GRATITUDE_RE = _phrases(r"thanks?|thank you|thankful|appreciate[ds]?|appreciation|grateful|gratitude")
-_APOLOGY_RE = _phrases(
-    r"sorry|apologi[sz](?:e|es|ed|ing)|apologies|excuse me|pardon me|forgive me|my bad|regret"
+# Emotion keywords of the study's target classes. They are the ``gratitude_or_apology_marker`` column and
+# are removed from the text before any politeness cue is matched, so politeness never rewards them.
+# Longer phrases come first: alternation is ordered, and "thank" alone would leave "you" behind.
+_GRATITUDE_RE = _phrases(
+    r"thank you|thank(?:s|ed|ing|ful|fully)?|appreciat(?:e|es|ed|ing|ion|ive)|grateful(?:ly)?|gratitude"
 )
+_APOLOGY_RE = _phrases(
+    r"sorry|apologi[sz](?:e|es|ed|ing)|apology|apologies|apologetic(?:ally)?|excuse me|pardon me|forgive me|"
+    r"my bad|regret(?:s|ted|ting|ful|fully)?|remorse(?:ful)?"
+)
+_SPACES_RE = re.compile(r"[ \t]+")
 _HEDGE_RE = _phrases(
     "perhaps|maybe|possibly|probably|might|i think|i guess|i suppose|i believe|i wonder|it seems|seems|"
     "somewhat|kind of|sort of|a bit|a little|if possible|not sure"
@@ -295,21 +303,19 @@ _HEDGE_RE = _phrases(
 _DEFERENCE_RE = _phrases(
     "if you don't mind|if you do not mind|if it's not too much trouble|if it is not too much trouble|"
     "with all due respect|when you get a chance|when you have a moment|at your convenience|if you have time|"
-    "i'd be grateful|i would be grateful|i'd be glad"
+    "i'd be glad"
 )
 _INDIRECT_RE = _phrases("could you|would you|would you mind|might you|could we|would it be possible")
 _SUBJUNCTIVE_RE = _phrases(
     "i would|i'd|it would|that would|we would|if you could|if you would|i was wondering"
 )
 _FORMAL_RE = _phrases(
-    "would like to|i'd like to|on behalf of|please accept|allow me|i am writing|i'm writing|we regret|"
+    "would like to|i'd like to|on behalf of|please accept|allow me|i am writing|i'm writing|"
     "kindly|your patience|your understanding|your kind|at your earliest|may i|do let me know|"
-    "please let me know|i wish to|we wish to|inform you|with respect|i'm afraid|i am afraid|"
-    "owe you an apology|personally"
+    "please let me know|i wish to|we wish to|inform you|with respect|i'm afraid|i am afraid|personally"
 )
 _INTENSIFIED_RE = _phrases(
-    "sincere|sincerely|truly|deeply|so much|very much|really appreciate|heartfelt|wholeheartedly|"
-    "from the bottom of|most grateful|extremely grateful|very grateful|genuinely"
+    "sincere|sincerely|truly|deeply|so much|very much|heartfelt|wholeheartedly|from the bottom of|genuinely"
 )
 _NEGATIVE_RE = _phrases(
     r"stupid(?:ity)?|idiot(?:s|ic)?|dumb|morons?|useless|pathetic|ridiculous|incompetent|worthless|hate[sd]?|"
@@ -331,8 +337,6 @@ class PolitenessFeature:
 
 
 POLITENESS_FEATURES: tuple[PolitenessFeature, ...] = (
-    PolitenessFeature("gratitude", 1.0, "thank(s), appreciate, grateful"),
-    PolitenessFeature("apology", 0.8, "sorry, apologize, excuse me, forgive me"),
     PolitenessFeature("please", 0.6, "'please' inside a sentence"),
     PolitenessFeature("please_start", 0.2, "'please' as the first word of a sentence (weaker)"),
     PolitenessFeature("hedges", 0.5, "perhaps, maybe, I think, I guess, kind of, a bit, ..."),
@@ -354,18 +358,39 @@ POLITENESS_FEATURES: tuple[PolitenessFeature, ...] = (
 )
 
 
-class PolitenessScorer:
-    """Politeness from request strategies, after Danescu-Niculescu-Mizil et al. (2013).
+POLITENESS_CUES_VERSION = "2"
+MARKER_COLUMN = "gratitude_or_apology_marker"
 
-    Each strategy below is a 0/1 indicator (present anywhere in the text); ``politeness_raw`` is the sum of
-    the weights of the present strategies and ``politeness = 1 / (1 + exp(-politeness_raw))``, so a text with
-    no strategy scores 0.5. Weights follow the signs of the paper's findings; magnitudes are set by hand:
+
+def strip_emotion_markers(text: str) -> str:
+    """Lowercased ``text`` with every gratitude / apology keyword removed (runs of spaces collapsed)."""
+    norm = (text or "").lower().replace("\u2019", "'")
+    norm = _APOLOGY_RE.sub(" ", _GRATITUDE_RE.sub(" ", norm))
+    return _SPACES_RE.sub(" ", norm).strip()
+
+
+def has_emotion_marker(text: str) -> bool:
+    """Whether ``text`` contains a gratitude or apology keyword (``_GRATITUDE_RE`` / ``_APOLOGY_RE``)."""
+    norm = (text or "").lower().replace("\u2019", "'")
+    return bool(_GRATITUDE_RE.search(norm) or _APOLOGY_RE.search(norm))
+
+
+class PolitenessScorer:
+    """Politeness from request strategies, after Danescu-Niculescu-Mizil et al. (2013): a frozen heuristic.
+
+    The study's emotions include gratitude and apology, so their keywords (thank(s), appreciate, grateful,
+    sorry, apologize, excuse me, forgive me, regret, ...) are **not** politeness cues here: they are removed
+    from the text before any cue is matched, and reported apart as ``gratitude_or_apology_marker`` (1 when
+    the text has one, else 0). Politeness therefore cannot rise because a text names the target emotion.
+
+    Each remaining strategy is a 0/1 indicator (present anywhere in the text); ``politeness_raw`` is the
+    sum of the weights of the present strategies and ``politeness = 1 / (1 + exp(-politeness_raw))``, so a
+    text with no strategy scores 0.5. Weights follow the signs of the paper's findings; magnitudes are set
+    by hand and were not fit to this project's data:
 
     ========================  =======  ============================================================
     strategy                  weight   cue
     ========================  =======  ============================================================
-    gratitude                 +1.0     thank(s), appreciate, grateful
-    apology                   +0.8     sorry, apologize, excuse me, forgive me
     please                    +0.6     "please" inside a sentence
     please_start              +0.2     "please" as the first word of a sentence
     hedges                    +0.5     perhaps, maybe, I think, I guess, kind of, a bit
@@ -382,8 +407,13 @@ class PolitenessScorer:
     swearing                  -1.5     damn, hell, crap, ...
     ========================  =======  ============================================================
 
-    ``politeness_raw`` therefore lies in [-4.1, 6.5]; ``features_frame(texts)`` returns the indicators.
-    ``features`` may reweight these strategies (same names); it cannot add new ones.
+    ``politeness_raw`` therefore lies in [-4.1, 4.7]; ``features_frame(texts)`` returns the indicators.
+    The cue lists are frozen at ``POLITENESS_CUES_VERSION``; change them only with a new version and a new
+    measurement. Measured on the baseline profile's eval-split fitting prompts (all four classes; the
+    ``evaluator_quality`` asset recomputes it): AUROC of ``politeness`` for the ``polite`` against the
+    ``direct`` register = 0.67 (73 vs 76 prompts; 0.61 with the keywords counted as cues, version 1); the
+    marker column alone gives 0.50, as the registers carry the keywords equally. ``features`` may reweight
+    these strategies (same names); it cannot add new ones.
     """
 
     name = "politeness_strategies"
@@ -398,22 +428,22 @@ class PolitenessScorer:
 
     @property
     def metric_names(self) -> list[str]:
-        return ["politeness", "politeness_raw"]
+        return ["politeness", "politeness_raw", MARKER_COLUMN]
 
     @property
     def metric_ranges(self) -> dict[str, tuple[float, float]]:
         lo = float(self._weights[self._weights < 0].sum())
         hi = float(self._weights[self._weights > 0].sum())
-        return {"politeness": (0.0, 1.0), "politeness_raw": (lo, hi)}
+        return {"politeness": (0.0, 1.0), "politeness_raw": (lo, hi), MARKER_COLUMN: (0.0, 1.0)}
 
     @property
     def neutral_scores(self) -> dict[str, float]:
-        """No strategy present: raw 0, politeness 0.5."""
-        return {"politeness": 0.5, "politeness_raw": 0.0}
+        """No strategy and no marker present: raw 0, politeness 0.5, marker 0."""
+        return {"politeness": 0.5, "politeness_raw": 0.0, MARKER_COLUMN: 0.0}
 
     @staticmethod
     def _indicators(text: str) -> dict[str, bool]:
-        norm = (text or "").lower().replace("\u2019", "'")
+        norm = strip_emotion_markers(text)
         sentences = [s for s in (x.strip() for x in _SENTENCE_SPLIT_RE.split(norm)) if s]
         please_start = False
         please_inside = False
@@ -430,8 +460,6 @@ class PolitenessScorer:
             imperative |= words[0] in _IMPERATIVE_VERBS and not sent.endswith("?")
             deference_start |= words[0] in _DEFERENCE_STARTS
         return {
-            "gratitude": bool(_GRATITUDE_RE.search(norm)),
-            "apology": bool(_APOLOGY_RE.search(norm)),
             "please": please_inside,
             "please_start": please_start,
             "hedges": bool(_HEDGE_RE.search(norm)),
@@ -457,7 +485,11 @@ class PolitenessScorer:
     def score(self, texts: list[str]) -> pd.DataFrame:
         feats = self.features_frame(texts).to_numpy() if texts else np.zeros((0, len(self.features)))
         raw = feats @ self._weights
-        return pd.DataFrame({"politeness": 1.0 / (1.0 + np.exp(-raw)), "politeness_raw": raw}, dtype=float)
+        marker = [float(has_emotion_marker(t)) for t in texts]
+        return pd.DataFrame(
+            {"politeness": 1.0 / (1.0 + np.exp(-raw)), "politeness_raw": raw, MARKER_COLUMN: marker},
+            dtype=float,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

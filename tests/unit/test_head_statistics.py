@@ -30,6 +30,15 @@ CONDITIONS = {
 }
 
 
+# Cross-fitted folds: pairs 0-2 form half A, 3-5 half B; each pair is measured with the heads of the other half.
+HALF = {i: "A" if i < N // 2 else "B" for i in range(N)}
+FOLD_HEADS = {"A": "L1H2,L3H4", "B": "L0H1,L2H0"}  # heads selected on each half
+
+
+def _half_ids(half: str) -> str:
+    return ",".join(sorted(f"{p}{i}" for i in range(N) if HALF[i] == half for p in "en"))
+
+
 @pytest.fixture(scope="module")
 def scored() -> pd.DataFrame:
     rng = np.random.default_rng(0)
@@ -37,10 +46,15 @@ def scored() -> pd.DataFrame:
     for name, (kind, mode, direction, destination) in CONDITIONS.items():
         for i in range(N):
             prefix = "e" if destination == "emotion" else "n"
+            measured, selected = HALF[i], "B" if HALF[i] == "A" else "A"
             rows.append({
                 "emotion": "gratitude", "condition": name, "kind": kind, "mode": mode, "direction": direction,
-                "scope": None if kind == "baseline" else "joint", "heads": "L1H2+L3H4", "seed": None,
+                "scope": None if kind == "baseline" else "joint",
+                "heads": "" if kind == "baseline" else FOLD_HEADS[selected], "seed": None,
                 "destination": destination, "pair_index": i, "prompt_id": f"{prefix}{i}",
+                "source_prompt_id": f"{'n' if prefix == 'e' else 'e'}{i}" if kind.endswith("patch") else None,
+                "fold": f"{selected}_to_{measured}", "selection_half": selected, "measurement_half": measured,
+                "selected_on_prompt_ids": _half_ids(selected),
                 "emotion_gratitude": rng.uniform(), "sentiment_compound": rng.uniform(-1, 1),
             })  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -114,3 +128,23 @@ def test_observed_power_uses_the_test_of_each_row_and_needs_no_unpaired_columns(
     assert power[gap] == pytest.approx(two_sample_t_power(abs(row["hedges_g"]), N, N))
     paired = stats[stats["effect_measure"] == "d_z"].drop(columns=["n_a", "n_b"])
     assert observed_power(paired) == pytest.approx([paired_t_power(abs(d), N) for d in paired["d_z"]])
+
+
+def test_cross_fitted_rows_pool_both_folds_and_say_so(scored):
+    stats = head_comparisons(scored, METRICS, n_boot=200, seed_parts=("t", 1))
+    top = stats[(stats["comparison"] == "vs_random_heads") & (stats["condition"] == "ablate_zero_top2")].iloc[
+        0
+    ]
+    assert top["heads"] == "A_to_B: L1H2,L3H4 | B_to_A: L0H1,L2H0"
+    assert top["selection"].startswith("top heads selected on the other half") and top["n"] == N
+    baseline = stats[stats["comparison"] == "emotion_vs_neutral_prompts"].iloc[0]
+    assert baseline["n"] == 2 * N  # both folds' unintervened prompts
+
+
+def test_rows_that_reuse_selecting_prompts_or_lack_fold_columns_are_refused(scored):
+    leaking = scored.copy()
+    leaking.loc[0, "selected_on_prompt_ids"] = _half_ids(leaking.loc[0, "measurement_half"])
+    with pytest.raises(ValueError, match="prompt that selected them"):
+        head_comparisons(leaking, METRICS, n_boot=50, seed_parts=("t", 1))
+    with pytest.raises(ValueError, match="re-materialize head_screening"):
+        head_comparisons(scored.drop(columns=["fold"]), METRICS, n_boot=50, seed_parts=("t", 1))

@@ -262,8 +262,16 @@ def test_alpha_zero_logic_finds_the_one_planted_mismatch():
 def _screen(n_layers: int = 2, n_heads: int = 3) -> pd.DataFrame:
     return pd.DataFrame(
         [
-            {"emotion": e, "layer": ly, "head": h, "ablation_effect": 0.1 * h, "attribution": -0.1 * ly}
+            {
+                "emotion": e,
+                "half": half,
+                "layer": ly,
+                "head": h,
+                "ablation_effect": 0.1 * h,
+                "attribution": -0.1 * ly,
+            }
             for e in ("anger", "gratitude")
+            for half in ("A", "B")
             for ly in range(n_layers)
             for h in range(n_heads)
         ]
@@ -273,14 +281,16 @@ def _screen(n_layers: int = 2, n_heads: int = 3) -> pd.DataFrame:
 def test_screening_logic_finds_a_missing_head_and_a_nan_score():
     from emotion_assets.heads import screening_check
 
-    assert screening_check(_screen(), 2, 3).passed
-    missing = screening_check(_screen().drop(index=4), 2, 3)
-    assert not missing.passed and missing.metadata["incomplete"].value == {"anger": 2}
+    split = pd.DataFrame({"emotion": ["anger"] * 2, "half": ["A", "B"], "prompt_id": ["a-1", "a-2"],
+                          "neutral_prompt_id": ["n-1", "n-2"], "pair_index": [0, 1]})  # fmt: skip
+    assert screening_check(_screen(), split, 2, 3).passed
+    missing = screening_check(_screen().drop(index=4), split, 2, 3)
+    assert not missing.passed and missing.metadata["incomplete"].value == {"anger/A": 2}
     nan = _screen()
     nan.loc[7, "attribution"] = np.nan
-    result = screening_check(nan, 2, 3)
+    result = screening_check(nan, split, 2, 3)
     assert not result.passed and "non-finite" in result.description
-    assert not screening_check(_screen(), 3, 3).passed  # a model with more layers than were screened
+    assert not screening_check(_screen(), split, 3, 3).passed  # a model with more layers than were screened
 
 
 def _patching() -> pd.DataFrame:

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from emotion_assets.science.text_scoring import (
+    MARKER_COLUMN,
     EmbeddingEmotionClassifier,
     EvaluatorSuite,
     EvaluatorUnavailable,
@@ -91,6 +92,65 @@ def test_politeness_ranks_polite_request_above_command():
     assert scores.loc[2, "politeness"] == pytest.approx(0.5)
     lo, hi = scorer.metric_ranges["politeness_raw"]
     assert lo <= scores["politeness_raw"].min() <= scores["politeness_raw"].max() <= hi
+
+
+KEYWORD_FREE = [
+    "Give me the file now.",
+    "Could you send the report when you have a moment?",
+    "Why is the door open?",
+    "You left the lights on. Turn them off.",
+    "Perhaps we could meet on Tuesday, if you don't mind.",
+    "The meeting starts at noon.",
+]
+KEYWORDS = ["thanks", "thank you", "sorry", "apologies", "grateful", "gratitude", "forgive me", "excuse me",
+            "appreciated", "regret"]  # fmt: skip
+
+
+def _insertions(sentence: str, keyword: str) -> list[str]:
+    """``keyword`` alone added to ``sentence``: as its own opening clause or sentence, after the first word,
+    at the end, and as a closing sentence."""
+    first, _, rest = sentence.partition(" ")
+    opening = keyword.capitalize()
+    return [
+        f"{opening}, {sentence}", f"{opening}. {sentence}", f"{first} {keyword} {rest}",
+        f"{sentence} {keyword}", f"{sentence} {opening}!",
+    ]  # fmt: skip
+
+
+def test_politeness_ignores_gratitude_and_apology_keywords_and_the_marker_sees_them():
+    scorer = PolitenessScorer()
+    base = scorer.score(KEYWORD_FREE)
+    assert (base[MARKER_COLUMN] == 0.0).all()
+    for keyword in KEYWORDS:
+        for i, sentence in enumerate(KEYWORD_FREE):
+            added = scorer.score(_insertions(sentence, keyword))
+            assert added["politeness"].tolist() == [base.loc[i, "politeness"]] * 5, (keyword, sentence)
+            assert added["politeness_raw"].tolist() == [base.loc[i, "politeness_raw"]] * 5
+            assert (added[MARKER_COLUMN] == 1.0).all(), (keyword, sentence)
+    # A real cue still moves politeness: the keyword filter does not blind the scorer.
+    assert scorer.score(["Please give me the file now."]).loc[0, "politeness"] > base.loc[0, "politeness"]
+    assert scorer.metric_ranges["politeness_raw"] == pytest.approx((-4.1, 4.7))
+    assert "gratitude" not in scorer.features_frame(["thanks"]).columns
+
+
+def test_politeness_auroc_documented_in_the_scorer_is_the_measured_one():
+    # The frozen cues' AUROC on the baseline profile's eval fitting prompts, polite vs direct register.
+    from emotion_assets.profiles import load_profiles
+    from emotion_assets.science.prompts import assign_splits, fitting_mask, load_prompts
+
+    profile = load_profiles()["baseline"]
+    frame = load_prompts(
+        profile.dataset.resolved_path(), max_imbalance_ratio=profile.dataset.max_imbalance_ratio
+    )
+    frame = assign_splits(frame, eval_fraction=profile.dataset.eval_fraction, seed=profile.seed)
+    evaluation = frame[(frame["split"] == "eval").to_numpy() & fitting_mask(frame)].reset_index(drop=True)
+    scores = PolitenessScorer().score(evaluation["text"].tolist())
+    polite, direct = evaluation["register"] == "polite", evaluation["register"] == "direct"
+    auroc = binary_auroc(scores.loc[polite, "politeness"], scores.loc[direct, "politeness"])
+    marker = binary_auroc(scores.loc[polite, MARKER_COLUMN], scores.loc[direct, MARKER_COLUMN])
+    assert (int(polite.sum()), int(direct.sum())) == (73, 76)
+    assert round(auroc, 2) == 0.67 and round(marker, 2) == 0.50
+    assert "= 0.67 (73 vs 76 prompts" in PolitenessScorer.__doc__
 
 
 def test_transformer_single_label_softmax_and_batch_invariance(tmp_path):
@@ -271,10 +331,11 @@ def test_degenerate_text_scores_neutral_never_an_emotion():
     assert (bad[[c for c in scores if c.startswith("nrc_")]] == 0.0).all().all()
     assert (bad["sentiment_compound"] == 0.0).all() and (bad["sentiment_neu"] == 1.0).all()
     assert (bad["politeness"] == 0.5).all() and (bad["politeness_raw"] == 0.0).all()
+    assert (bad[MARKER_COLUMN] == 0.0).all()
     assert not scores.drop(columns="degenerate").isna().any().any() and suite.null_reasons == {}
     # Without the guard, the same scorers do give these texts an emotion (what the guard prevents).
     raw = PolitenessScorer().score(["Thanks"])
-    assert raw.loc[0, "politeness"] > 0.5
+    assert raw.loc[0, MARKER_COLUMN] == 1.0
     # A normal sentence scores exactly as each scorer scores it alone.
     for scorer in suite.scorers:
         alone = scorer.score(FLUENT)
