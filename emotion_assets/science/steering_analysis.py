@@ -109,42 +109,42 @@ def shift_table(
     spread of the shift beside each mean, and the steerability of emotion cells on their own target score.
 
     Columns: :data:`CONDITION_COLUMNS`, ``n_prompts`` (unique), then per metric ``{m}_mean``, ``{m}_shift``,
-    ``{m}_shift_sd``, ``{m}_shift_iqr``, ``{m}_share_up``, ``{m}_share_down``; then ``target_metric``,
-    ``target_shift``, ``share_intended`` (prompts moved the intended way, see :func:`intended_sign`),
-    ``share_anti`` (moved the opposite way: anti-steerable), ``target_shift_sd``, ``target_shift_iqr``
-    (NaN where the condition has no intended direction or its target score is not among ``metrics``).
+    ``{m}_shift_sd``, ``{m}_shift_iqr``, ``{m}_share_up``, ``{m}_share_down``; then, for emotion conditions
+    whose target score is among ``metrics``: ``target_metric``, ``target_shift``, ``target_shift_sd``,
+    ``target_shift_iqr``, ``share_intended`` (prompts moved the intended way, see :func:`intended_sign`) and
+    ``share_anti`` (moved the opposite way: anti-steerable); the last two are NaN at α = 0.
     """
     scores = per_prompt_scores(scored, metrics)
     shifts = prompt_shifts(scored, metrics)
     conditions = shifts.drop_duplicates("condition").set_index("condition")[CONDITION_COLUMNS[1:]]
-    out = conditions.copy()
-    out["n_prompts"] = shifts.groupby("condition", sort=False)["prompt_id"].nunique()
-    target_stats: dict[str, pd.DataFrame] = {}
+    columns: dict[str, pd.Series] = {
+        "n_prompts": shifts.groupby("condition", sort=False)["prompt_id"].nunique()
+    }
+    by_metric: dict[str, pd.DataFrame] = {}
     for metric in metrics:
-        out[f"{metric}_mean"] = scores.groupby("condition", sort=False)[metric].mean()
-        stats = spread(shifts[metric], shifts["condition"])
-        target_stats[metric] = stats
+        columns[f"{metric}_mean"] = scores.groupby("condition", sort=False)[metric].mean()
+        by_metric[metric] = spread(shifts[metric], shifts["condition"])
         for column in ("shift", "shift_sd", "shift_iqr", "share_up", "share_down"):
-            out[f"{metric}_{column}"] = stats[column]
+            columns[f"{metric}_{column}"] = by_metric[metric][column]
     rows = []
     for name, cond in conditions.iterrows():
-        sign = intended_sign(cond["kind"], cond["alpha"])
-        metric = target_metrics.get(cond["emotion"]) if isinstance(cond["emotion"], str) else None
-        if metric not in target_stats or math.isnan(sign):
-            rows.append({"target_metric": metric if metric in target_stats else None})
+        metric = target_metrics.get(cond["emotion"]) if cond["kind"] == "emotion" else None
+        if metric not in by_metric:
+            rows.append({})
             continue
-        stats = target_stats[metric].loc[name]
+        stats, sign = by_metric[metric].loc[name], intended_sign(cond["kind"], cond["alpha"])
         up, down = stats["share_up"], stats["share_down"]
         rows.append({
-            "target_metric": metric, "target_shift": stats["shift"],
-            "share_intended": up if sign > 0 else down, "share_anti": down if sign > 0 else up,
-            "target_shift_sd": stats["shift_sd"], "target_shift_iqr": stats["shift_iqr"],
+            "target_metric": metric, "target_shift": stats["shift"], "target_shift_sd": stats["shift_sd"],
+            "target_shift_iqr": stats["shift_iqr"],
+            "share_intended": math.nan if math.isnan(sign) else (up if sign > 0 else down),
+            "share_anti": math.nan if math.isnan(sign) else (down if sign > 0 else up),
         })  # fmt: skip
     target = pd.DataFrame(rows, index=conditions.index).reindex(
-        columns=["target_metric", "target_shift", "share_intended", "share_anti", "target_shift_sd",
-                 "target_shift_iqr"]
+        columns=["target_metric", "target_shift", "target_shift_sd", "target_shift_iqr", "share_intended",
+                 "share_anti"]
     )  # fmt: skip
-    return pd.concat([out, target], axis=1).reset_index()
+    return pd.concat([conditions, pd.DataFrame(columns), target], axis=1).reset_index()
 
 
 # ---------------------------------------------------------------------------------------- fluency
@@ -276,8 +276,12 @@ def _ids(frame: pd.DataFrame) -> str:
 def select_cells(
     scored: pd.DataFrame, target_metrics: Mapping[str, str], bounds: FluencyBounds
 ) -> pd.DataFrame:
-    """Every emotion cell (α ≠ 0) with its target shift and fluency on ``scored`` (the selection half), and
-    per emotion the fluent cell with the largest target shift marked ``selected``.
+    """Every candidate cell with its target shift and fluency on ``scored`` (the selection half), and per
+    emotion the fluent cell with the largest target shift marked ``selected``.
+
+    Candidates are the emotion cells with α > 0: the best cell is the strongest fluent push **towards** the
+    emotion (a negative α should lower its score; those cells stay in the shift table and the statistics).
+    Without any fluent candidate an emotion has no selected cell.
 
     Columns: ``emotion``, ``layer``, ``alpha``, ``condition``, ``target_metric``, ``selection_shift``,
     ``n_selection``, ``share_degenerate``, ``perplexity_ratio``, ``fluent``, ``fluency_exclusion``,
@@ -287,7 +291,7 @@ def select_cells(
     metrics = sorted({m for m in target_metrics.values() if m in scored})
     shifts = shift_table(scored, metrics, target_metrics)
     fluency = condition_fluency(scored, bounds).set_index("condition")
-    cells = shifts[(shifts["kind"] == "emotion") & (shifts["alpha"] != 0) & shifts["target_metric"].notna()]
+    cells = shifts[(shifts["kind"] == "emotion") & (shifts["alpha"] > 0) & shifts["target_metric"].notna()]
     cells = cells.sort_values(["emotion", "layer", "alpha"])
     out = pd.DataFrame({
         "emotion": cells["emotion"], "layer": cells["layer"].astype(int), "alpha": cells["alpha"],
@@ -432,7 +436,7 @@ def selected_and_confirmed(
         if metric not in scored:
             row["status"] = "target score not scored"
         elif emotion not in confirmed.index:
-            row["status"] = "no fluent cell on half A" if len(mine) else "no steering cell for this emotion"
+            row["status"] = "no fluent cell on half A" if len(mine) else "no cell with α > 0 for this emotion"
         else:
             chosen = mine[mine["selected"]].iloc[0]
             row |= {"status": "confirmed", "selection_shift": chosen["selection_shift"],
