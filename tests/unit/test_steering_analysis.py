@@ -361,3 +361,64 @@ def test_best_cells_carry_steerability_on_the_confirmation_half():
     iso = per_prompt[(per_prompt["emotion"] == "gratitude") & (per_prompt["series"] == "random_isotropic")]
     assert gratitude["random_isotropic_shift"] == pytest.approx(iso["shift"].mean())
     assert gratitude["vs_random_isotropic_diff"] == pytest.approx(values.mean() - iso["shift"].mean())
+
+
+def _head_generations() -> pd.DataFrame:
+    """A minimal head_patching table: one emotion, baselines on both prompt sets and one ablation."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, kind, destination in [("baseline_emotion", "baseline", "emotion"),
+                                    ("baseline_neutral", "baseline", "neutral"),
+                                    ("ablate_zero_top2", "ablation", "emotion")]:  # fmt: skip
+        for i in range(6):
+            rows.append({
+                "emotion": "gratitude", "condition": name, "kind": kind, "mode": "zero" if kind != "baseline" else None,
+                "direction": None, "scope": None if kind == "baseline" else "joint", "heads": "L1H2", "seed": None,
+                "destination": destination, "pair_index": i, "prompt_id": f"{destination[0]}{i}",
+                **{m: rng.uniform() for m in METRICS}, "politeness": rng.uniform(),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_path):
+    import dagster as dg
+
+    from emotion_assets.heads import PATCHING_ASSET
+    from emotion_assets.statistics import patching_statistics
+    from resources.storage import ArtifactStore, write_table
+    from resources.tracking import TrackingResource
+
+    def effect(kind, emotion, layer, alpha):
+        return {"emotion_gratitude": 0.2 * np.sign(alpha)} if emotion == "gratitude" else {}
+
+    store = ArtifactStore(root_dir=str(tmp_path))
+    residual = sweep_table(effect=effect).assign(politeness=0.5)
+    with store.publishing():
+        write_table(
+            store.directory("smoke", "residual_patching", "smollm2-135m") / "generations.parquet", residual
+        )
+        write_table(store.directory("smoke", PATCHING_ASSET, "smollm2-135m") / "generations.parquet",
+                    _head_generations())  # fmt: skip
+    result = dg.materialize(
+        [patching_statistics], partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )  # fmt: skip
+    stats_ = pd.read_parquet(
+        tmp_path / "smoke" / "patching_statistics" / "smollm2-135m" / "comparisons.parquet"
+    )
+    residual_rows = stats_[stats_["source"] == "residual"]
+    assert set(residual_rows["comparison"]) == {"vs_baseline", "vs_random_isotropic", "vs_random_covariance",
+                                                "vs_other_emotion"}  # fmt: skip
+    assert (stats_["family_size_t"] == len(stats_)).all() and stats_["family_t"].str.contains(
+        "other_emotion"
+    ).all()
+    row = residual_rows[(residual_rows["condition"] == "gratitude|L1|a+0.2")
+                        & (residual_rows["other_emotion"] == "apology")].iloc[0]  # fmt: skip
+    wide = residual.pivot_table(index="prompt_id", columns="condition", values="emotion_gratitude")
+    assert row["mean_diff"] == pytest.approx((wide["gratitude|L1|a+0.2"] - wide["apology|L1|a+0.2"]).mean())
+    assert row["p_bh"] >= row["p_t"] and row["metric"] == "emotion_gratitude"
+    metadata = result.asset_materializations_for_node("patching_statistics")[0].metadata
+    assert (
+        "gratitude" in metadata["specificity"].value and "vs_other_emotion" in metadata["by_comparison"].value
+    )
