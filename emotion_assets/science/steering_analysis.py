@@ -269,6 +269,11 @@ def _on_half(frame: pd.DataFrame, halves: pd.DataFrame, half: str) -> pd.DataFra
     return frame[frame["prompt_id"].astype(str).isin(ids)]
 
 
+def _scored(frame: pd.DataFrame, metric: str) -> bool:
+    """Whether ``metric`` is a column with at least one score (an evaluator that could not run is all NaN)."""
+    return metric in frame and bool(frame[metric].notna().any())
+
+
 def _ids(frame: pd.DataFrame) -> str:
     return json.dumps(sorted(frame["prompt_id"].astype(str).unique().tolist()))
 
@@ -285,10 +290,10 @@ def select_cells(
 
     Columns: ``emotion``, ``layer``, ``alpha``, ``condition``, ``target_metric``, ``selection_shift``,
     ``n_selection``, ``share_degenerate``, ``perplexity_ratio``, ``fluent``, ``fluency_exclusion``,
-    ``selected``. Ties go to the first cell in (layer, α) order. Emotions whose target score is not a
-    column of ``scored`` have no cells.
+    ``selected``. Ties go to the first cell in (layer, α) order. Emotions whose target score is missing or
+    all NaN have no cells.
     """
-    metrics = sorted({m for m in target_metrics.values() if m in scored})
+    metrics = sorted({m for m in target_metrics.values() if _scored(scored, m)})
     shifts = shift_table(scored, metrics, target_metrics)
     fluency = condition_fluency(scored, bounds).set_index("condition")
     cells = shifts[(shifts["kind"] == "emotion") & (shifts["alpha"] > 0) & shifts["target_metric"].notna()]
@@ -303,7 +308,7 @@ def select_cells(
     ]
     out = pd.concat([out.reset_index(drop=True), gate.reset_index(drop=True)], axis=1)
     out["selected"] = False
-    for _, group in out[out["fluent"]].groupby("emotion", sort=False):
+    for _, group in out[out["fluent"] & out["selection_shift"].notna()].groupby("emotion", sort=False):
         out.loc[group["selection_shift"].idxmax(), "selected"] = True
     return out
 
@@ -433,7 +438,7 @@ def selected_and_confirmed(
         row: dict[str, Any] = {"emotion": emotion, "metric": metric, "selection": SELECTION_LABEL,
                                "n_cells": len(mine), "n_cells_fluent": int(mine["fluent"].sum()),
                                "n_cells_excluded": int((~mine["fluent"]).sum())}  # fmt: skip
-        if metric not in scored:
+        if not _scored(scored, metric):
             row["status"] = "target score not scored"
         elif emotion not in confirmed.index:
             row["status"] = "no fluent cell on half A" if len(mine) else "no cell with α > 0 for this emotion"

@@ -218,6 +218,15 @@ def test_best_cell_is_chosen_among_fluent_cells_only():
     assert (best["status"] == "no fluent cell on half A").all() and (best["n_cells_excluded"] == 4).all()
 
 
+def test_an_unscored_target_is_reported_not_selected():
+    frame = with_fluency(sweep_table(n_prompts=8)).assign(emotion_apology=np.nan)
+    best = selected_and_confirmed(
+        frame, split_halves(frame["prompt_id"], 0), TARGETS, BOUNDS, n_boot=50, seed=0
+    )[0]
+    status = best.set_index("emotion")["status"]
+    assert status["apology"] == "target score not scored" and status["anger"] == "confirmed"
+
+
 def test_suite_flag_is_kept_and_must_agree_with_the_text():
     scored = pd.DataFrame(
         {"continuation": ["fine text here", "...", "Thanks!"], "degenerate": [False, True, True]}
