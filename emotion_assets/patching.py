@@ -1,6 +1,7 @@
 """Phase 5: residual steering sweeps (emotion × layer × α, random controls), scored by the evaluators."""
 
 import dagster as dg
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -25,7 +26,20 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.prompts import fitting_mask, steering_starts
+from emotion_assets.science.statistics import stable_seed
 from emotion_assets.science.steering import build_conditions, generate_sweep
+from emotion_assets.science.steering_analysis import (
+    CONDITION_COLUMNS,
+    RANDOM_KINDS,
+    SELECTION_LABEL,
+    FluencyBounds,
+    attach_fluency,
+    condition_fluency,
+    continuation_fluency,
+    selected_and_confirmed,
+    shift_table,
+    split_halves,
+)
 from emotion_assets.vectors import emotion_vectors, load_vectors
 from jobs.jobs import STEERING_GROUP
 from resources.evaluators import EvaluatorResource
@@ -36,7 +50,12 @@ from resources.tracking import TrackingResource
 NEUTRAL = "neutral"
 # The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
 TARGET_METRICS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
-CONDITION_COLUMNS = ["condition", "kind", "emotion", "layer", "alpha", "seed"]
+# Columns of the best-cell table shown in the asset's metadata (the parquet has them all).
+BEST_SHOWN = ["emotion", "status", "layer", "alpha", "selection_shift", "target_shift", "shift_ci_low",
+              "shift_ci_high", "p", "p_bh", "random_isotropic_shift", "random_covariance_shift",
+              "share_degenerate", "perplexity_ratio", "n_cells_excluded"]  # fmt: skip
+STEERABILITY_SHOWN = ["emotion", "layer", "alpha", "n_confirmation", "target_shift", "share_intended",
+                      "share_anti", "shift_sd", "shift_iqr"]  # fmt: skip
 
 
 def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.DataFrame, str]:
@@ -44,21 +63,6 @@ def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.D
     and the role they have; neither was used to fit the vectors."""
     prompts, role = steering_starts(frame)
     return (prompts.head(max_prompts) if max_prompts else prompts), role
-
-
-def shift_table(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per condition: mean score and mean paired shift against the unsteered baseline, per metric."""
-    baseline = scored[scored["kind"] == "baseline"].set_index("prompt_index")[metrics]
-    rows = []
-    for keys, group in scored.groupby(CONDITION_COLUMNS, dropna=False, sort=False):
-        paired = group.set_index("prompt_index")[metrics] - baseline.loc[group["prompt_index"]].to_numpy()
-        row = dict(zip(CONDITION_COLUMNS, keys, strict=True))
-        row["n_prompts"] = group["prompt_index"].nunique()
-        for metric in metrics:
-            row[f"{metric}_mean"] = float(group[metric].mean())
-            row[f"{metric}_shift"] = float(paired[metric].mean())
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 @dg.asset(
@@ -70,12 +74,16 @@ def shift_table(scored: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="2",
+    code_version="3",
     pool="model",
     description="Steered generations on eval steering prompts (unfinished neutral openings; eval neutral "
     "fitting prompts when the dataset has none, recorded as steering_prompts_role): baseline, every "
     "emotion × layer × α (α relative to the layer's residual norm, 0 and negative included) and "
-    "norm-matched random directions (isotropic, covariance-matched), one row per prompt × condition with every evaluator score.",
+    "norm-matched random directions (isotropic, covariance-matched), one row per prompt × condition with every "
+    "evaluator score and the continuation's fluency (length, distinct-2, repetition, degenerate, unsteered "
+    "log-likelihood). Per condition: shifts with their per-prompt spread and share of prompts moved each way, "
+    "share degenerate and perplexity ratio. The best fluent (layer, α) per emotion is selected on half A of "
+    "the prompts and its shift, CI and p are reported on half B.",
 )
 def residual_patching(
     context: dg.AssetExecutionContext,
@@ -135,9 +143,30 @@ def residual_patching(
         )  # continuation only; the prompt is kept, unscored
         scored = pd.concat([sweep.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
         scored.insert(1, "prompt_id", prompts["id"].to_numpy()[scored["prompt_index"].to_numpy()])
-        # `degenerate` (broken-text flag of the suite) stays in the generations table; it is not a score.
+        # What each continuation costs: text fluency and the unsteered model's log-likelihood given the prompt.
+        fluency = continuation_fluency(
+            handle.model, handle.tokenizer, sweep["prompt"].tolist(), sweep["continuation"].tolist(),
+            sweep["n_new_tokens"].tolist(), batch_size=profile.batch_size, device=handle.device,
+        )  # fmt: skip
+        scored = attach_fluency(scored, fluency)
+        split_seed = stable_seed("steering_selection_split", profile.seed)
+        halves = split_halves(prompts["id"], split_seed)
+        split_record = {
+            "seed": split_seed,
+            "rule": "unique prompt ids sorted, permuted by numpy default_rng(seed); the first floor(n/2) are A",
+            **{half: ids["prompt_id"].tolist() for half, ids in halves.groupby("half")},
+        }
+        scored.insert(2, "half", scored["prompt_id"].map(halves.set_index("prompt_id")["half"]))
+        # `degenerate` (broken-text flag of the suite) is a fluency column, not a score.
         metrics = [m for m in scores.columns if m != "degenerate" and scores[m].notna().any()]
-        shifts = shift_table(scored, metrics)
+        bounds = FluencyBounds(**profile.steering.fluency.model_dump())
+        by_condition = condition_fluency(scored, bounds)
+        per_condition = by_condition.drop(columns=CONDITION_COLUMNS[1:])
+        shifts = shift_table(scored, metrics, TARGET_METRICS).merge(per_condition, on="condition", how="left")
+        best, cells, prompt_shifts = selected_and_confirmed(
+            scored, halves, TARGET_METRICS, bounds, n_boot=profile.n_bootstrap,
+            seed=stable_seed("residual_patching", model_name, profile_name, profile.seed),
+        )  # fmt: skip
         # The blocking check's logic runs on the staged table: a failing sweep is never published.
         refuse_failing_checks(
             "residual_patching",
@@ -149,6 +178,10 @@ def residual_patching(
         rec.artifacts(out)
         write_table(out / "generations.parquet", scored, csv=True)
         write_table(out / "condition_shifts.parquet", shifts, csv=True)
+        write_table(out / "prompt_split.parquet", halves, csv=True)
+        write_table(out / "selection_cells.parquet", cells, csv=True)
+        write_table(out / "best_per_emotion.parquet", best, csv=True)
+        write_table(out / "best_cell_prompt_shifts.parquet", prompt_shifts, csv=True)
         emotion_rows = shifts[shifts["kind"] == "emotion"]
         plots = {}
         for emotion, metric in TARGET_METRICS.items():
@@ -161,10 +194,16 @@ def residual_patching(
                         f"{model_name}: shift in {metric} when steering {emotion}", "α", "layer"),
                 out / f"shift_heatmap_{emotion}.png",
             )  # fmt: skip
-        best = _best_per_emotion(shifts)
-        write_table(out / "best_per_emotion.parquet", best, csv=True)
-        examples = _examples(scored, best)
-        rec.metrics(**{f"best_shift_{r.emotion}": r.target_shift for r in best.itertuples()})
+        if len(prompt_shifts):
+            plots["prompt_shift_distribution"] = save_figure(
+                _prompt_shift_plot(prompt_shifts, best, model_name), out / "prompt_shift_distribution.png"
+            )
+        confirmed = best[best["status"] == "confirmed"]
+        examples = _examples(scored, confirmed)
+        excluded = cells.loc[~cells["fluent"], ["emotion", "layer", "alpha", "selection_shift", "share_degenerate",
+                                                "perplexity_ratio", "fluency_exclusion"]]  # fmt: skip
+        baseline = by_condition[by_condition["kind"] == "baseline"].iloc[0]
+        rec.metrics(**{f"best_shift_{r.emotion}": r.target_shift for r in confirmed.itertuples()})
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / "generations.parquet")),
@@ -175,7 +214,20 @@ def residual_patching(
             "confound_flags": json_metadata(audit_flags(store, profile_name, model_name, strategy, layers)),
             "n_conditions": dg.MetadataValue.int(len(conditions)),
             "generated_tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
-            "best_per_emotion": markdown_table(best),
+            "selection": dg.MetadataValue.text(
+                f"{SELECTION_LABEL}: per emotion the fluent (layer, α) with the largest shift of its target "
+                "score on half A; shift, CI and p measured on half B only"
+            ),
+            "selection_split": json_metadata(split_record),
+            "best_per_emotion": markdown_table(best.reindex(columns=BEST_SHOWN)),
+            "fluency_bounds": json_metadata(bounds.describe()),
+            "baseline_fluency": json_metadata(
+                {k: baseline[k] for k in ("share_degenerate", "perplexity", "distinct_2", "repetition_rate")}
+            ),
+            "n_cells": dg.MetadataValue.int(len(cells)),
+            "n_cells_excluded": dg.MetadataValue.int(len(excluded)),
+            "cells_excluded": markdown_table(excluded, max_rows=40),
+            "steerability": markdown_table(confirmed.reindex(columns=STEERABILITY_SHOWN)),
             "examples": markdown_table(examples, max_rows=12),
             "null_metrics": dg.MetadataValue.json(suite.null_reasons),
             **plots,
@@ -184,27 +236,33 @@ def residual_patching(
     )
 
 
-def _best_per_emotion(shifts: pd.DataFrame) -> pd.DataFrame:
-    """Per emotion: the (layer, α) with the largest shift in its target score, next to the random controls
-    at the same (layer, α) (mean and max over control directions)."""
-    rows = []
-    for emotion, metric in TARGET_METRICS.items():
-        column = f"{metric}_shift"
-        candidates = shifts[
-            (shifts["kind"] == "emotion") & (shifts["emotion"] == emotion) & (shifts["alpha"] != 0)
-        ]
-        if candidates.empty or column not in shifts:
-            continue
-        top = candidates.loc[candidates[column].idxmax()]
-        controls = shifts[shifts["kind"].str.startswith("random") & (shifts["layer"] == top["layer"])
-                          & np.isclose(shifts["alpha"], top["alpha"])]  # fmt: skip
-        rows.append({
-            "emotion": emotion, "metric": metric, "layer": int(top["layer"]), "alpha": float(top["alpha"]),
-            "target_shift": float(top[column]),
-            "random_mean_shift": float(controls[column].mean()) if len(controls) else float("nan"),
-            "random_max_shift": float(controls[column].max()) if len(controls) else float("nan"),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+def _prompt_shift_plot(prompt_shifts: pd.DataFrame, best: pd.DataFrame, model: str) -> plt.Figure:
+    """Per emotion: the confirmation-half per-prompt shift of the best cell beside the random controls'."""
+    series = ["emotion vector", *RANDOM_KINDS]
+    colors = dict(zip(series, ["tab:red", "tab:grey", "tab:blue"], strict=True))
+    emotions = list(dict.fromkeys(prompt_shifts["emotion"]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(emotions)), 3.6))
+    rng = np.random.default_rng(0)  # jitter only
+    for i, emotion in enumerate(emotions):
+        for j, name in enumerate(series):
+            values = prompt_shifts.loc[(prompt_shifts["emotion"] == emotion) & (prompt_shifts["series"] == name),
+                                       "shift"].to_numpy()  # fmt: skip
+            if values.size == 0:
+                continue
+            x = i * (len(series) + 1) + j
+            ax.boxplot(values, positions=[x], widths=0.6, showfliers=False)
+            ax.scatter(x + rng.uniform(-0.15, 0.15, values.size), values, s=10, alpha=0.7, color=colors[name],
+                       label=name if i == 0 else None)  # fmt: skip
+    cells = best.set_index("emotion")
+    ticks = [i * (len(series) + 1) + 1 for i in range(len(emotions))]
+    ax.set_xticks(ticks, [f"{e}\nL{int(cells.loc[e, 'layer'])}, α={cells.loc[e, 'alpha']:g}" for e in emotions],
+                  fontsize=8)  # fmt: skip
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylabel("per-prompt shift of the target score")
+    ax.set_title(f"{model}: best fluent cells, {SELECTION_LABEL}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
 
 
 def _examples(scored: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:

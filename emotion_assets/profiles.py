@@ -51,6 +51,25 @@ class DatasetConfig(_Strict):
         return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+class SteeringFluencyConfig(_Strict):
+    """Which steering cells (layer, α) count as fluent; the best cell per emotion is chosen among these."""
+
+    max_perplexity_ratio: float = Field(
+        2.0,
+        ge=1.0,
+        description="Largest allowed ratio of a condition's perplexity (exp of minus the mean per-token "
+        "log-likelihood of its continuations given their prompts, under the unsteered model) to the unsteered "
+        "baseline's.",
+    )
+    max_degenerate_share: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed share of degenerate continuations (empty, punctuation only, a single "
+        "word, or repetitive).",
+    )
+
+
 class SteeringConfig(_Strict):
     """Residual steering sweep (phase 5)."""
 
@@ -59,6 +78,9 @@ class SteeringConfig(_Strict):
     n_random_directions: int = Field(2, ge=0, description="Random control directions per kind.")
     prompt_positions: Literal["all", "last", "none"] = "all"
     max_prompts: int | None = Field(None, gt=0, description="Cap on eval neutral prompts (None = all).")
+    fluency: SteeringFluencyConfig = Field(
+        SteeringFluencyConfig(), description="Bounds that decide which (layer, α) cells are fluent."
+    )
 
     @field_validator("alpha_grid")
     @classmethod

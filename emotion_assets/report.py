@@ -22,10 +22,17 @@ from jobs.jobs import REPORT_GROUP
 from resources.storage import ArtifactStore, read_json, read_table, write_bytes, write_table
 from resources.tracking import TrackingResource
 
-ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "condition", "layer", "alpha", "mode",
+ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "other_emotion", "condition", "layer",
+                  "alpha", "mode",
                   "direction", "heads", "destination", "n", "mean_diff", "effect_size", "effect_measure",
                   "diff_ci_low", "diff_ci_high", "p_t", "p_bh", "p_bonferroni", "family_t"]  # fmt: skip
 TOP_HEADS_SHOWN = 3
+# Steering against each kind of random control (never pooled), and the best cell per emotion as reported.
+RANDOM_COMPARISONS = ["vs_random_isotropic", "vs_random_covariance"]
+STEERING_COLUMNS = ["model", "emotion", "metric", "status", "selection", "layer", "alpha", "selection_shift",
+                    "target_shift", "shift_ci_low", "shift_ci_high", "p_bh", "random_isotropic_shift",
+                    "random_covariance_shift", "share_intended", "share_anti", "share_degenerate",
+                    "perplexity_ratio", "n_cells_excluded"]  # fmt: skip
 HEAD_TABLE_COLUMNS = ["model", "comparison", "emotion", "condition", "heads", "n", "mean_diff", "effect_size",
                       "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
 # The headline pair beside its negative (random-weight twin) and positive (rotated twin) controls.
@@ -44,7 +51,7 @@ VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_fina
     group_name=REPORT_GROUP,
     deps=[dg.AssetDep(patching_statistics, partition_mapping=profile_to_model_profile)],
     kinds={"pandas"},
-    code_version="2",
+    code_version="3",
     description="Every model's patching statistics for the profile in one table, with per-model counts of "
     "effects that survive correction.",
 )
@@ -198,7 +205,7 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
         dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="4",
+    code_version="5",
     description="The results section of the study for one profile across models: the confound audit first "
     "(surface baselines, nuisance cosines, registers, validation sets, flags), corrected-effect counts, "
     "evaluator quality, probe accuracy, steering effects against baseline and random controls, top heads, "
@@ -218,11 +225,12 @@ def findings_report(
         best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
                       if probes is not None else None)  # fmt: skip
         steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
+        steering = steering.reindex(columns=STEERING_COLUMNS) if steering is not None else None
         rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
         by_model = _read(base / "patching_statistics_rollup" / "by_model.parquet")
         survivors = head_effects = None
         if rollup is not None:
-            survivors = rollup[(rollup["p_bh"] < 0.05) & (rollup["comparison"] == "vs_random")]
+            survivors = rollup[(rollup["p_bh"] < 0.05) & rollup["comparison"].isin(RANDOM_COMPARISONS)]
             survivors = survivors.sort_values("p_bh").head(25)
             survivors = survivors.drop(columns=["source", "mode", "direction", "heads", "destination"])
             heads_rows = rollup["comparison"].isin(["vs_random_heads", "emotion_vs_neutral_prompts"])
@@ -255,11 +263,17 @@ def findings_report(
                      "comparison × emotion × metric × condition)."),
             _section("Evaluator quality (eval split)", _read(base / "evaluator_quality" / "quality.parquet")),
             _section("Linear decodability (best held-out probe per model)", best_probe),
-            _section("Steering: best layer and α per emotion", steering,
-                     "Shift of the matching evaluator score against the unsteered baseline, next to the mean "
-                     "and max shift of norm-matched random directions at the same layer and α."),
+            _section("Steering: best fluent layer and α per emotion (selected on half A, confirmed on half B)",
+                     steering,
+                     "The (layer, α) with the largest shift of the emotion's own score among fluent cells "
+                     "(perplexity ratio and share of degenerate continuations within the profile's bounds), "
+                     "chosen on half A of the steering prompts (selection_shift); target_shift, its CI and p "
+                     "are measured on half B only, next to the mean shift of the isotropic and "
+                     "covariance-matched random directions at the same layer and α, the share of prompts "
+                     "moved the intended and the opposite way, and the cell's fluency on half B."),
             _section("Emotion vectors vs random directions surviving BH-FDR (q < 0.05)", survivors,
-                     "Paired per unique prompt; the family is every metric × condition of a model and profile."),
+                     "Paired per unique prompt, each random kind (isotropic, covariance-matched) on its own; "
+                     "the family is every metric × condition of a model and profile."),
             _section(f"Attention heads: top {TOP_HEADS_SHOWN} per emotion by ablation effect", top_heads,
                      "Cross-fitted: heads selected on one half of the prompts (label), reported on the other. "
                      "selection_effect: the mean change of the emotion readout (final boundary, last token) "

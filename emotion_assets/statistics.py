@@ -29,6 +29,7 @@ from emotion_assets.science.statistics import (
     two_sample_t_power,
     unpaired_comparison,
 )
+from emotion_assets.science.steering_analysis import specificity_summary, steering_comparisons
 from jobs.jobs import ALIGNMENT_GROUP, STATISTICS_GROUP
 from resources.storage import ArtifactStore, read_table, write_table
 from resources.tracking import TrackingResource
@@ -95,29 +96,10 @@ def vs_baseline_specs(
 def comparison_matrices(
     table: pd.DataFrame, metrics: list[str]
 ) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
-    """Control and treatment [n_prompts, G] for every declared comparison of one model × profile.
-
-    - ``vs_baseline``: every steered condition against the unsteered baseline, for every metric.
-    - ``vs_random``: every emotion condition (α ≠ 0) against the mean of the random directions at the same
-      layer and α, per prompt (paired), for its target metric.
-    """
-    prompts = np.sort(table["prompt_id"].unique())
-    wide = {m: table.pivot_table(index="prompt_id", columns="condition", values=m, dropna=False).reindex(prompts)
-            for m in metrics}  # fmt: skip
-    conditions = table.drop_duplicates("condition").set_index("condition")[CONDITION_KEYS[1:]]
-    specs, control, treatment = vs_baseline_specs(wide, conditions, metrics)
-    randoms = conditions[conditions["kind"].str.startswith("random")]
-    for name, cond in conditions[(conditions["kind"] == "emotion") & (conditions["alpha"] != 0)].iterrows():
-        metric = TARGET_METRICS.get(cond["emotion"])
-        same = randoms[
-            (randoms["layer"] == cond["layer"]) & np.isclose(randoms["alpha"], cond["alpha"])
-        ].index
-        if metric not in wide or len(same) == 0:
-            continue
-        specs.append({"comparison": "vs_random", "metric": metric, "condition": name, **cond.to_dict()})
-        control.append(wide[metric][list(same)].mean(axis=1).to_numpy())
-        treatment.append(wide[metric][name].to_numpy())
-    return specs, np.column_stack(control), np.column_stack(treatment), prompts
+    """Control and treatment [n_prompts, G] for every declared steering comparison of one model × profile:
+    ``vs_baseline``, ``vs_random_isotropic`` and ``vs_random_covariance`` (each kind on its own, never
+    pooled) and ``vs_other_emotion`` (see :func:`steering_comparisons`)."""
+    return steering_comparisons(table, metrics, TARGET_METRICS)
 
 
 HEAD_CONDITION_KEYS = [
@@ -255,10 +237,11 @@ def head_comparisons(
     group_name=STATISTICS_GROUP,
     deps=[residual_patching, head_patching],
     kinds={"scipy", "parquet"},
-    code_version="3",
+    code_version="4",
     description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores), "
-    "every emotion vector vs its norm-matched random controls (target score), every head ablation/patch vs "
-    "the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "
+    "every emotion vector vs its norm-matched random controls, isotropic and covariance-matched separately, "
+    "and vs every other emotion's vector at the same layer and α (its own target score), every head "
+    "ablation/patch vs the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "
     "prompts (Welch, Hedges' g). Mean difference, Cohen's d_z with a variance floor, paired t, Wilcoxon, "
     "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power.",
 )
@@ -294,7 +277,7 @@ def patching_statistics(
         stats = pd.concat([residual, heads], ignore_index=True)
         stats.insert(0, "profile", profile_name)
         stats.insert(0, "model", model_name)
-        within = ["source", "comparison", "emotion", "metric", "condition"]
+        within = ["source", "comparison", "emotion", "other_emotion", "metric", "condition"]
         stats = correct_family(stats, "p_t", ["model", "profile"], within_columns=within)
         stats = stats.rename(columns={"family": "family_t", "family_size": "family_size_t"})
         stats = correct_family(stats, "p_wilcoxon", ["model", "profile"], within_columns=within,
@@ -330,8 +313,8 @@ def patching_statistics(
         n_by_source = stats[stats["effect_measure"] == "d_z"].groupby("source")["n"].max()
         rec.metrics(n_comparisons=len(stats), n_survive_bh=int(stats["survives_bh"].sum()),
                     n_prompts=int(n_by_source.get("residual", 0)))  # fmt: skip
-    headline = ["source", "comparison", "metric", "emotion", "condition", "n", "mean_diff", "effect_size",
-                "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
+    headline = ["source", "comparison", "metric", "emotion", "other_emotion", "condition", "n", "mean_diff",
+                "effect_size", "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
     by_source = stats.groupby(["source", "comparison"]).agg(
         comparisons=("p_t", "size"), survive_bh=("survives_bh", "sum"),
         survive_bonferroni=("p_bonferroni", lambda p: int((p < 0.05).sum())),
@@ -350,6 +333,8 @@ def patching_statistics(
                 survivors[headline] if len(survivors) else stats.nsmallest(10, "p_t")[headline], max_rows=30
             ),
             "power": markdown_table(power),
+            # Specificity: does an emotion's vector move its own score more than the other emotions' vectors?
+            "specificity": markdown_table(specificity_summary(stats), max_rows=30),
             **plots,
             **rec.metadata(),
         }

@@ -29,8 +29,12 @@ def test_patching_statistics_family_and_unique_prompts(smoke_study):
     ]
     assert paired_heads["n"].tolist() == expected_n
     assert set(stats["comparison"]) == {
-        "vs_baseline", "vs_random", "vs_random_heads", "emotion_vs_neutral_prompts"
+        "vs_baseline", "vs_random_isotropic", "vs_random_covariance", "vs_other_emotion", "vs_random_heads",
+        "emotion_vs_neutral_prompts",
     }  # fmt: skip
+    contrasts = stats[stats["comparison"] == "vs_other_emotion"]
+    assert contrasts["other_emotion"].notna().all()
+    assert (contrasts["other_emotion"] != contrasts["emotion"]).all()
     assert stats["family_size_t"].nunique() == 1 and stats["family_size_t"].iloc[0] == len(stats)
     assert stats["family_t"].str.contains(f"model={MODEL}").all()
     assert (stats["p_bh"] >= stats["p_t"] - 1e-12).all() and (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -33,5 +35,17 @@ def test_residual_patching_table_and_controls(smoke_study):
     ]
     ctrl = scored[scored["kind"].str.startswith("random")].groupby(["layer", "alpha"])["vector_norm"]
     pd.testing.assert_series_equal(emo.mean(), ctrl.mean(), check_names=False, rtol=1e-5)
+    # Fluency beside every continuation and every shift; the best cells are selected on A, confirmed on B.
+    assert {"generated_tokens", "distinct_2", "repetition_rate", "degenerate", "mean_logprob", "half"} <= set(
+        scored.columns
+    )
+    shifts = pd.read_parquet(folder / "condition_shifts.parquet")
+    assert {"share_degenerate", "perplexity_ratio", "fluent", "share_intended", "share_anti"} <= set(shifts)
+    best = pd.read_parquet(folder / "best_per_emotion.parquet")
+    split = pd.read_parquet(folder / "prompt_split.parquet")
+    confirmed = best[best["status"] == "confirmed"]
+    half_b = set(split.loc[split["half"] == "B", "prompt_id"])
+    for row in confirmed.itertuples():
+        assert set(json.loads(row.confirmation_prompt_ids)) == half_b
     run = smoke_study.runs[f"intervention_job:{MODEL}|{SMOKE}"]
     assert all(c.passed for c in run.get_asset_check_evaluations())
