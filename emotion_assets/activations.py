@@ -22,7 +22,7 @@ from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
 from emotion_assets.science.residual import residual_norm_table, sink_exclusion_table
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
-from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
+from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
 
 ACTIVATIONS_FILE = "activations.safetensors"
@@ -185,7 +185,7 @@ def activations(
         n_bytes = sum(t.numel() * t.element_size() for t in result.pooled.values())
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / ACTIVATIONS_FILE)),
+            "path": dg.MetadataValue.path(reader_path(out / ACTIVATIONS_FILE)),
             "shape": dg.MetadataValue.text(
                 str(list(result.pooled[profile.pooling[0]].shape)) + " per strategy"
             ),

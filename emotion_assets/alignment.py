@@ -16,7 +16,7 @@ from emotion_assets.science.alignment import (
     match_layers_by_depth,
 )
 from jobs.jobs import ALIGNMENT_GROUP
-from resources.storage import ArtifactStore, read_table, write_table
+from resources.storage import ArtifactStore, read_table, reader_path, write_table
 from resources.tracking import TrackingResource
 
 NEUTRAL = "neutral"
@@ -192,7 +192,7 @@ def subspace_alignment(
                     "same_prompts_specificity", "chance"]  # fmt: skip
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "alignment_sweep.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "alignment_sweep.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(sweep)),
             "layer_pairs": dg.MetadataValue.json([list(p) for p in layer_pairs]),
             "confound_flags": json_metadata(flags),

@@ -33,7 +33,15 @@ from emotion_assets.vectors import emotion_vectors, load_vectors
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
-from resources.storage import ArtifactStore, read_json, read_table, write_json, write_table, write_tensors
+from resources.storage import (
+    ArtifactStore,
+    read_json,
+    read_table,
+    reader_path,
+    write_json,
+    write_table,
+    write_tensors,
+)
 from resources.tracking import TrackingResource
 
 ASSET = "confound_audit"
@@ -220,7 +228,7 @@ def confound_audit(
     shown = audit.vector_audit[audit.vector_audit["boundary"].isin(focus)]
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / VECTOR_AUDIT_FILE)),
+            "path": dg.MetadataValue.path(reader_path(out / VECTOR_AUDIT_FILE)),
             "max_abs_punctuation_cosine": _float(numbers["max_abs_punctuation_cosine"]),
             "min_norm_share_left": _float(numbers["min_norm_share_left"]),
             "implicit_probe_accuracy": dg.MetadataValue.json(numbers["implicit_probe_accuracy"]),

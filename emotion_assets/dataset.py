@@ -40,7 +40,7 @@ from emotion_assets.science.surface import (
 from jobs.jobs import DATASET_GROUP
 from resources.device import resolve_device
 from resources.evaluators import EvaluatorResource
-from resources.storage import ArtifactStore, write_json, write_table
+from resources.storage import ArtifactStore, reader_path, write_json, write_table
 from resources.tracking import TrackingResource
 
 EMOTION_COLUMNS = {emotion: f"emotion_{emotion}" for emotion in EMOTIONS}
@@ -141,7 +141,7 @@ def emotion_dataset(
         counts = counts.reset_index()
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "prompts.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "prompts.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(frame)),
             "source": dg.MetadataValue.path(str(source)),
             "source_sha256": dg.MetadataValue.text(source_sha),
@@ -349,7 +349,7 @@ def evaluator_quality(
         )
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out)),
+            "path": dg.MetadataValue.path(reader_path(out)),
             "quality": markdown_table(table, max_rows=len(table)),
             "emotion_macro_f1": dg.MetadataValue.float(float(quality["macro_f1"])),
             "classifier_by_register_and_person": markdown_table(

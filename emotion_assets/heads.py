@@ -87,7 +87,7 @@ from emotion_assets.vectors import emotion_vectors, load_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelHandle, ModelResource
-from resources.storage import ArtifactStore, read_table, write_table
+from resources.storage import ArtifactStore, read_table, reader_path, write_table
 from resources.tracking import TrackingResource
 
 NEUTRAL = "neutral"
@@ -395,7 +395,7 @@ def head_screening(
         )
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "screening.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "screening.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(screening)),
             "n_heads": dg.MetadataValue.int(len(every_head)),
             "readout_boundary": dg.MetadataValue.int(n_layers),
@@ -840,7 +840,7 @@ def head_patching(
         examples = examples[examples["scope"] != "single"]
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "generations.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "generations.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(scored)),
             "n_conditions": dg.MetadataValue.int(int(scored.groupby(["emotion", "condition"]).ngroups)),
             "top_vs_random": markdown_table(comparison),
@@ -1249,7 +1249,7 @@ def emotion_circuits(
         rec.metrics(**{f"ratio_{r.emotion}_{r.intervention}": r.ratio for r in pooled.itertuples()})
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "heads.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "heads.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(heads_table)),
             "selection": dg.MetadataValue.text(
                 "Cross-fitted: each fold's heads were selected on one half of the prompt pairs "

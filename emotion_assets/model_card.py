@@ -7,7 +7,7 @@ from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.partitions import model_and_profile, model_profile_partitions
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
-from resources.storage import ArtifactStore, write_json
+from resources.storage import ArtifactStore, reader_path, write_json
 from resources.tracking import TrackingResource
 
 SAMPLE_PROMPT = "The most surprising thing about the weather today is"
@@ -58,7 +58,7 @@ def model_card(
         table = "\n".join(["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()])
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(path)),
+            "path": dg.MetadataValue.path(reader_path(path)),
             "card": dg.MetadataValue.md(table),
             "n_parameters": dg.MetadataValue.int(card["n_parameters"]),
             "load_seconds": dg.MetadataValue.float(card["load_seconds"]),

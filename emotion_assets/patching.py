@@ -44,7 +44,7 @@ from emotion_assets.vectors import emotion_vectors, load_vectors
 from jobs.jobs import STEERING_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
-from resources.storage import ArtifactStore, read_table, write_table
+from resources.storage import ArtifactStore, read_table, reader_path, write_table
 from resources.tracking import TrackingResource
 
 NEUTRAL = "neutral"
@@ -206,7 +206,7 @@ def residual_patching(
         rec.metrics(**{f"best_shift_{r.emotion}": r.target_shift for r in confirmed.itertuples()})
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "generations.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "generations.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(scored)),
             "n_prompts": dg.MetadataValue.int(len(prompts)),
             "steering_prompts_role": dg.MetadataValue.text(prompts_role),

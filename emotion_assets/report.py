@@ -19,7 +19,7 @@ from emotion_assets.plots import markdown_table
 from emotion_assets.statistics import patching_statistics, rollup_frames
 from emotion_assets.timing import read_timings
 from jobs.jobs import REPORT_GROUP
-from resources.storage import ArtifactStore, read_json, read_table, write_bytes, write_table
+from resources.storage import ArtifactStore, read_json, read_table, reader_path, write_bytes, write_table
 from resources.tracking import TrackingResource
 
 ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "other_emotion", "condition", "layer",
@@ -90,7 +90,7 @@ def patching_statistics_rollup(
         write_table(out / "by_model.parquet", by_model, csv=True)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "rollup.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "rollup.parquet")),
             "models": dg.MetadataValue.json(sorted(stats["model"].unique().tolist())),
             "by_model": markdown_table(by_model),
             **rec.metadata(),
@@ -305,8 +305,8 @@ def findings_report(
         write_bytes(out / "findings.html", _html(markdown, base).encode("utf-8"))
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "findings.html")),
-            "markdown": dg.MetadataValue.path(str(out / "findings.md")),
+            "path": dg.MetadataValue.path(reader_path(out / "findings.html")),
+            "markdown": dg.MetadataValue.path(reader_path(out / "findings.md")),
             "report": dg.MetadataValue.md(markdown[:20000]),
             "timing_record_problems": dg.MetadataValue.json(timing_problems),
             **rec.metadata(),

@@ -31,7 +31,7 @@ from emotion_assets.science.statistics import (
 )
 from emotion_assets.science.steering_analysis import specificity_summary, steering_comparisons
 from jobs.jobs import ALIGNMENT_GROUP, STATISTICS_GROUP
-from resources.storage import ArtifactStore, read_table, write_table
+from resources.storage import ArtifactStore, read_table, reader_path, write_table
 from resources.tracking import TrackingResource
 
 # Scores tested for every condition: the three emotion probabilities, sentiment and politeness.
@@ -321,7 +321,7 @@ def patching_statistics(
     ).reset_index()  # fmt: skip
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "comparisons.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "comparisons.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(stats)),
             "n_unique_prompts": dg.MetadataValue.json({k: int(v) for k, v in n_by_source.items()}),
             "family": dg.MetadataValue.text(str(stats["family_t"].iloc[0])),
@@ -421,7 +421,7 @@ def k_selection(
         write_table(out / "chosen_k.parquet", chosen, csv=True)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / "chosen_k.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / "chosen_k.parquet")),
             "layer_a": dg.MetadataValue.int(int(best_layer)),
             "rule": dg.MetadataValue.text(
                 "k passes when the 5th percentile of the bootstrap overlap (emotion prompts resampled) exceeds "

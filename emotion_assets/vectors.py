@@ -24,7 +24,7 @@ from emotion_assets.science.directions import (
 )
 from emotion_assets.science.prompts import fitting_mask
 from jobs.jobs import REPRESENTATION_GROUP
-from resources.storage import ArtifactStore, read_table, read_tensors, write_table, write_tensors
+from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
 
 VECTORS_FILE = "vectors.safetensors"
@@ -179,7 +179,7 @@ def emotion_vectors(
         )
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / VECTORS_FILE)),
+            "path": dg.MetadataValue.path(reader_path(out / VECTORS_FILE)),
             "n_vectors": dg.MetadataValue.int(len(tensors) - 1),
             "best_probe_accuracy": dg.MetadataValue.float(float(best["accuracy"])),
             "best_probe_boundary": dg.MetadataValue.int(int(best["boundary"])),
@@ -327,7 +327,7 @@ def emotion_subspaces(
         )
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out / SUBSPACES_FILE)),
+            "path": dg.MetadataValue.path(reader_path(out / SUBSPACES_FILE)),
             "k": dg.MetadataValue.int(int(table["component"].max())),
             "n_subspaces": dg.MetadataValue.int(sum(1 for key in tensors if key.endswith("/basis"))),
             "explained_variance_by_layer": plot,

@@ -156,6 +156,17 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def reader_path(path: Path) -> str:
+    """The stable reader path of a file inside a version folder (``<asset>/<partition>/<file>``, through the
+    published pointer), for metadata a person opens; other paths are returned unchanged."""
+    parts = Path(path).parts  # [..., VERSIONS_DIR, <leaf>, <version id>, <file>...]
+    if VERSIONS_DIR in parts:
+        i = len(parts) - 1 - parts[::-1].index(VERSIONS_DIR)
+        if len(parts) > i + 2:
+            return str(Path(*parts[:i], parts[i + 1], *parts[i + 3 :]))
+    return str(path)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

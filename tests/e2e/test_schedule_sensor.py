@@ -166,6 +166,15 @@ def test_schedule_requests_again_when_the_registry_entry_changes(world: World, t
     assert status.verdict == STALE and any("configuration changed" in r for r in status.reasons)
 
 
+def _code_version(asset: str) -> str:
+    from emotion_assets.definitions import defs
+
+    return str(defs.resolve_assets_def(asset).code_versions_by_key[dg.AssetKey(asset)])
+
+
+DATASET_CODE_VERSION = _code_version("emotion_dataset")  # same code, new data: only the data version differs
+
+
 def test_schedule_requests_again_when_upstream_data_or_code_version_changes(world: World):
     partition = f"{ENCODER}|{SMOKE}"
     assert world.planner().status("representation_job", partition).verdict == "fresh"
@@ -175,7 +184,7 @@ def test_schedule_requests_again_when_upstream_data_or_code_version_changes(worl
         dg.AssetMaterialization(
             asset_key="emotion_dataset",
             partition=SMOKE,
-            tags={"dagster/code_version": "1", "dagster/data_version": "edited-dataset"},
+            tags={"dagster/code_version": DATASET_CODE_VERSION, "dagster/data_version": "edited-dataset"},
         )
     )
     status = world.planner().status("representation_job", partition)

