@@ -89,7 +89,7 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
         dg.AssetDep(confound_audit, partition_mapping=_pair_mapping()),
     ],
     kinds={"numpy"},
-    code_version="2",
+    code_version="3",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
     "PCA basis; fitting prompts only); per layer pair, emotion and k: subspace overlap after (and before) the "
     "map, chance k/d, a null band from random subspaces through the same map, held-out R², layer × layer "
@@ -152,7 +152,7 @@ def subspace_alignment(
             inner.sort_values("margin", ascending=False)
             .groupby(["method", "emotion"], as_index=False)
             .first()[["method", "emotion", "layer_a", "layer_b", "k", "overlap", "null_p95", "margin", "chance",
-                      "null_mean", "overlap_before", "beats_null", "specificity", "specificity_lo", "specific",
+                      "null_mean", "overlap_before", "span_ceiling", "beats_null", "specificity", "specificity_lo", "specific",
                       "headline_beats_null", "r2_heldout"]]
         )  # fmt: skip
         write_table(out / "summary.parquet", summary, csv=True)

@@ -39,8 +39,9 @@ HEAD_TABLE_COLUMNS = ["model", "comparison", "emotion", "condition", "heads", "n
 ALIGNMENT_CONTROLS = [("headline", "smollm2-135m__minilm-l6"),
                       ("negative control: random-weight twin", "smollm2-135m-random__minilm-l6"),
                       ("positive control: rotated twin", "smollm2-135m__smollm2-135m-rotated")]  # fmt: skip
-ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "null_p95",
-                     "chance", "margin", "beats_null", "r2_heldout"]  # fmt: skip
+ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "span_ceiling",
+                     "null_p95", "chance", "margin", "beats_null", "specificity", "specificity_lo", "specific",
+                     "headline_beats_null", "r2_heldout"]  # fmt: skip
 VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_final_punctuation", "cos_exclamation",
                            "cos_question", "cos_length", "cos_person", "max_abs_cosine", "worst_nuisance",
                            "share_left", "flagged"]  # fmt: skip

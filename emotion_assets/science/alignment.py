@@ -543,6 +543,25 @@ class AlignmentSweep:
     specificity: pd.DataFrame
 
 
+def neutral_span(neutral_a: Float[ArrayLike, "n d_a"]) -> np.ndarray:
+    """Orthonormal rows ``[rank, d_a]`` spanning the centered neutral activations a map is fit on."""
+    x = _np(neutral_a)
+    _, s, vt = np.linalg.svd(x - x.mean(axis=0, keepdims=True), full_matrices=False)  # vt: [min(n, d), d_a]
+    return vt[s > s.max() * 1e-10]
+
+
+def span_ceiling(span: Float[ArrayLike, "rank d_a"], basis_a: Float[ArrayLike, "k d_a"]) -> float:
+    """The largest overlap any linear map fit on the neutral prompts of ``span`` can give A's ``basis_a``.
+
+    A map fit on n paired prompts is determined only on the span of their centered activations (rank
+    ≤ n − 1); outside it, it is shrunk to zero (ridge) or undefined. So even when B is an exact change of
+    coordinates of A, the mapped subspace keeps only its part inside that span: the ceiling is the overlap
+    of ``basis_a`` with its projection onto the span (:func:`neutral_span`). Read overlaps against it.
+    """
+    span, basis = _np(span), _np(basis_a)
+    return principal_angle_overlap(basis @ span.T @ span, basis)
+
+
 def alignment_sweep(
     acts_a_train_neutral: Float[ArrayLike, "n d_a"],
     acts_b_train_neutral: Float[ArrayLike, "n d_b"],
@@ -568,7 +587,8 @@ def alignment_sweep(
     side (:func:`emotion_subspace`). Columns of ``overlaps`` (one row per method × emotion × k):
 
     - ``overlap``: mean cos² of principal angles between A's mapped subspace and B's (0–1);
-      ``overlap_before``: the same without a map, only when d_a == d_b (else NaN); ``chance`` = k / d_b.
+      ``overlap_before``: the same without a map, only when d_a == d_b (else NaN); ``chance`` = k / d_b;
+      ``span_ceiling``: the most any map fit on these neutral prompts can give (:func:`span_ceiling`).
     - ``null_mean``, ``null_p95``: ``n_null`` random k-dim A subspaces pushed through the same map
       (:func:`null_overlaps`; the same draws for every emotion and method).
     - ``boot_lo``, ``boot_hi``: 5th / 95th percentiles of the overlap over ``n_boot`` bootstrap resamples
@@ -626,6 +646,7 @@ def alignment_sweep(
         }
         bases = _emotion_bases(emotions, emotion_acts_a, emotion_acts_b, mu_a, mu_b, k_max, n_boot, seed)
         q_b = _orthonormal_rows(bases.full_b)  # [E, d_b, K]; prefixes span the top-k subspaces
+        span_a = neutral_span(xa_tr)  # [rank, d_a]: where the maps are determined
         per_method = {m: _method_overlaps(mp, bases) for m, mp in maps.items()}
     spec_rows = [row for m in maps for row in _specificity_rows(m, emotions, per_method[m], d_b)]
     specificity = pd.DataFrame(spec_rows)
@@ -637,6 +658,7 @@ def alignment_sweep(
                 overlap = float(ov.same_prompts[i, i, k - 1])
                 full_a, full_b = bases.full_a[i, :k], bases.full_b[i, :k]
                 before = principal_angle_overlap(full_a, full_b) if d_a == d_b else np.nan
+                ceiling = span_ceiling(span_a, full_a)
                 null = _overlap_cols(nulls[method, k], q_b[i, :, :k])  # [n_null]
                 null_p95 = float(np.percentile(null, 95))
                 boot = ov.same_prompts_boot[i, i, :, k - 1]  # [n_boot]
@@ -646,7 +668,8 @@ def alignment_sweep(
                 rows.append(
                     {
                         "method": method, "emotion": emotion, "k": k, "overlap": overlap,
-                        "overlap_before": float(before), "chance": random_subspace_overlap_chance(k, d_b),
+                        "overlap_before": float(before), "span_ceiling": ceiling,
+                        "chance": random_subspace_overlap_chance(k, d_b),
                         "null_mean": float(null.mean()), "null_p95": null_p95, "boot_lo": boot_lo,
                         "boot_hi": boot_hi, "beats_null": beats, "r2_heldout": r2[method], "d_a": d_a,
                         "d_b": d_b, "n_train_pairs": xa_tr.shape[0], "specificity": float(spec["specificity"]),

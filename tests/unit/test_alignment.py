@@ -444,3 +444,21 @@ def test_asset_writes_specificity_and_ignores_steering_rows(tmp_path):
         assert "specificity" in metadata["headline"].value
     for name, clean in outputs[False].items():
         pd.testing.assert_frame_equal(clean, outputs[True][name])
+
+
+def test_span_ceiling_is_one_inside_the_neutral_span_and_zero_outside():
+    from emotion_assets.science.alignment import neutral_span, span_ceiling
+
+    rng = np.random.default_rng(0)
+    d = 12
+    full = neutral_span(rng.standard_normal((40, d)))  # n > d: the span is everything
+    assert full.shape == (d, d) and span_ceiling(full, rng.standard_normal((2, d))) == pytest.approx(1.0)
+    few = np.zeros((4, d))
+    few[:, :3] = rng.standard_normal((4, 3))  # 4 prompts in the first 3 coordinates: a 3-dim span
+    span = neutral_span(few)
+    assert span.shape[0] == 3
+    inside, outside = np.eye(d)[:1], np.eye(d)[5:6]
+    assert span_ceiling(span, inside) == pytest.approx(1.0)
+    assert span_ceiling(span, outside) == pytest.approx(0.0, abs=1e-12)
+    half = (np.eye(d)[0] + np.eye(d)[5])[None] / np.sqrt(2)
+    assert span_ceiling(span, half) == pytest.approx(0.5)
