@@ -121,7 +121,7 @@ def subspace_alignment(
             result = layer_pair_sweep(
                 x_a[:, ia], x_b[:, ib], rows, k_max=profile.k_max, methods=settings.methods,
                 r=settings.procrustes_rank, n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
-                ridge_alpha=settings.ridge_alpha,
+                ridge_alpha=settings.ridge_alpha, min_specificity=settings.min_specificity,
             )  # fmt: skip
             for name in tables:
                 table = getattr(result, name)

@@ -112,6 +112,13 @@ class AlignmentConfig(_Strict):
     ridge_alpha: float | Literal["auto"] = Field("auto", description="Ridge strength, or 'auto' (5-fold CV).")
     n_null: int = Field(100, ge=10, description="Random subspaces per k for the null band.")
     n_boot: int = Field(100, ge=10, description="Bootstrap resamples of the emotion prompts.")
+    min_specificity: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Smallest specificity (diagonal minus off-diagonal overlap) that counts as emotion-specific, "
+        "besides a bootstrap interval above 0.",
+    )
 
 
 class SinkConfig(_Strict):
