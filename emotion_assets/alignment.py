@@ -116,8 +116,19 @@ def subspace_alignment(
         profile=profile, device="cpu", config=config, throughput_unit="layer_pairs",
     ) as rec:  # fmt: skip
         tables: dict[str, list[pd.DataFrame]] = {"overlaps": [], "matrix": [], "specificity": []}
+        skipped: dict[str, str] = {}
         for layer_a, layer_b in layer_pairs:
             ia, ib = bounds_a.index(layer_a), bounds_b.index(layer_b)
+            constant = [
+                side
+                for side, x in ((f"{model_a} boundary {layer_a}", x_a[:, ia]), (f"{model_b} boundary {layer_b}", x_b[:, ib]))
+                if not np.ptp(x[rows.neutral_train], axis=0).any()
+            ]  # fmt: skip
+            if constant:
+                # e.g. `last` pooling at the embeddings when every neutral prompt ends in the same token: the
+                # activations carry no information, so no map can be fit there.
+                skipped[f"{layer_a}->{layer_b}"] = f"constant neutral activations at {', '.join(constant)}"
+                continue
             result = layer_pair_sweep(
                 x_a[:, ia], x_b[:, ib], rows, k_max=profile.k_max, methods=settings.methods,
                 r=settings.procrustes_rank, n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
@@ -130,6 +141,11 @@ def subspace_alignment(
                 table.insert(0, "depth", layer_a / spec_a.layers)
                 table.insert(0, "strategy", strategy)
                 tables[name].append(table)
+        if not tables["overlaps"]:
+            raise ValueError(
+                f"No layer pair of {model_a} → {model_b} can be aligned: {skipped}. Give the profile `layers` "
+                "past the token embeddings (data/profiles.yaml)."
+            )
         sweep, matrix, specificity = (pd.concat(tables[n], ignore_index=True) for n in tables)
         train = rows.neutral_train | np.logical_or.reduce(list(rows.emotion_train.values()))
         cka = cka_matrix(x_a[train], x_b[train])  # [L_a, L_b]
@@ -195,6 +211,7 @@ def subspace_alignment(
             "path": dg.MetadataValue.path(reader_path(out / "alignment_sweep.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(sweep)),
             "layer_pairs": dg.MetadataValue.json([list(p) for p in layer_pairs]),
+            "skipped_layer_pairs": dg.MetadataValue.json(skipped),
             "confound_flags": json_metadata(flags),
             "n_headline_rows": dg.MetadataValue.int(n_headline),
             **_headline_metadata(best, shown, cell),
