@@ -142,9 +142,15 @@ def test_circuits_give_a_role_per_top_head_and_joint_vs_sum(smoke_study):
             assert (rows["measurement_half"] != half).all()
     for row in heads.itertuples():  # measured only on prompts that did not select the head
         assert not split_ids(row.measured_on_prompt_ids) & split_ids(row.selected_on_prompt_ids)
-    assert set(heads["role"]) <= {"mover", "writer", "reader", "other"}
-    assert np.isfinite(heads[["ov_gain", "ov_cosine_own", "single_patch_effect"]].to_numpy()).all()
-    assert (heads["ov_gain"] > 0).all() and heads["ov_top_tokens"].str.len().gt(0).all()
+    # A head whose input boundary carries no emotion direction (a zero vector, allowed at boundary 0 only)
+    # has no OV readout: its role says so instead of a number.
+    undetermined = heads["role"].str.startswith("undetermined")
+    assert (heads.loc[undetermined, "boundary_in"] == 0).all()
+    determined = heads[~undetermined]
+    assert set(determined["role"]) <= {"mover", "writer", "reader", "other"}
+    assert np.isfinite(heads["single_patch_effect"].to_numpy()).all()
+    assert np.isfinite(determined[["ov_gain", "ov_cosine_own"]].to_numpy()).all()
+    assert (determined["ov_gain"] > 0).all() and determined["ov_top_tokens"].str.len().gt(0).all()
     effects = pd.read_parquet(folder(smoke_study, "emotion_circuits") / "circuit_effects.parquet")
     assert set(effects["emotion"]) == EMOTIONS
     assert set(effects["fold"]) == {"A_to_B", "B_to_A", "both"}
