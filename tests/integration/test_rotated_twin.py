@@ -134,7 +134,7 @@ def test_alignment_recovers_the_known_rotation(handles, activations):
     # fit on n prompts is Q only on their (n - 1)-dim span, the ceiling of any pair with this much data.
     assert (rows.overlap >= 0.9).all(), message
     # The sweep reports that ceiling itself, and the recovered share of it is complete.
-    assert np.allclose(rows.span_ceiling, rows.span_answer, atol=1e-3), message
+    assert np.allclose(rows.span_ceiling, rows.span_answer, atol=5e-3), message
     assert (rows.overlap / rows.span_ceiling >= 0.98).all(), message
     # Before the map the two bases are unrelated: ≈ chance (k / 576 ≤ 0.005), far below the overlap.
     assert (rows.overlap_before <= 0.05).all() and (rows.overlap > rows.null_p95).all(), message
