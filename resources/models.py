@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -45,7 +44,7 @@ from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
-from resources.storage import build_manifest, follow_umask, verify_files
+from resources.storage import build_manifest, file_sha256, follow_umask, verify_files
 
 
 class ModelUnavailableError(RuntimeError):
@@ -334,14 +333,6 @@ def _huggingface_dir(model_name: str, src: HuggingFaceSource) -> Path:
         ) from exc
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_converted_cache(
     target: Path, record_path: Path, gguf_path: Path, gguf_size: int
 ) -> tuple[dict, list[str]]:
@@ -392,7 +383,7 @@ def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -
             )
         for stale in cache_dir.glob(f".tmp-{model_name}-*"):  # under the lock: left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
-        sha = sha256_of(gguf_path)
+        sha = file_sha256(gguf_path)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=cache_dir))
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

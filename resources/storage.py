@@ -210,6 +210,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (artifacts, model weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
