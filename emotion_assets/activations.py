@@ -19,7 +19,7 @@ from emotion_assets.partitions import model_and_profile, model_profile_partition
 from emotion_assets.plots import line_plot, markdown_table, save_figure
 from emotion_assets.profiles import Profile, ProfileError, profiles_path
 from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
-from emotion_assets.science.residual import residual_norm_table, sink_exclusion_table
+from emotion_assets.science.residual import PooledActivations, residual_norm_table, sink_exclusion_table
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
@@ -54,6 +54,32 @@ def check_steering_layers(profile: Profile, model: str, n_layers: int) -> None:
             f"steering.layers in {profiles_path()}, or run {model} under a profile whose steering layers "
             "fit it."
         )
+
+
+def extract_for_profile(
+    handle: ModelHandle,
+    texts: list[str],
+    profile: Profile,
+    boundaries: list[int],
+    strategies: list[str],
+    *,
+    prompt_ids: list[str] | None = None,
+    purpose: str,
+) -> PooledActivations:
+    """Pooled activations the way ``profile`` pools them (sink rules, token limit, batch size), so every pass
+    over a model (the activations asset, the confound audit's counterfactual edits) reads the same way."""
+    return handle.extract(
+        texts,
+        boundaries=boundaries,
+        strategies=strategies,
+        emotion_words=all_emotion_words(),
+        batch_size=profile.batch_size,
+        exclude_first=profile.sinks.exclude_first,
+        norm_ratio=profile.sinks.norm_ratio,
+        max_length=profile.max_prompt_tokens,
+        prompt_ids=prompt_ids,
+        length_setting=f"max_prompt_tokens of profile {profile.name!r} ({purpose})",
+    )
 
 
 def load_activations(
@@ -117,17 +143,14 @@ def activations(
         config=config,
         throughput_unit="tokens",
     ) as rec:
-        result = handle.extract(
+        result = extract_for_profile(
+            handle,
             prompts["text"].tolist(),
-            boundaries=boundaries,
-            strategies=profile.pooling,
-            emotion_words=all_emotion_words(),
-            batch_size=profile.batch_size,
-            exclude_first=profile.sinks.exclude_first,
-            norm_ratio=profile.sinks.norm_ratio,
-            max_length=profile.max_prompt_tokens,
+            profile,
+            boundaries,
+            list(profile.pooling),
             prompt_ids=prompts["id"].astype(str).tolist(),
-            length_setting=f"max_prompt_tokens of profile {profile_name!r} (tokens of {model_name})",
+            purpose=f"tokens of {model_name}",
         )
         rec.timing.samples = int(result.n_tokens.sum())
         # The blocking check's logic runs on the staged tensors: failing activations are never published.

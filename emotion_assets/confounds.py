@@ -8,10 +8,9 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from emotion_assets.activations import activations, load_activations
+from emotion_assets.activations import activations, extract_for_profile, load_activations
 from emotion_assets.common import (
     RunConfig,
-    all_emotion_words,
     effective_profile,
     emotion_words,
     load_dataset,
@@ -188,12 +187,8 @@ def confound_audit(
         suite = evaluator_suite_for(evaluators, profile, frame[fitting]) if validation else None
         audit = audit_confounds(
             pooled, frame, boundaries, vectors, fitting=fitting, emotion_words=words, seed=profile.seed,
-            extract=lambda texts: handle.extract(
-                texts, boundaries=boundaries, strategies=list(pooled), batch_size=profile.batch_size,
-                emotion_words=all_emotion_words(),
-                exclude_first=profile.sinks.exclude_first, norm_ratio=profile.sinks.norm_ratio,
-                max_length=profile.max_prompt_tokens,
-                length_setting=f"max_prompt_tokens of profile {profile_name!r} (counterfactual edits)",
+            extract=lambda texts: extract_for_profile(
+                handle, texts, profile, boundaries, list(pooled), purpose="counterfactual edits"
             ).pooled,
             validation_sets=validation, score_texts=suite.score if suite else None, label_columns=EMOTION_COLUMNS,
             cosine_threshold=config.cosine_threshold, baseline_margin=config.baseline_margin,
