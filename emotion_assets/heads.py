@@ -48,7 +48,6 @@ from emotion_assets.science.circuits import ablate_mlps, readout_projection
 from emotion_assets.science.crossfit import (
     HALVES,
     FoldPlan,
-    ablation_effects_per_prompt,
     fold_plans,
     half_ids,
     heads_by_fold,
@@ -67,6 +66,7 @@ from emotion_assets.science.heads import (
     OVReport,
     PatchMode,
     ablate_heads,
+    ablation_effects_per_prompt,
     attribution_scores,
     capture_attention,
     capture_head_outputs,

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Float, Int
-from torch import Tensor, nn
+from jaxtyping import Float
 
-from emotion_assets.science.circuits import readout_projection
-from emotion_assets.science.heads import Head, ablate_heads
+from emotion_assets.science.heads import Head
 from emotion_assets.science.statistics import bootstrap_mean_ci, stable_seed
 
 HALVES: tuple[str, str] = ("A", "B")
@@ -214,27 +212,6 @@ def leaked_rows(
             or not ids <= by_half[(emotion, measurement)]
         )
     return rows[np.array(bad, dtype=bool)] if len(rows) else rows
-
-
-def ablation_effects_per_prompt(
-    model: nn.Module,
-    input_ids: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
-    direction: Float[Tensor, " d_model"],
-    readout_boundary: int,
-    heads: Sequence[Head],
-) -> Float[np.ndarray, "batch n_heads"]:
-    """Per-prompt change of the readout when each head alone is zero-ablated (column ``j`` = ``heads[j]``).
-
-    The mean over prompts of column ``j`` is ``screen_heads_by_ablation``'s score of ``heads[j]``.
-    """
-    clean = readout_projection(model, input_ids, attention_mask, direction, readout_boundary)  # [batch]
-    out = np.zeros((input_ids.shape[0], len(heads)))
-    for j, head in enumerate(heads):
-        with ablate_heads(model, [head]):
-            after = readout_projection(model, input_ids, attention_mask, direction, readout_boundary)
-        out[:, j] = (after - clean).double().cpu().numpy()
-    return out
 
 
 def honest_top_heads(

@@ -670,6 +670,35 @@ def screen_heads_by_ablation(
     return (totals / input_ids.shape[0]).float()
 
 
+def ablation_effects_per_prompt(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    direction: Float[Tensor, " d_model"],
+    readout_boundary: int,
+    heads: Sequence[Head],
+    mode: AblationMode = "zero",
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Float[Tensor, "batch n_screened"]:
+    """Per-prompt change of the readout when each head alone is ablated, one full forward per head.
+
+    Column ``j`` is ``heads[j]``; heads at layers ``>= readout_boundary`` cannot reach the readout and stay 0.
+    """
+    layout = head_layout(model)
+    heads = _check_heads(layout, heads)
+    _check_readout(layout, readout_boundary)
+    unit = _unit(direction)
+    clean = _readout(model, input_ids, attention_mask, unit, readout_boundary)  # [batch]
+    effects = torch.zeros(input_ids.shape[0], len(heads))
+    for i, head in enumerate(heads):
+        if head[0] >= readout_boundary:
+            continue
+        with ablate_heads(model, [head], mode=mode, mean_z=mean_z):
+            ablated = _readout(model, input_ids, attention_mask, unit, readout_boundary)
+        effects[:, i] = (ablated - clean).cpu()
+    return effects
+
+
 def screen_heads_loop(
     model: nn.Module,
     input_ids: Int[Tensor, "batch pos"],
@@ -681,19 +710,10 @@ def screen_heads_loop(
     mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
 ) -> Float[Tensor, " n_screened"]:
     """The same scores as ``screen_heads_by_ablation``, one full forward per head (the baseline)."""
-    layout = head_layout(model)
-    heads = _check_heads(layout, heads)
-    _check_readout(layout, readout_boundary)
-    unit = _unit(direction)
-    clean = _readout(model, input_ids, attention_mask, unit, readout_boundary)  # [batch]
-    scores = torch.zeros(len(heads))
-    for i, head in enumerate(heads):
-        if head[0] >= readout_boundary:
-            continue
-        with ablate_heads(model, [head], mode=mode, mean_z=mean_z):
-            ablated = _readout(model, input_ids, attention_mask, unit, readout_boundary)
-        scores[i] = (ablated - clean).mean().cpu()
-    return scores
+    effects = ablation_effects_per_prompt(
+        model, input_ids, attention_mask, direction, readout_boundary, heads, mode, mean_z
+    )  # [batch, n_screened]
+    return effects.mean(dim=0)
 
 
 # --- attribution patching ------------------------------------------------------------------------------

@@ -109,13 +109,13 @@ def test_screening_scores_each_half_on_its_own_prompts(screened):
 def _measure(handle, pair, plan, direction) -> pd.DataFrame:
     """Per-prompt held-out ablation effect of each chosen head, one row per prompt × head."""
     sub = assets.sub_pair(handle, pair, plan.measurement_pairs)
-    effects = C.ablation_effects_per_prompt(
+    effects = H.ablation_effects_per_prompt(
         handle.model, sub.emotion_batch["input_ids"], sub.emotion_batch["attention_mask"], direction,
         N_LAYERS, plan.heads,
     )  # fmt: skip
     return pd.DataFrame([
         {"emotion": plan.emotion, "prompt_id": sub.emotion["id"].iloc[i], "heads": assets.head_label([head]),
-         "effect": effects[i, j], **plan.labels()}
+         "effect": float(effects[i, j]), **plan.labels()}
         for i in range(sub.n) for j, head in enumerate(plan.heads)
     ])  # fmt: skip
 
