@@ -695,6 +695,10 @@ def load_validation_set(
     """Read and validate a validation set (:func:`load_prompts` rules), then refuse any prompt that is a
     near-duplicate (character-trigram Jaccard ≥ ``threshold``) of a prompt of the main dataset."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Validation set {path} does not exist; fix or remove it in the profile's `validation_sets`."
+        )
     frame = load_prompts(path, near_duplicate_threshold=threshold)
     n = len(dataset_texts)
     texts = frame["text"].tolist()

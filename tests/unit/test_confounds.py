@@ -349,3 +349,10 @@ def test_report_escapes_text_and_lists_missing_alignment_controls(tmp_path):
     assert status["smollm2-135m__smollm2-135m-rotated"] == "not materialized"
     markdown = _section("Alignment controls", controls)
     assert "&lt;b&gt;anger&lt;/b&gt;" in markdown and "<b>" not in markdown
+
+
+def test_missing_validation_set_names_the_profile_field(tmp_path):
+    from emotion_assets.science.confounds import load_validation_set
+
+    with pytest.raises(FileNotFoundError, match="validation_sets"):
+        load_validation_set(tmp_path / "absent.jsonl", [])
