@@ -91,7 +91,7 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
     kinds={"numpy"},
     code_version="3",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
-    "PCA basis; fitting prompts only); per layer pair, emotion and k: subspace overlap after (and before) the "
+    "PCA basis; fitting prompts only, each pooled view in `alignment.anchor_poolings`); per layer pair, emotion and k: subspace overlap after (and before) the "
     "map, chance k/d, a null band from random subspaces through the same map, held-out R², layer × layer "
     "linear CKA, and the emotion × emotion overlap matrix with a cross-fitted specificity score and its "
     "bootstrap CI. A headline row must beat the null AND be emotion-specific.",
@@ -105,12 +105,13 @@ def subspace_alignment(
     pooled_b, index_b, bounds_b = load_activations(store, profile_name, model_b)
     strategy = profile.pooling[0]
     row_a, row_b, joined = paired_rows(index_a, index_b)
-    x_a = pooled_a[strategy][row_a].double().numpy()  # [n, L_a, d_a]
-    x_b = pooled_b[strategy][row_b].double().numpy()  # [n, L_b, d_b]
+    settings = profile.alignment
+    views_a = {p: pooled_a[p][row_a].double().numpy() for p in {strategy, *settings.anchor_poolings}}
+    views_b = {p: pooled_b[p][row_b].double().numpy() for p in {strategy, *settings.anchor_poolings}}
+    x_a, x_b = views_a[strategy], views_b[strategy]  # [n, L_a, d_a], [n, L_b, d_b]: the emotion subspaces
     rows = alignment_rows(joined, neutral=NEUTRAL)  # steering-only prompts never fit a map or subspace
     spec_a, spec_b = REGISTRY.get(model_a), REGISTRY.get(model_b)
     layer_pairs = match_layers_by_depth(bounds_a, spec_a.layers, bounds_b, spec_b.layers)
-    settings = profile.alignment
     with recorded(
         context, tracking=tracking, store=store, phase="4-alignment", model=f"{model_a}__{model_b}",
         profile=profile, device="cpu", config=config, throughput_unit="layer_pairs",
@@ -129,8 +130,9 @@ def subspace_alignment(
                 # activations carry no information, so no map can be fit there.
                 skipped[f"{layer_a}->{layer_b}"] = f"constant neutral activations at {', '.join(constant)}"
                 continue
+            anchor_views = [(views_a[p][:, ia], views_b[p][:, ib]) for p in settings.anchor_poolings]
             result = layer_pair_sweep(
-                x_a[:, ia], x_b[:, ib], rows, k_max=profile.k_max, methods=settings.methods,
+                x_a[:, ia], x_b[:, ib], rows, anchor_views=anchor_views, k_max=profile.k_max, methods=settings.methods,
                 r=settings.procrustes_rank, n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
                 ridge_alpha=settings.ridge_alpha, min_specificity=settings.min_specificity,
             )  # fmt: skip
@@ -211,6 +213,7 @@ def subspace_alignment(
             "path": dg.MetadataValue.path(reader_path(out / "alignment_sweep.parquet")),
             "dg.row_count": dg.MetadataValue.int(len(sweep)),
             "layer_pairs": dg.MetadataValue.json([list(p) for p in layer_pairs]),
+            "anchor_poolings": dg.MetadataValue.json(list(settings.anchor_poolings)),
             "skipped_layer_pairs": dg.MetadataValue.json(skipped),
             "confound_flags": json_metadata(flags),
             "n_headline_rows": dg.MetadataValue.int(n_headline),

@@ -119,6 +119,13 @@ class AlignmentConfig(_Strict):
         description="Smallest specificity (diagonal minus off-diagonal overlap) that counts as emotion-specific, "
         "besides a bootstrap interval above 0.",
     )
+    anchor_poolings: list[Literal["last", "mean", "emotion_tokens"]] = Field(
+        default=["last", "mean"],
+        min_length=1,
+        description="Pooled views of each neutral train prompt the maps are fit on (each must be in the profile's "
+        "`pooling`). Every view is a paired sample of the same change of coordinates, so two views of n prompts "
+        "determine a map on up to 2n − 1 dimensions instead of n − 1.",
+    )
 
 
 class SinkConfig(_Strict):
@@ -188,6 +195,12 @@ class Profile(_Strict):
     def _pooling_nonempty(self) -> Profile:
         if not self.pooling:
             raise ValueError("pooling must list at least one strategy")
+        missing = [p for p in self.alignment.anchor_poolings if p not in self.pooling]
+        if missing:
+            raise ValueError(
+                f"alignment.anchor_poolings {missing} are not captured: add them to `pooling` "
+                f"({self.pooling}) or remove them from alignment.anchor_poolings"
+            )
         return self
 
     def boundaries(self, n_layers: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Cross-model alignment of residual spaces: linear maps A → B, subspace overlap with null controls, CKA.
 
-A map is always fit on paired activations of the same neutral train prompts run through both models; the
-two widths may differ (d_a ≠ d_b). Overlaps are the mean cos² of principal angles (0–1, chance ≈ k/d_b).
+A map is always fit on paired activations of the same neutral train prompts run through both models (one
+or more pooled views of each); the two widths may differ (d_a ≠ d_b). Overlaps are the mean cos² of principal angles (0–1, chance ≈ k/d_b).
 """
 
 from __future__ import annotations
@@ -96,10 +96,13 @@ def _ridge_weight(xc: np.ndarray, yc: np.ndarray, alphas: np.ndarray) -> np.ndar
     return (vt.T[None] * shrink[:, None, :]) @ uty  # [n_alpha, d_a, d_b]
 
 
-def _ridge_cv(xa: np.ndarray, xb: np.ndarray, alphas: np.ndarray, n_folds: int) -> np.ndarray:
-    """Mean squared validation error per alpha over interleaved folds (prompt i is in fold i mod K)."""
+def _ridge_cv(
+    xa: np.ndarray, xb: np.ndarray, alphas: np.ndarray, n_folds: int, groups: np.ndarray
+) -> np.ndarray:
+    """Mean squared validation error per alpha over interleaved folds (a row of group g is in fold g mod K,
+    so every row of one prompt is in the same fold)."""
     n = xa.shape[0]
-    folds = np.arange(n) % n_folds
+    folds = groups % n_folds
     sse = np.zeros(alphas.size)
     for f in range(n_folds):
         tr, va = folds != f, folds == f
@@ -117,16 +120,22 @@ def fit_ridge_map(
     x_a: Float[ArrayLike, "n d_a"],
     x_b: Float[ArrayLike, "n d_b"],
     alpha: float | Literal["auto"] = "auto",
+    groups: np.ndarray | None = None,
 ) -> LinearMap:
     """Ridge least squares from A to B on paired (neutral train) activations, both sides centered.
 
     weight = (X_aᵀX_a + αI)⁻¹ X_aᵀX_b on the centered data, computed through the SVD of X_a (so n < d_a
     is cheap; with α = 0 it is the minimum-norm least-squares solution). ``alpha="auto"`` picks α from
     :data:`RIDGE_ALPHA_FACTORS` × ‖X_a‖_F² / min(n − 1, d_a) (centered) by 5-fold CV (interleaved folds) on the mean
-    squared error; the CV errors are kept in ``info`` as ``cv_mse@<alpha>``.
+    squared error; the CV errors are kept in ``info`` as ``cv_mse@<alpha>``. ``groups`` ``[n]`` (integer prompt
+    ids, default one row per prompt) keeps the rows of one prompt, e.g. its pooled views, in one CV fold.
     """
     xa, xb = _paired(x_a, x_b)
     n = xa.shape[0]
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per paired row ({n}), got shape {groups.shape}.")
+    groups = np.unique(groups, return_inverse=True)[1]  # dense ids 0..G-1, so no fold is empty
     if n < 2:
         raise ValueError("A ridge map needs at least two paired prompts.")
     mu_a, mu_b = xa.mean(axis=0), xb.mean(axis=0)
@@ -135,12 +144,12 @@ def fit_ridge_map(
     if isinstance(alpha, str):
         if alpha != "auto":
             raise ValueError(f"alpha must be a non-negative float or 'auto', got {alpha!r}.")
-        n_folds = min(RIDGE_CV_FOLDS, n)
-        if n // n_folds < 1 or n - n // n_folds < 2:
+        n_folds = min(RIDGE_CV_FOLDS, len(np.unique(groups)))
+        if n_folds < 2 or n - n // n_folds < 2:
             raise ValueError(f"alpha='auto' needs more paired prompts than {n}.")
         scale = float(np.sum(xc**2)) / max(min(n - 1, xa.shape[1]), 1)
         grid = RIDGE_ALPHA_FACTORS * max(scale, 1e-300)
-        mse = _ridge_cv(xa, xb, grid, n_folds)
+        mse = _ridge_cv(xa, xb, grid, n_folds, groups)
         chosen = float(grid[int(np.argmin(mse))])
         info = {f"cv_mse@{a:.4g}": float(m) for a, m in zip(grid, mse, strict=True)}
     else:
@@ -564,8 +573,8 @@ def neutral_span(neutral_a: Float[ArrayLike, "n d_a"]) -> np.ndarray:
 def span_ceiling(span: Float[ArrayLike, "rank d_a"], basis_a: Float[ArrayLike, "k d_a"]) -> float:
     """The largest overlap any linear map fit on the neutral prompts of ``span`` can give A's ``basis_a``.
 
-    A map fit on n paired prompts is determined only on the span of their centered activations (rank
-    ≤ n − 1); outside it, it is shrunk to zero (ridge) or undefined. So even when B is an exact change of
+    A map fit on n paired rows (prompts × pooled views) is determined only on the span of their centered
+    activations (rank ≤ n − 1); outside it, it is shrunk to zero (ridge) or undefined. So even when B is an exact change of
     coordinates of A, the mapped subspace keeps only its part inside that span: the ceiling is the overlap
     of ``basis_a`` with its projection onto the span (:func:`neutral_span`). Read overlaps against it.
     """
@@ -590,12 +599,15 @@ def alignment_sweep(
     seed: int = 0,
     ridge_alpha: float | Literal["auto"] = "auto",
     min_specificity: float = MIN_SPECIFICITY,
+    train_groups: np.ndarray | None = None,
 ) -> AlignmentSweep:
     """Emotion-subspace alignment for ONE matched layer pair, with an emotion × emotion specificity test.
 
     Each map is fit once on the paired neutral train activations (``ridge``: :func:`fit_ridge_map` with
     ``ridge_alpha``; ``procrustes``: :func:`fit_procrustes_map` with ``r``); ``r2_heldout`` is its R² on
-    the eval neutral pairs. Emotion subspaces are the top-k directions of (emotion − neutral mean) on each
+    the eval neutral pairs. The train rows may hold several pooled views of each prompt
+    (:func:`layer_pair_sweep`); ``train_groups`` ``[n]`` then names each row's prompt so ridge CV keeps a
+    prompt's views in one fold. Emotion subspaces are the top-k directions of (emotion − neutral mean) on each
     side (:func:`emotion_subspace`). Columns of ``overlaps`` (one row per method × emotion × k):
 
     - ``overlap``: mean cos² of principal angles between A's mapped subspace and B's (0–1);
@@ -642,7 +654,7 @@ def alignment_sweep(
         raise ValueError("n_null and n_boot must both be at least 1.")
     mu_a, mu_b = _np(neutral_mean_a), _np(neutral_mean_b)
     fitters = {
-        "ridge": lambda: fit_ridge_map(xa_tr, xb_tr, ridge_alpha),
+        "ridge": lambda: fit_ridge_map(xa_tr, xb_tr, ridge_alpha, groups=train_groups),
         "procrustes": lambda: fit_procrustes_map(xa_tr, xb_tr, r),
     }
     unknown = set(methods) - set(fitters)
@@ -732,14 +744,30 @@ def alignment_rows(index: pd.DataFrame, neutral: str = "neutral") -> AlignmentRo
 
 
 def layer_pair_sweep(
-    x_a: Float[ArrayLike, "n d_a"], x_b: Float[ArrayLike, "n d_b"], rows: AlignmentRows, **kwargs
+    x_a: Float[ArrayLike, "n d_a"],
+    x_b: Float[ArrayLike, "n d_b"],
+    rows: AlignmentRows,
+    anchor_views: Sequence[tuple[Float[ArrayLike, "n d_a"], Float[ArrayLike, "n d_b"]]] | None = None,
+    **kwargs,
 ) -> AlignmentSweep:
     """:func:`alignment_sweep` on one layer pair of paired activations (row i of both = the same prompt),
-    restricted to ``rows``; the neutral means come from the neutral train rows. ``kwargs`` go to the sweep."""
+    restricted to ``rows``; emotion subspaces and the neutral means come from ``x_a`` / ``x_b``.
+
+    ``anchor_views``: the paired activations the maps are fit on (train rows) and scored on (eval rows), one
+    ``(a, b)`` per pooled view of the same prompts (e.g. ``last`` and ``mean``); default ``x_a``/``x_b``
+    alone. If B is a linear change of coordinates of A, every pooled view is a sample of that same map, so
+    v views of n prompts determine it on up to v·n − 1 dimensions instead of n − 1 (:func:`span_ceiling`).
+    ``kwargs`` go to the sweep."""
     a, b = _paired(x_a, x_b)
     nt, ne = rows.neutral_train, rows.neutral_eval
+    views = [(a, b)] if anchor_views is None else [_paired(va, vb) for va, vb in anchor_views]
+    if not views or any(va.shape[0] != a.shape[0] for va, _ in views):
+        raise ValueError(f"anchor_views must be non-empty pairs with {a.shape[0]} rows each.")
+    train_a, train_b = (np.concatenate([v[side][nt] for v in views]) for side in (0, 1))
+    eval_a, eval_b = (np.concatenate([v[side][ne] for v in views]) for side in (0, 1))
+    groups = np.tile(np.arange(int(nt.sum())), len(views))  # row → prompt, for ridge CV folds
     return alignment_sweep(
-        a[nt], b[nt], a[ne], b[ne],
+        train_a, train_b, eval_a, eval_b,
         {e: a[m] for e, m in rows.emotion_train.items()}, {e: b[m] for e, m in rows.emotion_train.items()},
-        a[nt].mean(axis=0), b[nt].mean(axis=0), **kwargs,
+        a[nt].mean(axis=0), b[nt].mean(axis=0), train_groups=groups, **kwargs,
     )  # fmt: skip

@@ -405,7 +405,10 @@ def _write_fake_activations(root, corrupt_steering: bool) -> None:
     for model, x, bounds in (("smollm2-135m", x_a, bounds_a), ("minilm-l6", x_b, bounds_b)):
         with store.publishing():
             folder = store.directory("smoke", "activations", model)
-            tensors = {"last": torch.from_numpy(x).float(), "boundaries": torch.tensor(bounds)}
+            # `mean` is a second anchor view (alignment.anchor_poolings): the same map, other samples.
+            mean = x + 0.5 * np.random.default_rng(1).standard_normal(x.shape) @ np.eye(x.shape[-1])
+            tensors = {"last": torch.from_numpy(x).float(), "mean": torch.from_numpy(mean).float(),
+                       "boundaries": torch.tensor(bounds)}  # fmt: skip
             write_tensors(folder / ACTIVATIONS_FILE, tensors)
             write_table(folder / INDEX_FILE, index)
         with store.publishing():  # the alignment reads the audit's flags of both sides
@@ -462,3 +465,46 @@ def test_span_ceiling_is_one_inside_the_neutral_span_and_zero_outside():
     assert span_ceiling(span, outside) == pytest.approx(0.0, abs=1e-12)
     half = (np.eye(d)[0] + np.eye(d)[5])[None] / np.sqrt(2)
     assert span_ceiling(span, half) == pytest.approx(0.5)
+
+
+def test_a_second_pooled_view_determines_the_map_on_more_dimensions():
+    """Known answer: B is a rotation of A. With n neutral prompts < d the map is Q only on an (n − 1)-dim
+    span, so the overlap is the span ceiling < 1; a second pooled view of the same prompts (another sample of
+    the same rotation) lifts both to ≈ 1. Without a rotation (B unrelated) neither view finds anything."""
+    rng = np.random.default_rng(3)
+    d, n_train, n_eval, n_emotion = 24, 14, 10, 12
+    q = _orthogonal(rng, d, d)
+    n = n_train + n_eval + 2 * n_emotion
+    index = pd.DataFrame({"emotion": ["neutral"] * (n_train + n_eval) + ["anger"] * n_emotion + ["joy"] * n_emotion,
+                          "split": ["train"] * n_train + ["eval"] * n_eval + ["train"] * (2 * n_emotion),
+                          "role": "fit"})  # fmt: skip
+    rows = alignment_rows(index)
+    last, mean = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    for emotion, direction in (("anger", rng.standard_normal(d)), ("joy", rng.standard_normal(d))):
+        last[(index.emotion == emotion).to_numpy()] += 4.0 * direction / np.linalg.norm(direction)
+    args = {"k_max": 1, "methods": ("ridge",), "n_null": 10, "n_boot": 10, "ridge_alpha": 0.0}
+    one = layer_pair_sweep(last, last @ q, rows, **args).overlaps
+    two = layer_pair_sweep(
+        last, last @ q, rows, anchor_views=[(last, last @ q), (mean, mean @ q)], **args
+    ).overlaps
+    assert (one.span_ceiling < 0.9).all() and np.allclose(one.overlap, one.span_ceiling, atol=1e-6)
+    assert (two.span_ceiling > 0.999).all() and (two.overlap > 0.999).all()
+    assert (two.n_train_pairs == 2 * n_train).all() and (two.r2_heldout > 0.999).all()
+    unrelated = rng.standard_normal((n, d))
+    null = layer_pair_sweep(last, unrelated, rows, anchor_views=[(last, unrelated), (mean, rng.standard_normal((n, d)))],
+                            **args).overlaps  # fmt: skip
+    assert (null.r2_heldout < 0).all() and not null.headline_beats_null.any()
+
+
+def test_ridge_cv_keeps_the_views_of_one_prompt_in_one_fold():
+    from emotion_assets.science.alignment import fit_ridge_map
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 6))
+    groups = np.tile(np.arange(10), 2)
+    fitted = fit_ridge_map(x, x @ _orthogonal(rng, 6, 6), "auto", groups=groups)
+    assert fitted.n_train == 20 and fitted.alpha is not None
+    with pytest.raises(ValueError, match="one entry per paired row"):
+        fit_ridge_map(x, x, "auto", groups=groups[:5])
+    with pytest.raises(ValueError, match="more paired prompts"):
+        fit_ridge_map(x, x, "auto", groups=np.zeros(20, dtype=int))  # one prompt, many views: no CV

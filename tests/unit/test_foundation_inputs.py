@@ -170,6 +170,29 @@ def test_unknown_profile_and_bad_profile_fields(tmp_path):
     assert "profiles.broken.batch_size" in message
 
 
+def test_alignment_anchor_views_must_be_captured(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            version: 1
+            profiles:
+              narrow:
+                dataset: {path: data/prompts/emotion_prompts.jsonl}
+                pooling: [last]
+                steering: {layers: [1], alpha_grid: [-0.2, 0.0, 0.2]}
+                alignment: {anchor_poolings: [last, mean]}
+            """
+        )
+    )
+    with pytest.raises(
+        ProfileError, match=r"alignment.anchor_poolings \['mean'\] are not captured: add them to `pooling`"
+    ):
+        load_profiles(path)
+    path.write_text(path.read_text().replace("[last, mean]}", "[last]}"))
+    assert load_profiles(path)["narrow"].alignment.anchor_poolings == ["last"]
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "results" / "smoke" / "x" / "table.json"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
