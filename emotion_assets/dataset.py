@@ -1,7 +1,5 @@
 """Phase 1: the validated prompt set with splits, and how well each evaluator scores its labels."""
 
-import hashlib
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -40,23 +38,11 @@ from emotion_assets.science.surface import (
 from jobs.jobs import DATASET_GROUP
 from resources.device import resolve_device
 from resources.evaluators import EvaluatorResource
-from resources.storage import ArtifactStore, reader_path, write_json, write_table
+from resources.storage import ArtifactStore, reader_path, tree_sha256, write_json, write_table
 from resources.tracking import TrackingResource
 
 EMOTION_COLUMNS = {emotion: f"emotion_{emotion}" for emotion in EMOTIONS}
 SURFACE_FILE = "surface.parquet"
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for child in sorted(path.rglob("*")):
-            if child.is_file():
-                digest.update(child.name.encode())
-                digest.update(child.read_bytes())
-    else:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 @dg.asset(
@@ -108,7 +94,7 @@ def emotion_dataset(
         # The blocking checks' logic runs on the staged table: a failing dataset is never published.
         refuse_failing_checks("emotion_dataset", profile.name, dataset_gates(frame[columns], profile))
         write_table(out / "prompts.parquet", frame[columns], csv=True)
-        source_sha = file_sha256(source)
+        source_sha = tree_sha256(source)
         write_json(
             out / "summary.json",
             {

@@ -218,6 +218,17 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(path: Path) -> str:
+    """Hex sha256 of a file (:func:`file_sha256`) or of a folder: every file below it, in sorted order, by
+    relative path and content hash (input datasets given as folders)."""
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{child.relative_to(path).as_posix()}\0{file_sha256(child)}\n".encode())
+    return digest.hexdigest()
+
+
 # (path, inode, size, mtime, ctime) -> sha256 of files already verified in this process; a version folder
 # is immutable, and any write changes ctime, so a changed file is never taken from here.
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}

@@ -319,3 +319,17 @@ def test_reader_path_names_the_published_pointer_not_the_version_folder(tmp_path
     assert shown == str(tmp_path / "smoke" / "activations" / "smollm2-135m" / "index.parquet")
     assert Path(shown).read_bytes() == b"x"  # the pointer path reads the published file
     assert reader_path(tmp_path / "plain.txt") == str(tmp_path / "plain.txt")
+
+
+def test_tree_sha256_hashes_files_and_folders_by_path_and_content(tmp_path):
+    from resources.storage import file_sha256, tree_sha256
+
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "data" / "sub" / "b.csv").write_text("text\ny\n")
+    assert tree_sha256(tmp_path / "data" / "a.jsonl") == file_sha256(tmp_path / "data" / "a.jsonl")
+    before = tree_sha256(tmp_path / "data")
+    (tmp_path / "data" / "sub" / "b.csv").rename(tmp_path / "data" / "b.csv")  # same bytes, other place
+    moved = tree_sha256(tmp_path / "data")
+    (tmp_path / "data" / "b.csv").write_text("text\nz\n")
+    assert len({before, moved, tree_sha256(tmp_path / "data")}) == 3
