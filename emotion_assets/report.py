@@ -1,6 +1,5 @@
 """Per-profile roll-up across models and the findings report (Markdown + self-contained HTML)."""
 
-import base64
 import html
 from pathlib import Path
 
@@ -14,8 +13,28 @@ from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
 from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import evaluator_quality
 from emotion_assets.heads import emotion_circuits
-from emotion_assets.partitions import profile_partitions, profile_to_model_profile
+from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
+from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import markdown_table
+from emotion_assets.profiles import Profile
+from emotion_assets.registry import TwinSource
+from emotion_assets.report_pages import (
+    Section,
+    claims_html,
+    claims_markdown,
+    page_html,
+    page_markdown,
+    place_figures,
+    safe_markdown_html,
+)
+from emotion_assets.science.claims import (
+    AuditScope,
+    alignment_claims,
+    head_claims,
+    representation_claims,
+    steering_claims,
+    verdict_counts,
+)
 from emotion_assets.statistics import patching_statistics, rollup_frames
 from emotion_assets.timing import read_timings
 from jobs.jobs import REPORT_GROUP
@@ -42,6 +61,8 @@ ALIGNMENT_CONTROLS = [("headline", "smollm2-135m__minilm-l6"),
 ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "span_ceiling",
                      "null_p95", "chance", "margin", "beats_null", "specificity", "specificity_lo", "specific",
                      "headline_beats_null", "r2_heldout"]  # fmt: skip
+SPECIFICITY_COLUMNS = ["model", "emotion", "other_emotion", "metric", "condition", "layer", "alpha", "n",
+                       "mean_diff", "diff_ci_low", "diff_ci_high", "p_t", "p_bh", "family_t"]  # fmt: skip
 VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_final_punctuation", "cos_exclamation",
                            "cos_question", "cos_length", "cos_person", "max_abs_cosine", "worst_nuisance",
                            "share_left", "flagged"]  # fmt: skip
@@ -150,24 +171,33 @@ def _confound_tables(base: Path) -> dict[str, pd.DataFrame | None]:
             "flags": stacked(flags)}  # fmt: skip
 
 
-def _confounds_markdown(base: Path) -> str:
+def _confound_sections(base: Path) -> list[Section]:
+    """The confound audit: an introduction, then one anchored section per table."""
     tables = _confound_tables(base)
     flags = tables["flags"]
     no_flags = flags is not None and flags.empty
-    return "\n".join([
-        "## Confounds\n\nRead these before any other number: they say whether the emotion vectors are more "
-        "than surface features of the prompts (docs/science.md, *Confound audit*).\n",
-        _section("Surface baselines beside the probe (eval fitting prompts)", tables["baselines"],
-                 "accuracy: all eval prompts; accuracy_implicit: the keyword-free `implicit` register alone. A "
-                 "probe that a keyword rule or punctuation + length matches reads no more than the surface.", 3),
-        _section("Emotion vectors at the steering layers: nuisance cosines and norm left", tables["vectors"],
-                 "cos_*: cosine with a nuisance direction estimated within one class (NaN: not estimable, see "
-                 "nuisance_directions.csv); share_left: ‖v‖ left after projecting out every nuisance.", 3),
-        _section("External validation sets (probe and evaluator fitted on train fitting prompts)",
-                 tables["validation"], "", 3),
-        "### Flags\n\nNo emotion vector is flagged at the steering layers.\n" if no_flags else
-        _section("Flags (vectors at the steering layers flagged as confounded)", flags, "", 3),
-    ])  # fmt: skip
+    return [
+        Section("confounds", "## Confounds\n\nRead these before any other number: they say whether the emotion "
+                "vectors are more than surface features of the prompts (docs/science.md, *Confound audit*).\n"),
+        Section("surface-baselines", _section(
+            "Surface baselines beside the probe (eval fitting prompts)", tables["baselines"],
+            "accuracy: all eval prompts; accuracy_implicit: the keyword-free `implicit` register alone. A "
+            "probe that a keyword rule or punctuation + length matches reads no more than the surface.", 3)),
+        Section("confound-vectors", _section(
+            "Emotion vectors at the steering layers: nuisance cosines and norm left", tables["vectors"],
+            "cos_*: cosine with a nuisance direction estimated within one class (NaN: not estimable, see "
+            "nuisance_directions.csv); share_left: ‖v‖ left after projecting out every nuisance.", 3)),
+        Section("validation-sets", _section(
+            "External validation sets (probe and evaluator fitted on train fitting prompts)",
+            tables["validation"], "", 3)),
+        Section("confound-flags",
+                "### Flags\n\nNo emotion vector is flagged at the steering layers.\n" if no_flags else
+                _section("Flags (vectors at the steering layers flagged as confounded)", flags, "", 3)),
+    ]  # fmt: skip
+
+
+def _confounds_markdown(base: Path) -> str:
+    return "\n".join(s.markdown for s in _confound_sections(base))
 
 
 def _alignment_controls(base: Path) -> pd.DataFrame:
@@ -195,6 +225,57 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def _audit_inputs(base: Path) -> dict[str, object]:
+    """Every model's confound audit, stacked: vector verdicts (all boundaries), probes by register, surface
+    baselines, and what each audit looked at (:class:`AuditScope`)."""
+    audit, probes, surface, scopes = [], [], [], {}
+    for path in sorted(base.glob(f"{CONFOUND_ASSET}/*/{CONFOUND_SUMMARY}")):
+        folder, model = path.parent, path.parent.name
+        summary = read_json(path)
+        scopes[model] = AuditScope(summary["first_strategy"], tuple(int(b) for b in summary["focus_boundaries"]),
+                                   float(summary["baseline_margin"]))  # fmt: skip
+        audit.append(read_table(folder / "vector_audit.parquet").assign(model=model))
+        probes.append(read_table(folder / "probe_by_register.parquet").assign(model=model))
+        surface.append(read_table(folder / "surface_baselines.parquet").assign(model=model))
+
+    def stacked(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    return {"audit": stacked(audit), "probes": stacked(probes), "surface": stacked(surface), "scopes": scopes}
+
+
+def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
+    """Every claim of the study for one profile (``science.claims``), from the artifacts under ``base``.
+
+    Expected subjects come from the registry and what was materialized: steering and head claims for each
+    causal model (twins excepted) with any artifact under the profile, representation claims for each model
+    with activations or an audit, alignment claims for every registered pair. Missing evidence is a
+    ``not tested`` claim."""
+    twins = {name: (spec.source.type, spec.source.of) for name, spec in REGISTRY.models.items()
+             if isinstance(spec.source, TwinSource)}  # fmt: skip
+    present = {p.name for folder in ("activations", CONFOUND_ASSET, "residual_patching", "head_patching",
+                                     "patching_statistics") for p in (base / folder).glob("*") if p.is_dir()}  # fmt: skip
+    causal = [m for m in sorted(present) if m in REGISTRY.models and REGISTRY.models[m].can_generate
+              and m not in twins]  # fmt: skip
+    emotions = list(TARGET_METRICS)
+    strategy = profile.pooling[0]
+    inputs = _audit_inputs(base)
+    audit = inputs["audit"]
+    best = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
+    statistics = _read(base / "patching_statistics_rollup" / "rollup.parquet")
+    summaries = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
+    scopes = {m: inputs["scopes"].get(m) for m in sorted(present | set(inputs["scopes"]))}  # type: ignore[union-attr]
+    return pd.concat([
+        steering_claims(best, statistics, audit, models=causal, emotions=emotions, strategy=strategy),
+        head_claims(statistics, audit, models=causal, emotions=emotions, strategy=strategy,
+                    readout_boundary={m: REGISTRY.models[m].layers for m in causal}),
+        alignment_claims(summaries, audit, pairs=REGISTRY.pairs, emotions=emotions, twins=twins,
+                         strategy=strategy),
+        representation_claims(inputs["probes"], inputs["surface"], audit, scopes=scopes, emotions=emotions,
+                              twins=twins),
+    ], ignore_index=True)  # fmt: skip
+
+
 @dg.asset(
     partitions_def=profile_partitions,
     group_name=REPORT_GROUP,
@@ -206,12 +287,14 @@ def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
         dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="5",
-    description="The results section of the study for one profile across models: the confound audit first "
-    "(surface baselines, nuisance cosines, registers, validation sets, flags), corrected-effect counts, "
-    "evaluator quality, probe accuracy, steering effects against baseline and random controls, top heads, "
-    "head patching against random-head controls, circuit summaries, alignment overlaps with their null band, "
-    "and the slowest phases.",
+    code_version="6",
+    description="The results section of the study for one profile across models. It opens with the study's "
+    "claims, each a sentence generated from the statistics with a verdict (supported / not supported / "
+    "confounded / not tested) and links to its evidence; then the confound audit (surface baselines, nuisance "
+    "cosines, registers, validation sets, flags), alignment controls, corrected-effect counts, evaluator "
+    "quality, the dataset's surface balance, probe accuracy, steering against baseline, random controls and "
+    "the other emotions' vectors, top heads, head patching against random heads, circuits, alignment overlaps "
+    "with their null band, and the slowest phases; each section's plots sit beside its table.",
 )
 def findings_report(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
@@ -222,92 +305,25 @@ def findings_report(
         context, tracking=tracking, store=store, phase="7-report", model="all", profile=profile,
         device="cpu", config=config, throughput_unit="sections",
     ) as rec:  # fmt: skip
-        probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
-        best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
-                      if probes is not None else None)  # fmt: skip
-        steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
-        steering = steering.reindex(columns=STEERING_COLUMNS) if steering is not None else None
-        rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
-        by_model = _read(base / "patching_statistics_rollup" / "by_model.parquet")
-        survivors = head_effects = None
-        if rollup is not None:
-            survivors = rollup[(rollup["p_bh"] < 0.05) & rollup["comparison"].isin(RANDOM_COMPARISONS)]
-            survivors = survivors.sort_values("p_bh").head(25)
-            survivors = survivors.drop(columns=["source", "mode", "direction", "heads", "destination"])
-            heads_rows = rollup["comparison"].isin(["vs_random_heads", "emotion_vs_neutral_prompts"])
-            head_effects = rollup.loc[heads_rows, HEAD_TABLE_COLUMNS]
-        top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
-        if top_heads is not None:
-            top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
-                         .sort_values(["model", "emotion", "selected_on", "rank"])
-                         [["model", "emotion", "label", "rank", "layer", "head", "selection_effect",
-                           "held_out_effect", "held_out_ci_low", "held_out_ci_high", "n_held_out"]])  # fmt: skip
-        circuits = _stack(sorted(base.glob("emotion_circuits/*/summary.parquet")), "model")
-        alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
-        chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
-        timings, timing_problems = read_timings(base)
-        for problem in timing_problems:
-            context.log.warning(f"Skipped an unreadable timing record: {problem}")
-        slowest = None
-        if timings is not None:
-            slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
-                       .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
-        sections = [
-            f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n",
-            _confounds_markdown(base),
-            _section("Alignment controls", _alignment_controls(base),
-                     "The headline pair beside its random-weight twin (negative control: same pair position, "
-                     "should sit at the null) and the rotated twin (positive control: should align near 1)."),
-            _section("Corrected effects at a glance", by_model,
-                     "Per model, source and comparison: comparisons declared, and how many survive BH-FDR "
-                     "(q < 0.05) and Bonferroni (p < 0.05) across the model's whole family (every source × "
-                     "comparison × emotion × metric × condition)."),
-            _section("Evaluator quality (eval split)", _read(base / "evaluator_quality" / "quality.parquet")),
-            _section("Linear decodability (best held-out probe per model)", best_probe),
-            _section("Steering: best fluent layer and α per emotion (selected on half A, confirmed on half B)",
-                     steering,
-                     "The (layer, α) with the largest shift of the emotion's own score among fluent cells "
-                     "(perplexity ratio and share of degenerate continuations within the profile's bounds), "
-                     "chosen on half A of the steering prompts (selection_shift); target_shift, its CI and p "
-                     "are measured on half B only, next to the mean shift of the isotropic and "
-                     "covariance-matched random directions at the same layer and α, the share of prompts "
-                     "moved the intended and the opposite way, and the cell's fluency on half B."),
-            _section("Emotion vectors vs random directions surviving BH-FDR (q < 0.05)", survivors,
-                     "Paired per unique prompt, each random kind (isotropic, covariance-matched) on its own; "
-                     "the family is every metric × condition of a model and profile."),
-            _section(f"Attention heads: top {TOP_HEADS_SHOWN} per emotion by ablation effect", top_heads,
-                     "Cross-fitted: heads selected on one half of the prompts (label), reported on the other. "
-                     "selection_effect: the mean change of the emotion readout (final boundary, last token) "
-                     "when the head's output is zeroed, on the selecting half (a maximum, biased away from "
-                     "0); held_out_effect and its bootstrap CI: the same on the held-out half, the estimate "
-                     "to read."),
-            _section("Head patching: top heads vs random-head controls", head_effects,
-                     "vs_random_heads: the joint top-N intervention against the mean of random-head sets of "
-                     "the same size, mode and direction, paired per prompt, on the emotion's target score "
-                     "(effect_size = d_z). emotion_vs_neutral_prompts: the unintervened gap between emotion "
-                     "and neutral prompts (unpaired, Welch t; effect_size = Hedges' g)."),
-            _section("Circuits (top heads: roles, OV/QK readouts, joint vs summed effects)", circuits,
-                     "roles: reader / mover / writer heuristic of docs/science.md; mean_ov_cosine_own: cosine "
-                     "between what the heads write and the emotion direction; ratio_*: joint effect of the "
-                     "heads (and MLPs) over the sum of single-head effects."),
-            _section("Cross-model alignment (best layer pair and k per method and emotion)", alignment,
-                     "Overlap = mean cos² of principal angles; chance = k/d; null = random subspaces through "
-                     "the same map; margin = overlap − null p95, the ranking criterion. The token-embedding "
-                     "boundary (0) is excluded: there any two models that read the same words align (see the "
-                     "random-weight twin)."),
-            _section("k-selection", chosen_k),
-            _section("Slowest phases", slowest),
-        ]  # fmt: skip
-        markdown = "\n".join(sections)
-        rec.timing.samples = len(sections)
+        header, sections, timing_problems = _report_sections(base, profile, context)
+        claims = study_claims(base, profile)
+        counts = verdict_counts(claims)
+        sections = place_figures(sections, base)
+        known = {"claims", *(s.anchor for s in sections)}
+        markdown = page_markdown(header, claims_markdown(claims, counts), sections)
+        page = page_html(header, claims_html(claims, counts, known), sections, base)
+        rec.timing.samples = len(sections) + 1
         out = store.directory(profile.name, "findings_report")
         rec.artifacts(out)
+        write_table(out / "claims.parquet", claims, csv=True)
         write_bytes(out / "findings.md", markdown.encode("utf-8"))
-        write_bytes(out / "findings.html", _html(markdown, base).encode("utf-8"))
+        write_bytes(out / "findings.html", page.encode("utf-8"))
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(reader_path(out / "findings.html")),
             "markdown": dg.MetadataValue.path(reader_path(out / "findings.md")),
+            "verdicts": markdown_table(counts),
+            "claims": markdown_table(claims[["verdict", "sentence"]], max_rows=60),
             "report": dg.MetadataValue.md(markdown[:20000]),
             "timing_record_problems": dg.MetadataValue.json(timing_problems),
             **rec.metadata(),
@@ -315,30 +331,113 @@ def findings_report(
     )
 
 
-def _html(markdown: str, base: Path) -> str:
-    """A self-contained page: the Markdown tables as preformatted sections plus every plot inlined."""
-    body = safe_markdown_html(markdown)
-    figures = []
-    for png in sorted(base.glob("*/*/*.png")) + sorted(base.glob("*/*.png")):
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        caption = html.escape(str(png.relative_to(base)))
-        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}'
-                       "</figcaption></figure>")  # fmt: skip
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "figure{display:inline-block;margin:8px}img{max-width:520px}")  # fmt: skip
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Findings</title><style>{style}</style>"
-            f"</head><body>{body}<h2>Plots</h2>{''.join(figures)}</body></html>")  # fmt: skip
+def _report_sections(
+    base: Path, profile: Profile, context: dg.AssetExecutionContext
+) -> tuple[str, list[Section], list[str]]:
+    """The report's header, its evidence sections (each with the anchor the claims link to) and the timing
+    records that could not be read."""
+    probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
+    best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
+                  if probes is not None else None)  # fmt: skip
+    steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
+    selected = steering[["model", "condition"]] if steering is not None and "condition" in steering else None
+    steering = steering.reindex(columns=STEERING_COLUMNS) if steering is not None else None
+    rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
+    by_model = _read(base / "patching_statistics_rollup" / "by_model.parquet")
+    survivors = head_effects = specificity = None
+    if rollup is not None:
+        survivors = rollup[(rollup["p_bh"] < 0.05) & rollup["comparison"].isin(RANDOM_COMPARISONS)]
+        survivors = survivors.sort_values("p_bh").head(25)
+        survivors = survivors.drop(columns=["source", "mode", "direction", "heads", "destination"])
+        heads_rows = rollup["comparison"].isin(["vs_random_heads", "emotion_vs_neutral_prompts"])
+        head_effects = rollup.loc[heads_rows, HEAD_TABLE_COLUMNS]
+        if selected is not None:
+            others = rollup[rollup["comparison"] == "vs_other_emotion"].merge(
+                selected, on=["model", "condition"]
+            )
+            specificity = others[SPECIFICITY_COLUMNS]
+    top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
+    if top_heads is not None:
+        top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
+                     .sort_values(["model", "emotion", "selected_on", "rank"])
+                     [["model", "emotion", "label", "rank", "layer", "head", "selection_effect",
+                       "held_out_effect", "held_out_ci_low", "held_out_ci_high", "n_held_out"]])  # fmt: skip
+    circuits = _stack(sorted(base.glob("emotion_circuits/*/summary.parquet")), "model")
+    alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
+    chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
+    dataset = _read(base / "emotion_dataset" / "surface.parquet")
+    if dataset is not None and "register" in dataset:
+        dataset = dataset[dataset["register"] == "all"]
+    timings, timing_problems = read_timings(base)
+    for problem in timing_problems:
+        context.log.warning(f"Skipped an unreadable timing record: {problem}")
+    slowest = None
+    if timings is not None:
+        slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
+                   .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
+    header = f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n"
+    sections = [
+        *_confound_sections(base),
+        Section("alignment-controls", _section("Alignment controls", _alignment_controls(base),
+                "The headline pair beside its random-weight twin (negative control: same pair position, "
+                "should sit at the null) and the rotated twin (positive control: should align near 1).")),
+        Section("corrected-effects", _section("Corrected effects at a glance", by_model,
+                "Per model, source and comparison: comparisons declared, and how many survive BH-FDR "
+                "(q < 0.05) and Bonferroni (p < 0.05) across the model's whole family (every source × "
+                "comparison × emotion × metric × condition).")),
+        Section("evaluator-quality", _section("Evaluator quality (eval split)",
+                                              _read(base / "evaluator_quality" / "quality.parquet"))),
+        Section("dataset", _section("Dataset surface balance (all registers)", dataset,
+                "Per class: share of prompts with each surface feature; the dataset check refuses an "
+                "imbalance beyond the profile's thresholds.")),
+        Section("linear-decodability", _section("Linear decodability (best held-out probe per model)", best_probe)),
+        Section("representations", "## Representations: residual norms, subspaces, vector cosines\n\n"
+                "Residual norm per layer, explained variance of the emotion subspaces and the cosines between "
+                "emotion vectors, per model.\n"),
+        Section("steering", _section(
+            "Steering: best fluent layer and α per emotion (selected on half A, confirmed on half B)", steering,
+            "The (layer, α) with the largest shift of the emotion's own score among fluent cells "
+            "(perplexity ratio and share of degenerate continuations within the profile's bounds), "
+            "chosen on half A of the steering prompts (selection_shift); target_shift, its CI and p "
+            "are measured on half B only, next to the mean shift of the isotropic and "
+            "covariance-matched random directions at the same layer and α, the share of prompts "
+            "moved the intended and the opposite way, and the cell's fluency on half B.")),
+        Section("steering-specificity", _section(
+            "Steering specificity: the selected cell against the other emotions' vectors", specificity,
+            "The selected cell of each emotion against each other emotion's vector at the same layer and α "
+            "(same norm), on the first emotion's own target score, paired per prompt over every steering "
+            "prompt; p_bh is corrected across the model's whole family.")),
+        Section("random-controls", _section(
+            "Emotion vectors vs random directions surviving BH-FDR (q < 0.05)", survivors,
+            "Paired per unique prompt, each random kind (isotropic, covariance-matched) on its own; "
+            "the family is every metric × condition of a model and profile.")),
+        Section("top-heads", _section(f"Attention heads: top {TOP_HEADS_SHOWN} per emotion by ablation effect",
+            top_heads,
+            "Cross-fitted: heads selected on one half of the prompts (label), reported on the other. "
+            "selection_effect: the mean change of the emotion readout (final boundary, last token) "
+            "when the head's output is zeroed, on the selecting half (a maximum, biased away from "
+            "0); held_out_effect and its bootstrap CI: the same on the held-out half, the estimate "
+            "to read.")),
+        Section("head-patching", _section("Head patching: top heads vs random-head controls", head_effects,
+            "vs_random_heads: the joint top-N intervention against the mean of random-head sets of "
+            "the same size, mode and direction, paired per prompt, on the emotion's target score "
+            "(effect_size = d_z). emotion_vs_neutral_prompts: the unintervened gap between emotion "
+            "and neutral prompts (unpaired, Welch t; effect_size = Hedges' g).")),
+        Section("circuits", _section("Circuits (top heads: roles, OV/QK readouts, joint vs summed effects)",
+            circuits,
+            "roles: reader / mover / writer heuristic of docs/science.md; mean_ov_cosine_own: cosine "
+            "between what the heads write and the emotion direction; ratio_*: joint effect of the "
+            "heads (and MLPs) over the sum of single-head effects.")),
+        Section("alignment", _section("Cross-model alignment (best layer pair and k per method and emotion)",
+            alignment,
+            "Overlap = mean cos² of principal angles; chance = k/d; null = random subspaces through "
+            "the same map; margin = overlap − null p95, the ranking criterion. The token-embedding "
+            "boundary (0) is excluded: there any two models that read the same words align (see the "
+            "random-weight twin).")),
+        Section("k-selection", _section("k-selection", chosen_k)),
+        Section("slowest-phases", _section("Slowest phases", slowest)),
+    ]  # fmt: skip
+    return header, sections, timing_problems
 
 
-def safe_markdown_html(markdown: str) -> str:
-    """Markdown to HTML with raw HTML escaped and links left as text: profile descriptions and table cells
-    come from user files, and the page must not run or link to anything they contain."""
-    import markdown as md_lib
-
-    converter = md_lib.Markdown(extensions=["tables"])
-    converter.preprocessors.deregister("html_block")
-    for pattern in ("html", "link", "image_link", "reference", "image_reference", "short_reference",
-                    "short_image_ref", "autolink", "automail"):  # fmt: skip
-        converter.inlinePatterns.deregister(pattern)
-    return converter.convert(markdown)
+__all__ = ["findings_report", "patching_statistics_rollup", "safe_markdown_html", "study_claims"]
