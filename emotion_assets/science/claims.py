@@ -170,16 +170,26 @@ def audit_confound(
 
 
 def _other_emotion_checks(
-    statistics: pd.DataFrame | None, model: str, emotion: str, condition: str, others: Sequence[str], q: float
+    row: pd.Series, statistics: pd.DataFrame | None, model: str, emotion: str, others: Sequence[str], q: float
 ) -> list[Check]:
+    """The selected cell against each other emotion's vector at its (layer, α) on its own metric: on the
+    confirmation half when the best-cell table carries the contrast (``vs_emotion_<other>_*``), else from
+    the statistics family over every steering prompt (labelled as such)."""
+    condition = str(row["condition"])
     rows = pd.DataFrame() if statistics is None else statistics[
         (statistics["model"] == model) & (statistics["comparison"] == "vs_other_emotion")
         & (statistics["emotion"] == emotion) & (statistics["condition"] == condition)
     ]  # fmt: skip
     checks = []
     for other in others:
-        mine = rows[rows["other_emotion"] == other] if len(rows) else rows
         name = f"beats the {other} vector"
+        diff, p = row.get(f"vs_emotion_{other}_diff", math.nan), row.get(f"vs_emotion_{other}_p", math.nan)
+        if _finite(diff):
+            low, high = row.get(f"vs_emotion_{other}_ci_low"), row.get(f"vs_emotion_{other}_ci_high")
+            text = f"vs the {other} vector {_num(diff)} {_ci(low, high)} (half B, p {_p(p)})"
+            checks.append(Check(name, _beats(diff, p, q), text))
+            continue
+        mine = rows[rows["other_emotion"] == other] if len(rows) else rows
         if mine.empty:
             checks.append(Check(name, None, f"no vs_other_emotion row for {condition} against {other}"))
             continue
@@ -218,7 +228,7 @@ def _steering_claim(
     )]  # fmt: skip
     for kind, label in (("isotropic", "isotropic random"), ("covariance", "covariance-matched random")):
         checks.append(_random_check(row, kind, label, q))
-    checks += _other_emotion_checks(statistics, model, emotion, str(row["condition"]), others, q)
+    checks += _other_emotion_checks(row, statistics, model, emotion, others, q)
     fluent = row.get("fluent_on_confirmation")
     fluency = (f"perplexity ratio {float(row['perplexity_ratio']):.3g}, "
                f"{100 * float(row['share_degenerate']):.0f} % degenerate on half B")  # fmt: skip

@@ -334,13 +334,16 @@ def confirm_cells(
     ``p_method``, ``n_confirmation``); the same cell against the mean of each random-control kind at its
     (layer, α) (``random_isotropic_shift``, ``random_isotropic_max_shift`` (the largest direction's mean),
     ``vs_random_isotropic_diff``/``_ci_low``/``_ci_high``/``_p``, likewise ``random_covariance``); its
+    against each other emotion's vector at the same (layer, α) on the cell's target metric
+    (``vs_emotion_<other>_diff``/``_ci_low``/``_ci_high``/``_p``: does *this* vector move its own score more
+    than a vector of another emotion, same norm, same prompts?); its
     steerability (``share_intended``, ``share_anti``, ``shift_sd``, ``shift_iqr``) and fluency
     (``share_degenerate``, ``perplexity_ratio``, ``fluent_on_confirmation``); and
     ``confirmation_prompt_ids`` (JSON list of the ids the numbers come from). Bootstrap seeds are
     ``stable_seed(seed, emotion, comparison)``.
 
     Also returns the per-prompt shifts behind them: ``emotion``, ``prompt_id``, ``series``
-    (``emotion vector`` or a random kind, averaged over its directions), ``shift``.
+    (``emotion vector``, a random kind averaged over its directions, or ``<other> vector``), ``shift``.
     """
     metrics = sorted(set(selected["target_metric"]))
     shifts = prompt_shifts(scored, metrics)
@@ -389,6 +392,16 @@ def confirm_cells(
             }  # fmt: skip
             per_prompt.append(pd.DataFrame({"emotion": cell.emotion, "prompt_id": mean_control.index,
                                             "series": kind, "shift": mean_control.to_numpy()}))  # fmt: skip
+        others = shifts[(shifts["kind"] == "emotion") & (shifts["emotion"] != cell.emotion)
+                        & (shifts["layer"] == cell.layer) & np.isclose(shifts["alpha"], cell.alpha)]  # fmt: skip
+        for other, other_rows in others.groupby("emotion", sort=True):
+            other_shift = other_rows.set_index("prompt_id")[metric].reindex(steered.index)
+            versus = paired_comparison(other_shift.to_numpy(), steered.to_numpy(), n_boot=n_boot,
+                                       seed=stable_seed(seed, cell.emotion, f"vs_emotion_{other}"))  # fmt: skip
+            row |= {f"vs_emotion_{other}_diff": versus["mean_diff"], f"vs_emotion_{other}_ci_low": versus["diff_ci_low"],
+                    f"vs_emotion_{other}_ci_high": versus["diff_ci_high"], f"vs_emotion_{other}_p": versus["p_t"]}  # fmt: skip
+            per_prompt.append(pd.DataFrame({"emotion": cell.emotion, "prompt_id": other_shift.index,
+                                            "series": f"{other} vector", "shift": other_shift.to_numpy()}))  # fmt: skip
         gate = fluency.loc[cell.condition]
         row |= {
             "share_degenerate": gate["share_degenerate"], "perplexity_ratio": gate["perplexity_ratio"],

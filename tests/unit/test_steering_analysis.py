@@ -366,10 +366,26 @@ def test_best_cells_carry_steerability_on_the_confirmation_half():
     assert gratitude["share_anti"] == pytest.approx((values < 0).mean())
     assert gratitude["shift_sd"] == pytest.approx(np.std(values, ddof=1))
     assert gratitude["target_shift"] == pytest.approx(values.mean())
-    assert set(per_prompt["series"]) == {"emotion vector", *RANDOM_KINDS}
+    others = sorted(set(TARGETS) - {"gratitude"})
+    assert set(per_prompt["series"]) == {"emotion vector", *RANDOM_KINDS, *(f"{o} vector" for o in TARGETS)}
     iso = per_prompt[(per_prompt["emotion"] == "gratitude") & (per_prompt["series"] == "random_isotropic")]
     assert gratitude["random_isotropic_shift"] == pytest.approx(iso["shift"].mean())
     assert gratitude["vs_random_isotropic_diff"] == pytest.approx(values.mean() - iso["shift"].mean())
+    # Against each other emotion's vector at the same (layer, α), on gratitude's own score, half B only.
+    assert others
+    for other in others:
+        theirs = per_prompt[
+            (per_prompt["emotion"] == "gratitude") & (per_prompt["series"] == f"{other} vector")
+        ]
+        assert list(theirs["prompt_id"]) == list(shifts["prompt_id"])
+        by_hand = values - theirs["shift"].to_numpy()
+        assert gratitude[f"vs_emotion_{other}_diff"] == pytest.approx(by_hand.mean())
+        assert (
+            gratitude[f"vs_emotion_{other}_ci_low"]
+            < by_hand.mean()
+            < gratitude[f"vs_emotion_{other}_ci_high"]
+        )
+        assert 0 < gratitude[f"vs_emotion_{other}_p"] <= 1
 
 
 def _head_generations() -> pd.DataFrame:
