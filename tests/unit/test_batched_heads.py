@@ -158,3 +158,13 @@ def test_bad_inputs_name_the_fix(model, tokenizer, sets, positions):
         B.generate_conditions(model, tokenizer, shorter, [B.Condition("b", "emotion")], positions=positions,
                               max_new_tokens=2, batch_size=4)  # fmt: skip
     assert hooks_removed(model)
+
+
+def test_head_patching_conditions_batched_equal_per_condition(model, tokenizer, sets, positions, mean_z):
+    # The asset's own condition list (top heads, random controls) through both paths.
+    from emotion_assets.heads import build_generation_conditions
+
+    conditions = [c.batched() for c in build_generation_conditions([(2, 1), (0, 2)], [(0, [(1, 1), (2, 3)])])]
+    kwargs = {"positions": positions, "max_new_tokens": MAX_NEW, "mean_z": mean_z}
+    reference = B.generate_per_condition(model, tokenizer, sets, conditions, **kwargs)
+    assert B.generate_conditions(model, tokenizer, sets, conditions, batch_size=32, **kwargs) == reference
