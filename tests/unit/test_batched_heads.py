@@ -168,3 +168,26 @@ def test_head_patching_conditions_batched_equal_per_condition(model, tokenizer, 
     kwargs = {"positions": positions, "max_new_tokens": MAX_NEW, "mean_z": mean_z}
     reference = B.generate_per_condition(model, tokenizer, sets, conditions, **kwargs)
     assert B.generate_conditions(model, tokenizer, sets, conditions, batch_size=32, **kwargs) == reference
+
+
+def test_generation_stops_once_every_row_has_hit_eos(tokenizer, sets, positions):
+    # Known answer: with a zero LM head every logit ties, argmax is token 0, and token 0 is made an EOS, so
+    # every row finishes on its first token: one forward (the prompt) however many tokens were allowed.
+    model = tiny_llama(seed=4, n_layers=N_LAYERS, d_model=64, n_heads=N_HEADS, n_kv=2)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.generation_config.eos_token_id = 0
+    forwards: list[int] = []
+    handle = model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        conditions = [
+            B.Condition("clean", "emotion"),
+            B.Condition("ablate", "neutral", B.HeadIntervention(ablate=((0, 1),))),
+        ]
+        texts = B.generate_conditions(
+            model, tokenizer, sets, conditions, positions=positions, max_new_tokens=5, batch_size=64
+        )
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
+    assert texts == [[""] * len(EMOTION)] * 2
