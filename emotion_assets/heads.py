@@ -11,9 +11,8 @@ together (left padding), so a pair shares its width and its last token, as head 
 ablation uses the mean head output over **train** neutral fitting prompts.
 """
 
-import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +43,12 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import heatmap, markdown_table, save_figure
-from emotion_assets.science.circuits import ablate_mlps, readout_projection
+from emotion_assets.science.batched_heads import (
+    Condition,
+    HeadIntervention,
+    generate_conditions,
+    readout_conditions,
+)
 from emotion_assets.science.crossfit import (
     HALVES,
     FoldPlan,
@@ -61,11 +65,8 @@ from emotion_assets.science.crossfit import (
     top_set_overlap,
 )
 from emotion_assets.science.heads import (
-    AblationMode,
     Head,
     OVReport,
-    PatchMode,
-    ablate_heads,
     ablation_effects_per_prompt,
     attribution_scores,
     capture_attention,
@@ -73,13 +74,11 @@ from emotion_assets.science.heads import (
     head_layout,
     mean_head_outputs,
     ov_circuit,
-    patch_heads,
     qk_attention_to_positions,
     role_heuristic,
     screen_heads_by_ablation,
     shared_positions,
 )
-from emotion_assets.science.prefill import greedy_generate_with_prefill
 from emotion_assets.science.prompts import fitting_mask
 from emotion_assets.science.residual import tokenize_prompts
 from emotion_assets.science.statistics import stable_seed
@@ -484,12 +483,10 @@ def screening_check(
 
 # --- head_patching -------------------------------------------------------------------------------------
 
-ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
-
 
 @dataclass
 class GenerationCondition:
-    """One generation condition of one emotion: which prompts it runs on and which hooks it opens."""
+    """One generation condition of one emotion: which prompts it continues and what it does to the heads."""
 
     name: str
     kind: str  # baseline | ablation | patch | random_ablation | random_patch
@@ -499,14 +496,17 @@ class GenerationCondition:
     scope: str | None = None  # "single" or "joint" head set; None for baselines
     heads: list[Head] = field(default_factory=list)
     seed: int | None = None
-    prefill: ContextFactory | None = None
-    decode: ContextFactory | None = None
+    intervention: HeadIntervention = field(default_factory=HeadIntervention)
 
     @property
     def source(self) -> str | None:
         if self.kind not in ("patch", "random_patch"):
             return None
         return NEUTRAL if self.destination == "emotion" else "emotion"
+
+    def batched(self) -> Condition:
+        """The condition as ``science.batched_heads`` runs it."""
+        return Condition(self.name, self.destination, self.intervention)
 
 
 # A patch direction names the change asked of the destination prompts (direction -> destination):
@@ -515,34 +515,8 @@ class GenerationCondition:
 DIRECTIONS = {"neutral_to_emotion": "neutral", "emotion_to_neutral": "emotion"}
 
 
-def _ablation(
-    model: torch.nn.Module, heads: list[Head], mode: AblationMode, mean_z: dict[int, Tensor]
-) -> ContextFactory:
-    def factory() -> contextlib.AbstractContextManager[Any]:
-        return ablate_heads(model, heads, mode=mode, mean_z=mean_z if mode == "mean" else None)
-
-    return factory
-
-
-def _patch(
-    model: torch.nn.Module, heads: list[Head], mode: PatchMode, source: Any, positions: Tensor
-) -> ContextFactory:
-    """``source``: captured ``z`` by layer for mode ``z``, an ``AttentionCapture`` for the other modes."""
-
-    def factory() -> contextlib.AbstractContextManager[Any]:
-        if mode == "z":
-            return patch_heads(model, heads, source, mode="z", positions=positions)
-        return patch_heads(model, heads, mode=mode, source_attention=source, positions=positions)
-
-    return factory
-
-
 def build_generation_conditions(
-    model: torch.nn.Module,
-    pair: PromptPair,
-    top: list[Head],
-    randoms: list[tuple[int, list[Head]]],
-    mean_z: dict[int, Tensor],
+    top: list[Head], randoms: list[tuple[int, list[Head]]]
 ) -> list[GenerationCondition]:
     """Baselines, single and joint ablations, joint patching in both directions and random-head controls.
 
@@ -559,28 +533,20 @@ def build_generation_conditions(
     for mode in ("zero", "mean"):
         singles = [("single", [h], f"rank{rank}") for rank, h in enumerate(top, start=1)]
         for scope, heads, name in [*singles, ("joint", top, label)]:
-            factory = _ablation(model, heads, mode, mean_z)
             conditions.append(
                 GenerationCondition(
                     f"ablate_{mode}_{name}", "ablation", "emotion", mode=mode, scope=scope, heads=heads,
-                    prefill=factory, decode=factory,
+                    intervention=HeadIntervention(ablate=tuple(heads), ablation_mode=mode),
                 )
             )  # fmt: skip
-    batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
-    positions = shared_positions(pair.emotion_batch["attention_mask"], pair.neutral_batch["attention_mask"])
-    random_layers = {ly for _, heads in randoms for ly, _ in heads}
-    z_layers = sorted({ly for ly, _ in top} | random_layers)
-    top_layers = sorted({ly for ly, _ in top})
     for direction, destination in DIRECTIONS.items():
-        source = batches[NEUTRAL if destination == "emotion" else "emotion"]
-        z_src = capture_head_outputs(model, source["input_ids"], source["attention_mask"], z_layers)
-        attention = capture_attention(model, source["input_ids"], source["attention_mask"], top_layers)
+        source = NEUTRAL if destination == "emotion" else "emotion"
         for mode in ("z", "v_only", "pattern_v"):
-            src = z_src if mode == "z" else attention
             conditions.append(
                 GenerationCondition(
                     f"patch_{mode}_{direction}_{label}", "patch", destination, mode=mode, direction=direction,
-                    scope="joint", heads=top, prefill=_patch(model, top, mode, src, positions),
+                    scope="joint", heads=top,
+                    intervention=HeadIntervention(patch=tuple(top), patch_mode=mode, source=source),
                 )
             )  # fmt: skip
         for seed, heads in randoms:
@@ -588,15 +554,14 @@ def build_generation_conditions(
                 GenerationCondition(
                     f"random{seed}_patch_z_{direction}", "random_patch", destination, mode="z",
                     direction=direction, scope="joint", heads=heads, seed=seed,
-                    prefill=_patch(model, heads, "z", z_src, positions),
+                    intervention=HeadIntervention(patch=tuple(heads), patch_mode="z", source=source),
                 )
             )  # fmt: skip
     for seed, heads in randoms:
-        factory = _ablation(model, heads, "zero", mean_z)
         conditions.append(
             GenerationCondition(
                 f"random{seed}_ablate_zero", "random_ablation", "emotion", mode="zero", scope="joint",
-                heads=heads, seed=seed, prefill=factory, decode=factory,
+                heads=heads, seed=seed, intervention=HeadIntervention(ablate=tuple(heads)),
             )
         )  # fmt: skip
     return conditions
@@ -686,8 +651,10 @@ def _fold_generations(
     mean_z: dict[int, Tensor],
     max_new: int,
     profile_seed: int,
+    batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """Every generation condition of one fold: ``plan.heads`` (chosen on the other half) on ``pair``."""
+    """Every generation condition of one fold: ``plan.heads`` (chosen on the other half) on ``pair``, all
+    conditions' rows together in batches of ``batch_size`` (``science.batched_heads``)."""
     top = plan.heads
     randoms = [
         (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
@@ -695,14 +662,15 @@ def _fold_generations(
         for seed in range(N_RANDOM_SEEDS)
     ]  # fmt: skip
     frames = {"emotion": pair.emotion, NEUTRAL: pair.neutral}
-    batches = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+    sets = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+    positions = shared_positions(pair.emotion_batch["attention_mask"], pair.neutral_batch["attention_mask"])
+    conditions = build_generation_conditions(top, randoms)
+    generated = generate_conditions(
+        handle.model, handle.tokenizer, sets, [c.batched() for c in conditions], positions=positions,
+        max_new_tokens=max_new, batch_size=batch_size, mean_z=mean_z,
+    )  # fmt: skip
     rows = []
-    for cond in build_generation_conditions(handle.model, pair, top, randoms, mean_z):
-        batch = batches[cond.destination]
-        texts = greedy_generate_with_prefill(
-            handle.model, handle.tokenizer, batch["input_ids"], batch["attention_mask"], max_new,
-            prefill_context=cond.prefill, decode_context=cond.decode,
-        )  # fmt: skip
+    for cond, texts in zip(conditions, generated, strict=True):
         prompts = frames[cond.destination]
         source = frames[cond.source] if cond.source else None
         for i, text in enumerate(texts):
@@ -805,7 +773,7 @@ def head_patching(
             check_split_matches(split, pair)
             for plan in fold_plans(split, screening, top_n):
                 rows += _fold_generations(handle, plan, sub_pair(handle, pair, plan.measurement_pairs),
-                                          layout, mean_z, max_new, profile.seed)  # fmt: skip
+                                          layout, mean_z, max_new, profile.seed, profile.batch_size)  # fmt: skip
         generations = pd.DataFrame(rows)
         rec.timing.samples = len(generations)
         suite = evaluator_suite_for(evaluators, profile, frame)
@@ -954,15 +922,6 @@ def boundary_at_least(boundaries: list[int], target: int) -> int:
     return min(above) if above else max(boundaries)
 
 
-def _mean_effect(
-    model: torch.nn.Module, ids: Tensor, mask: Tensor, direction: Tensor, boundary: int, clean: Tensor,
-    context: contextlib.AbstractContextManager[Any],
-) -> float:  # fmt: skip
-    with context:
-        after = readout_projection(model, ids, mask, direction, boundary)
-    return float((after - clean).mean())
-
-
 def circuit_effects(
     model: torch.nn.Module,
     pair: PromptPair,
@@ -970,6 +929,7 @@ def circuit_effects(
     direction: Tensor,
     boundary: int,
     screening_effects: dict[Head, float],
+    batch_size: int = 64,
 ) -> tuple[pd.DataFrame, dict[Head, float]]:
     """Joint vs summed single effects on the readout of the emotion prompts; single-head patch effects.
 
@@ -978,25 +938,42 @@ def circuit_effects(
       and single-MLP effects;
     - ``patch_heads_z``: the top heads' ``z`` copied jointly from the paired neutral prompts
       (``emotion_to_neutral``) vs the sum of single-head patches.
+
+    Every intervention's rows run together in batches of ``batch_size`` (``readout_conditions``).
     """
-    ids, mask = pair.emotion_batch["input_ids"], pair.emotion_batch["attention_mask"]
-    neutral = pair.neutral_batch
-    clean = readout_projection(model, ids, mask, direction, boundary)
-    positions = shared_positions(mask, neutral["attention_mask"])
     layers = sorted({ly for ly, _ in top})
-    source_z = capture_head_outputs(model, neutral["input_ids"], neutral["attention_mask"], layers)
+    sets = {"emotion": pair.emotion_batch, NEUTRAL: pair.neutral_batch}
+    positions = shared_positions(pair.emotion_batch["attention_mask"], pair.neutral_batch["attention_mask"])
 
-    def effect(context: contextlib.AbstractContextManager[Any]) -> float:
-        return _mean_effect(model, ids, mask, direction, boundary, clean, context)
+    def patch(heads: list[Head]) -> HeadIntervention:
+        return HeadIntervention(patch=tuple(heads), patch_mode="z", source=NEUTRAL)
 
-    single_patch = {
-        head: effect(patch_heads(model, [head], source_z, mode="z", positions=positions)) for head in top
+    named = {
+        "clean": HeadIntervention(),
+        **{f"patch {head}": patch([head]) for head in top},
+        **{f"mlp {layer}": HeadIntervention(ablate_mlps=(layer,)) for layer in layers},
+        "joint_ablate": HeadIntervention(ablate=tuple(top)),
+        "joint_both": HeadIntervention(ablate=tuple(top), ablate_mlps=tuple(layers)),
+        "joint_patch": patch(top),
     }
-    single_mlp = {layer: effect(ablate_mlps(model, [layer])) for layer in layers}
-    joint_ablate = effect(ablate_heads(model, top))
-    with ablate_heads(model, top):
-        joint_both = effect(ablate_mlps(model, layers))
-    joint_patch = effect(patch_heads(model, top, source_z, mode="z", positions=positions))
+    readouts = readout_conditions(
+        model,
+        sets,
+        [Condition(name, "emotion", item) for name, item in named.items()],
+        positions=positions,
+        direction=direction,
+        boundary=boundary,
+        batch_size=batch_size,
+    )  # [n_conditions, n]
+    clean = readouts[0]
+    effect = {name: float((row - clean).mean()) for name, row in zip(named, readouts, strict=True)}
+    single_patch = {head: effect[f"patch {head}"] for head in top}
+    single_mlp = {layer: effect[f"mlp {layer}"] for layer in layers}
+    joint_ablate, joint_both, joint_patch = (
+        effect["joint_ablate"],
+        effect["joint_both"],
+        effect["joint_patch"],
+    )
     sum_heads = float(sum(screening_effects[h] for h in top))
     rows = [
         ("ablate_heads", joint_ablate, sum_heads, len(top), []),
@@ -1050,6 +1027,7 @@ class CircuitInputs:
     emotions: list[str]
     direction: Tensor
     n_layers: int
+    batch_size: int = 64  # rows per forward of the circuit readouts
 
 
 def fold_circuit(
@@ -1077,7 +1055,9 @@ def fold_circuit(
     words = pair.emotion_batch["emotion_mask"].bool()  # [n, pos]
     same_positions = words & pair.neutral_batch["attention_mask"].bool()
     has_words = words.any(dim=1).cpu()  # [n]
-    table, single_patch = circuit_effects(handle.model, pair, top, inputs.direction, inputs.n_layers, effects)
+    table, single_patch = circuit_effects(
+        handle.model, pair, top, inputs.direction, inputs.n_layers, effects, inputs.batch_size
+    )
     labels = {**plan.labels(), "measured_on_prompt_ids": join_ids(plan.measurement_ids)}
     table = table.assign(emotion=emotion, **labels)
     screened = rows.set_index(["layer", "head"])
@@ -1210,6 +1190,7 @@ def emotion_circuits(
             inputs = CircuitInputs(
                 vectors, boundaries, strategy, emotions,
                 final_direction(vectors, boundaries, strategy, emotion, n_layers), n_layers,
+                profile.batch_size,
             )  # fmt: skip
             for plan in fold_plans(split, screening, profile.heads.top_n):
                 rows, table = fold_circuit(

@@ -2,6 +2,7 @@
 
 python -m jobs.study                       # default model on the smoke profile
 python -m jobs.study --model minilm-l6 --profile baseline
+python -m jobs.study --profile baseline --dry-run   # the plan, work units and estimated time; runs nothing
 """
 
 from __future__ import annotations
@@ -26,7 +27,46 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", default="smoke", help="Profile from data/profiles.yaml (default: smoke)."
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the jobs and partitions in order, each asset's work units and its estimated time from "
+        "this machine's past timing records, and exit without running anything.",
+    )
     return parser
+
+
+def plan_study(model: str, profile: str, results_root: str) -> list:
+    """Every asset the study materializes for ``model`` × ``profile``, in run order, with work and estimate."""
+    from emotion_assets.definitions import defs
+    from emotion_assets.partitions import PROFILES, REGISTRY
+    from jobs.jobs import ALL_JOBS, study_plan
+    from jobs.plan import PlannedAsset, estimates, prompt_frame, work_units
+
+    graph = defs.resolve_asset_graph()
+    order = graph.toposorted_asset_keys
+    selections = {job.name: job.selection.resolve(graph) for job in ALL_JOBS}
+    frame = prompt_frame(PROFILES[profile])
+    past = estimates(results_root, profile, model)
+    planned = []
+    for job, partition in study_plan(model, profile):
+        subject = partition.split("|")[0] if "|" in partition else model
+        spec = REGISTRY.get(subject) if subject in REGISTRY.models else REGISTRY.get(model)
+        for key in (k for k in order if k in selections[job]):
+            asset = key.to_user_string()
+            seconds = past.get((asset, subject))
+            if seconds is None:  # profile-only assets are recorded under the model that ran them
+                seconds = (
+                    next((s for (a, _), s in past.items() if a == asset), None)
+                    if "|" not in partition
+                    else None
+                )
+            planned.append(
+                PlannedAsset(
+                    job, partition, asset, work_units(asset, PROFILES[profile], spec, frame), seconds
+                )
+            )
+    return planned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile not in PROFILES:
         print(f"error: unknown profile {args.profile!r}; defined: {', '.join(PROFILES)}", file=sys.stderr)
         return 2
+
+    if args.dry_run:
+        from jobs.plan import format_plan
+
+        print(format_plan(plan_study(model, args.profile, default_results_root()), model, args.profile))
+        return 0
 
     instance = DagsterInstance.get()
     for job_name, partition in study_plan(model, args.profile):

@@ -1,0 +1,153 @@
+"""The study's plan before it runs: jobs and partitions in order, per asset its work and an estimated time.
+
+``python -m jobs.study --dry-run`` prints :func:`format_plan`. Work units are counted from the profile, the
+prompt file (split and capped as ``emotion_dataset`` does) and the model registry, without loading a model.
+The estimate of an asset is the median ``elapsed_s`` of its past timing records for the same model and
+profile on this machine (``results/<profile>/run_timings``), else "no record yet".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from emotion_assets.profiles import Profile
+from emotion_assets.registry import ModelSpec
+from emotion_assets.timing import read_timings
+
+N_RANDOM_HEAD_SEEDS = 2  # emotion_assets.heads.N_RANDOM_SEEDS
+SCREEN_HEADS_PER_PASS = 288  # emotion_assets.heads.SCREEN_HEADS_PER_PASS
+TARGET_EMOTIONS = ("gratitude", "anger", "apology")  # emotion_assets.patching.TARGET_METRICS
+
+
+@dataclass(frozen=True)
+class PlannedAsset:
+    """One asset of one job run: what it will do and how long it took before."""
+
+    job: str
+    partition: str
+    asset: str
+    work: str
+    estimate_s: float | None
+
+
+def prompt_frame(profile: Profile) -> pd.DataFrame:
+    """The profile's prompts, split and capped as ``emotion_dataset`` does (no Dagster, no model)."""
+    from emotion_assets.science.prompts import assign_splits, limit_per_emotion, load_prompts
+
+    frame = load_prompts(Path(profile.dataset.path) if Path(profile.dataset.path).is_absolute() else
+                         _root() / profile.dataset.path, max_imbalance_ratio=profile.dataset.max_imbalance_ratio)  # fmt: skip
+    frame = assign_splits(frame, eval_fraction=profile.dataset.eval_fraction, seed=profile.seed)
+    if profile.samples_per_emotion is not None:
+        frame = limit_per_emotion(frame, profile.samples_per_emotion, profile.seed)
+    return frame
+
+
+def _root() -> Path:
+    from emotion_assets.registry import PROJECT_ROOT
+
+    return PROJECT_ROOT
+
+
+def _fit(frame: pd.DataFrame) -> pd.DataFrame:
+    from emotion_assets.science.prompts import fitting_mask
+
+    return frame[fitting_mask(frame)]
+
+
+def _head_pairs(frame: pd.DataFrame, profile: Profile) -> dict[str, int]:
+    """Eval prompt pairs per target emotion (``emotion_assets.heads.prompt_pair``)."""
+    fit = _fit(frame)
+    count = fit[fit["split"] == "eval"].groupby("emotion").size()
+    cap = profile.heads.max_prompts or math.inf
+    neutral = min(int(count.get("neutral", 0)), cap)
+    return {e: int(min(count.get(e, 0), cap, neutral)) for e in TARGET_EMOTIONS if count.get(e, 0)}
+
+
+def work_units(asset: str, profile: Profile, spec: ModelSpec, frame: pd.DataFrame) -> str:
+    """A one-line count of what ``asset`` computes for this model × profile ("" when not counted)."""
+    batch = profile.batch_size
+    fit = _fit(frame)
+    pairs = _head_pairs(frame, profile)
+    n_pairs = sum(pairs.values())
+    top = profile.heads.top_n
+    heads = spec.layers * spec.heads if spec.layers and spec.heads else 0
+    units: dict[str, Callable[[], str]] = {
+        "emotion_dataset": lambda: f"{len(frame)} prompts",
+        "activations": lambda: (
+            f"{len(fit)} prompts, {math.ceil(len(fit) / batch)} forward passes of ≤ {batch}, "
+            f"{len(profile.boundaries(spec.layers))} boundaries × {len(profile.pooling)} poolings"
+        ),
+        "residual_patching": lambda: _steering_units(profile, fit),
+        "head_screening": lambda: (
+            f"{len(pairs)} emotions × 2 halves × {heads} heads on {n_pairs} prompt pairs: ≥ "
+            f"{len(pairs) * 2 * math.ceil(heads / SCREEN_HEADS_PER_PASS)} batched ablation passes, "
+            f"{len(pairs) * 2} attribution forward+backward passes, {len(pairs) * 2 * top} held-out head forwards"
+        ),
+        "head_patching": lambda: (
+            f"{2 * top + 16} conditions × {n_pairs} prompt pairs = {(2 * top + 16) * n_pairs} generations of "
+            f"{profile.generation.max_new_tokens} tokens in ≈ "
+            f"{sum(2 * math.ceil((2 * top + 16) * math.ceil(n / 2) / batch) for n in pairs.values())} "
+            f"batched generate calls"
+        ),
+        "emotion_circuits": lambda: (
+            f"{len(pairs)} emotions × 2 folds × ≤ {2 * top + 4} readout conditions on {n_pairs} prompt pairs"
+        ),
+    }
+    return units[asset]() if asset in units else ""
+
+
+def _steering_units(profile: Profile, fit: pd.DataFrame) -> str:
+    steering = profile.steering
+    alphas = sorted(set(steering.alpha_grid) | {0.0})
+    emotions = [e for e in TARGET_EMOTIONS if (fit["emotion"] == e).any()]
+    per_layer = len(emotions) * len(alphas) + 2 * steering.n_random_directions * (len(alphas) - 1)
+    conditions = 1 + len(steering.layers) * per_layer
+    neutral = len(fit[(fit["emotion"] == "neutral") & (fit["split"] == "eval")])
+    prompts = min(neutral, steering.max_prompts or neutral)
+    return (
+        f"≈ {conditions} conditions × ≤ {prompts} prompts = {conditions * prompts} generations of "
+        f"{profile.generation.max_new_tokens} tokens, ≈ {math.ceil(conditions * prompts / profile.batch_size)} "
+        "generate calls"
+    )
+
+
+def estimates(results_root: Path, profile: str, model: str) -> dict[tuple[str, str], float]:
+    """Median past ``elapsed_s`` per (asset, model) for ``profile`` (every model, for cross-model assets)."""
+    timings, _ = read_timings(Path(results_root) / profile)
+    if timings is None or timings.empty:
+        return {}
+    medians = timings.groupby(["asset", "model"])["elapsed_s"].median()
+    return {(str(a), str(m)): float(s) for (a, m), s in medians.items()}
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "no record yet"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def format_plan(planned: list[PlannedAsset], model: str, profile: str) -> str:
+    """The plan as text: one block per job run, one line per asset, and the known total."""
+    lines = [f"Study plan for {model} on profile {profile!r} (dry run: nothing is materialized)", ""]
+    table = pd.DataFrame([p.__dict__ for p in planned], columns=list(PlannedAsset.__dataclass_fields__))
+    for (job, partition), group in table.groupby(["job", "partition"], sort=False):
+        lines.append(f"{job}  [{partition}]")
+        for row in group.itertuples():
+            work = f"  {row.work}" if row.work else ""
+            estimate = None if pd.isna(row.estimate_s) else float(row.estimate_s)
+            lines.append(f"  {row.asset:<28} {format_seconds(estimate):>14}{work}")
+        lines.append("")
+    known = [p.estimate_s for p in planned if p.estimate_s is not None]
+    missing = len(planned) - len(known)
+    total = format_seconds(sum(known)) if known else "no record yet"
+    lines.append(
+        f"Estimated total: {total} for {len(known)} of {len(planned)} assets with a record"
+        + (f" ({missing} without one)" if missing else "")
+        + "; medians of this machine's past runs, model conversion and loading included where they happened."
+    )
+    return "\n".join(lines)
