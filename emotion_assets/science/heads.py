@@ -1,7 +1,8 @@
 """Attention-head analysis: capture, ablation, patching, screening, attribution and OV/QK readouts.
 
 Head output. The output of query head ``h`` at layer ``L`` is its slice of the **input** of the attention
-output projection (``self_attn.o_proj`` for Llama-family models, ``attn.c_proj`` for GPT-2): the
+output projection (``self_attn.o_proj`` for Llama, Qwen and Gemma, ``attn.c_proj`` for GPT-2,
+``attention.dense`` for GPT-NeoX, ``attn.attention.out_proj`` for GPT-Neo): the
 ``[batch, pos, n_heads * head_dim]`` input viewed as ``[batch, pos, n_heads, head_dim]``, i.e.
 TransformerLens ``blocks.{L}.attn.hook_z``. Ablation and ``z`` patching are forward pre-hooks on that
 projection that rewrite one slice; the rest of the forward is the model's own (SDPA or eager).

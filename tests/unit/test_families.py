@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from emotion_assets.science import heads as H
-from emotion_assets.science.attention_families import input_norm, norm_direction, output_projection
+from emotion_assets.science.attention_families import attention_output_norm, output_projection
 from emotion_assets.science.circuits import ablate_mlps, readout_projection
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.residual import capture_residuals, decoder_blocks, position_ids_from_mask
@@ -385,24 +385,39 @@ def _measured_write(model: nn.Module, layer: int, head: int, direction: Tensor) 
     return (run(unit * scale) - run(torch.zeros_like(unit))) / scale
 
 
-def test_ov_readout_equals_the_measured_head_write(family):
-    name, model = family
+def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Random gains and biases in every norm, so folding them into the OV readout is put to the test."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                    if isinstance(param, Tensor):
+                        param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ov_readout_equals_the_measured_head_write(name):
+    model = _randomize_norms(FAMILIES[name](), seed=6)
     layout = H.head_layout(model)
     direction = _direction(model, 4)
     for layer, head in [(0, 0), (layout.n_layers - 1, layout.n_heads - 1)]:
         report = H.ov_circuit(model, layer, head, direction, {"self": direction}, unembed_top_k=5)
-        measured = _measured_write(model, layer, head, direction)
-        block = decoder_blocks(model)[layer]
-        if name == "gemma3":  # the post-attention norm's gain is part of the head's write
+        measured = _measured_write(model, layer, head, direction)  # [d_model]
+        post = attention_output_norm(decoder_blocks(model)[layer])
+        if (
+            post is not None
+        ):  # Gemma: the head's write is normalised; the readout keeps its gain, not its scale
             with torch.inference_mode():
-                measured = (
-                    norm_direction(block.post_attention_layernorm, measured / measured.norm())
-                    * measured.norm()
-                )
+                measured = post(measured) * (measured.pow(2).mean() + post.eps).sqrt()
         torch.testing.assert_close(report.output, measured, rtol=1e-4, atol=1e-5)
         assert report.kv_head == layout.kv_head(head) and len(report.top_token_ids) == 5
         assert report.gain == pytest.approx(float(report.output.norm()))
-    assert input_norm(decoder_blocks(model)[0]) is not None
+        assert report.cosines["self"] == pytest.approx(
+            float(torch.nn.functional.cosine_similarity(measured, direction, dim=0)), abs=1e-5
+        )
+    assert (name == "gemma3") == (post is not None)
 
 
 # --- steering under generate ------------------------------------------------------------------------------
