@@ -22,7 +22,8 @@ cover the registry (``data/models.yaml``):
 
 Masks. A recomputed pattern uses the mask the model passed the attention module: ``None`` (causal, plus the
 module's sliding window if it has one; transformers skips the mask only when the window cannot bite), a
-boolean mask (True = attend) or an additive float mask, all ``[batch, 1, q_pos, k_pos]``. Scores are
+boolean mask (True = attend) or an additive float mask, all ``[batch, 1, q_pos, k_pos]``, or the
+``[batch, k_pos]`` padding mask flash attention gets (causal and window added here). Scores are
 computed in float32; masked scores are set to the float32 minimum, so a fully masked (padding) query row
 gets a uniform, finite pattern. Soft-capping acts before the mask, as in the models.
 """
@@ -250,7 +251,10 @@ def head_patterns(
     q_len, k_len = scores.shape[-2:]
     window = _window(attn, layout)
     mask = call.mask
-    if mask is None or layout.family == "gpt_neo":  # GPT-Neo applies its own causal/local mask first
+    if mask is not None and mask.ndim == 2:  # flash attention: the [batch, k_pos] padding mask, 1 = real
+        mask = mask.bool()[:, None, None, :]  # causal and window come from _allowed below
+        scores = scores.masked_fill(~_allowed(q_len, k_len, window, scores.device), lowest)
+    elif mask is None or layout.family == "gpt_neo":  # GPT-Neo applies its own causal/local mask first
         scores = scores.masked_fill(~_allowed(q_len, k_len, window, scores.device), lowest)
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask[..., :k_len], lowest)

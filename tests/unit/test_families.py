@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from emotion_assets.science import heads as H
-from emotion_assets.science.attention_families import attention_output_norm, output_projection
+from emotion_assets.science.attention_families import (
+    AttentionCall,
+    attention_module,
+    attention_output_norm,
+    head_patterns,
+    output_projection,
+    read_call,
+)
 from emotion_assets.science.circuits import ablate_mlps, readout_projection
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.residual import capture_residuals, decoder_blocks, position_ids_from_mask
@@ -531,3 +538,28 @@ def bridge_max_abs_diff(name: str, tokenizer) -> dict[str, float]:
 def test_hooks_match_the_transformer_lens_bridge(name, bridge_tokenizer):
     diffs = bridge_max_abs_diff(name, bridge_tokenizer)
     assert max(diffs.values()) <= 1e-5, diffs
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_flash_attention_padding_mask_gives_the_same_pattern(name, pair):
+    """Flash attention passes the ``[batch, k_pos]`` padding mask; causality and the window are implied."""
+    batch, _ = pair
+    model = FAMILIES[name]()
+    calls: list[AttentionCall] = []
+
+    def record(module, args, kwargs):
+        calls.append(read_call(module, args, kwargs))
+
+    attn = attention_module(decoder_blocks(model)[0])  # a sliding-window layer for Gemma-3
+    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _forward(model, batch)
+    finally:
+        handle.remove()
+    layout = H.head_layout(model)
+    padding_only = AttentionCall(calls[0].hidden, batch["attention_mask"], calls[0].rotary)
+    with torch.inference_mode():
+        full = head_patterns(attn, layout, calls[0])
+        got = head_patterns(attn, layout, padding_only)
+    real = batch["attention_mask"].bool()
+    assert _real_max((got - full).permute(0, 2, 1, 3), real) <= ATOL
