@@ -30,7 +30,7 @@ from emotion_assets.science.attention_families import (
 from emotion_assets.science.circuits import ablate_mlps, readout_projection
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.residual import capture_residuals, decoder_blocks, position_ids_from_mask
-from tests.tiny_models import FAMILIES, byte_tokenizer, tiny_gemma2, tiny_gemma3
+from tests.tiny_models import FAMILIES, SLIDING_WINDOW, byte_tokenizer, tiny_gemma2, tiny_gemma3
 
 EMOTION = ["I am so grateful for this!", "Thanks a lot, truly.", "We really appreciate it", "Thank you"]
 NEUTRAL = ["I am so curious about this", "Notes on a lot, truly.", "We really evaluate it", "Read it"]
@@ -164,9 +164,9 @@ def test_patterns_skip_pads_and_windows(family, pair):
         mass = H.qk_attention_to_positions(pattern, everything, query_position=-1)  # [batch, n_heads]
         torch.testing.assert_close(mass, torch.ones_like(mass))
         assert float(H.qk_attention_to_positions(pattern, ~real).abs().max()) == 0.0  # pads get nothing
-        window = {"gpt_neo": (1, 2), "gemma3": (0, 1)}.get(name, ())
-        if layer in window:  # keys 4 or more tokens back are outside the sliding window
-            assert float(pattern[..., -1, : pattern.shape[-1] - 4].abs().max()) == 0.0
+        sliding = {"gpt_neo": (1, 2), "gemma3": (0, 1)}.get(name, ())
+        if layer in sliding:  # keys SLIDING_WINDOW or more tokens back are out of reach
+            assert float(pattern[..., -1, : pattern.shape[-1] - SLIDING_WINDOW].abs().max()) == 0.0
 
 
 def test_pattern_times_values_is_z(family, pair):
