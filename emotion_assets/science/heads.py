@@ -1,7 +1,8 @@
 """Attention-head analysis: capture, ablation, patching, screening, attribution and OV/QK readouts.
 
 Head output. The output of query head ``h`` at layer ``L`` is its slice of the **input** of the attention
-output projection (``self_attn.o_proj`` for Llama-family models, ``attn.c_proj`` for GPT-2): the
+output projection (``self_attn.o_proj`` for Llama, Qwen and Gemma, ``attn.c_proj`` for GPT-2,
+``attention.dense`` for GPT-NeoX, ``attn.attention.out_proj`` for GPT-Neo): the
 ``[batch, pos, n_heads * head_dim]`` input viewed as ``[batch, pos, n_heads, head_dim]``, i.e.
 TransformerLens ``blocks.{L}.attn.hook_z``. Ablation and ``z`` patching are forward pre-hooks on that
 projection that rewrite one slice; the rest of the forward is the model's own (SDPA or eager).
@@ -13,10 +14,11 @@ patching the value head itself would change every head of the group. To keep ``v
 intervention, the group's value vectors are replaced only inside the recomputation of head ``h``:
 ``z_h = pattern_h(current run) @ v_patched`` is written into slice ``h`` and the other heads of the group
 keep their own ``z``. The pattern is recomputed from the attention module's own input (stashed by a
-pre-hook on the attention module) with its own ``q_proj``/``k_proj``, the rotary embeddings the model
-passed in, its scaling and its mask; tests check it against eager ``output_attentions`` and a by-hand
-computation. This supports Llama-style attention (no q/k norms, soft-capping or sliding windows); other
-attention blocks raise ``NotImplementedError`` for the pattern-based functions.
+pre-hook on the attention module) with its own query/key projections and q/k norms, the rotary embeddings
+the model passed in, its scaling, soft-capping, sliding window and mask; tests check it against eager
+``output_attentions`` and a by-hand computation. Every attention family of the registry is supported
+(Llama, Qwen3, Gemma-3, GPT-2, GPT-NeoX, GPT-Neo): ``science/attention_families.py`` says where each keeps
+its heads.
 
 Patching modes (source and destination runs must have the same ``[batch, pos]``):
 
@@ -49,6 +51,20 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from emotion_assets.science.attention_families import (
+    AttentionCall,
+    HeadLayout,
+    attention_module,
+    attention_output_norm,
+    head_layout,
+    head_patterns,
+    head_values,
+    input_norm,
+    norm_direction,
+    output_projection,
+    ov_weights,
+    read_call,
+)
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import (
     _block_output,
@@ -66,75 +82,12 @@ HeadRole = Literal["mover", "writer", "reader", "other"]
 Head = tuple[int, int]  # (layer, query head)
 
 
-@dataclass(frozen=True)
-class HeadLayout:
-    """Head geometry of a decoder: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
-
-    family: Literal["llama", "gpt2"]
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head."""
-        return self.n_heads // self.n_kv_heads
-
-    def kv_head(self, head: int) -> int:
-        """The key/value head query head ``head`` reads."""
-        return head // self.group_size
-
-
 def _attention(block: nn.Module) -> nn.Module:
-    for name in ("self_attn", "attn"):
-        module = getattr(block, name, None)
-        if module is not None:
-            return module
-    raise NotImplementedError(f"{type(block).__name__} has no self_attn/attn module.")
+    return attention_module(block)
 
 
 def _out_proj(block: nn.Module) -> nn.Module:
-    attn = _attention(block)
-    for name in ("o_proj", "c_proj"):
-        module = getattr(attn, name, None)
-        if module is not None:
-            return module
-    raise NotImplementedError(f"{type(attn).__name__} has no o_proj/c_proj output projection.")
-
-
-def head_layout(model: nn.Module) -> HeadLayout:
-    """Head geometry read from the attention modules (Llama-family ``o_proj`` or GPT-2 ``c_proj``)."""
-    blocks = decoder_blocks(model)
-    attn = _attention(blocks[0])
-    if all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        head_dim = int(attn.head_dim)
-        n_heads = attn.q_proj.out_features // head_dim
-        n_kv = attn.k_proj.out_features // head_dim
-        return HeadLayout("llama", len(blocks), n_heads, n_kv, head_dim)
-    if hasattr(attn, "c_attn") and hasattr(attn, "c_proj") and hasattr(attn, "num_heads"):
-        n_heads = int(attn.num_heads)
-        return HeadLayout("gpt2", len(blocks), n_heads, n_heads, int(attn.head_dim))
-    raise NotImplementedError(
-        f"Head interventions support Llama-family (q/k/v/o_proj) and GPT-2 (c_attn/c_proj) attention, "
-        f"not {type(attn).__name__}."
-    )
-
-
-def _require_llama(model: nn.Module, what: str) -> HeadLayout:
-    layout = head_layout(model)
-    if layout.family != "llama":
-        raise NotImplementedError(f"{what} supports Llama-family attention only, not {type(model).__name__}.")
-    attn = _attention(decoder_blocks(model)[0])
-    config = getattr(attn, "config", None)
-    unsupported = [name for name in ("q_norm", "k_norm") if hasattr(attn, name)]
-    if getattr(config, "attn_logit_softcapping", None) or getattr(attn, "sliding_window", None):
-        unsupported.append("soft-capping/sliding window")
-    if unsupported:
-        raise NotImplementedError(
-            f"{what} recomputes attention patterns Llama-style; {type(attn).__name__} has {unsupported}."
-        )
-    return layout
+    return output_projection(block)
 
 
 def _check_heads(layout: HeadLayout, heads: Sequence[Head]) -> list[Head]:
@@ -207,62 +160,6 @@ def capture_head_outputs(
     return {layer: captured[layer] for layer in wanted}
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _attention_call(args: tuple, kwargs: dict) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
-    hidden = _hidden_from_call(args, kwargs)  # [batch, pos, d_model]
-    rotary = kwargs.get("position_embeddings")
-    if rotary is None and len(args) > 1:
-        rotary = args[1]
-    if rotary is None:
-        raise NotImplementedError("The attention module was called without position_embeddings (cos, sin).")
-    return hidden, rotary, kwargs.get("attention_mask")
-
-
-def _head_patterns(
-    attn: nn.Module,
-    layout: HeadLayout,
-    hidden: Float[Tensor, "batch pos d_model"],
-    rotary: tuple[Tensor, Tensor],
-    mask: Tensor | None,
-    heads: Sequence[int] | None = None,
-) -> Float[Tensor, "batch n_sel q_pos k_pos"]:
-    """Attention patterns of ``heads`` (all by default) recomputed Llama-style from the module's input.
-
-    ``mask`` is what the model passed the attention module: ``None`` (causal, no padding), a boolean
-    mask (True = attend) or an additive float mask, all ``[batch, 1, q_pos, k_pos]``. Masked scores are
-    set to the dtype minimum, so a fully masked (padding) query row gets a uniform, finite pattern.
-    """
-    heads = list(range(layout.n_heads)) if heads is None else list(heads)
-    batch, pos, _ = hidden.shape
-    hd = layout.head_dim
-    q = attn.q_proj(hidden).view(batch, pos, layout.n_heads, hd)[:, :, heads].transpose(1, 2)
-    kv = [layout.kv_head(h) for h in heads]
-    k = attn.k_proj(hidden).view(batch, pos, layout.n_kv_heads, hd)[:, :, kv].transpose(1, 2)
-    # q, k: [batch, n_sel, pos, d_head]
-    cos, sin = (t.unsqueeze(1) for t in rotary)  # [batch, 1, pos, d_head]
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [batch, n_sel, q_pos, k_pos]
-    lowest = torch.finfo(scores.dtype).min
-    if mask is None:
-        causal = torch.ones(pos, pos, dtype=torch.bool, device=hidden.device).tril()
-        scores = scores.masked_fill(~causal, lowest)
-    elif mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[..., :pos], lowest)
-    else:
-        scores = (scores + mask[..., :pos]).clamp(min=lowest)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(hidden.dtype)
-
-
-def _values(attn: nn.Module, layout: HeadLayout, hidden: Tensor) -> Float[Tensor, "batch pos n_kv d_head"]:
-    batch, pos, _ = hidden.shape
-    return attn.v_proj(hidden).view(batch, pos, layout.n_kv_heads, layout.head_dim)
-
-
 @dataclass(frozen=True)
 class AttentionCapture:
     """Attention patterns per query head and value vectors per key/value head, by layer."""
@@ -277,11 +174,11 @@ def capture_attention(
     attention_mask: Int[Tensor, "batch pos"],
     layers: Sequence[int],
 ) -> AttentionCapture:
-    """Patterns (``hook_pattern``) and values (``hook_v``) at ``layers`` of a Llama-family model.
+    """Patterns (``hook_pattern``) and values (``hook_v``) at ``layers``.
 
     Recomputed from each attention module's input, so they work under SDPA as well as eager attention.
     """
-    layout = _require_llama(model, "capture_attention")
+    layout = head_layout(model)
     blocks = decoder_blocks(model)
     wanted = sorted(set(int(layer) for layer in layers))
     if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
@@ -293,9 +190,9 @@ def capture_attention(
 
     def record(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, rotary, mask = _attention_call(args, kwargs)
-            patterns[layer] = _head_patterns(module, layout, hidden, rotary, mask)
-            values[layer] = _values(module, layout, hidden)
+            call = read_call(module, args, kwargs)
+            patterns[layer] = head_patterns(module, layout, call)
+            values[layer] = head_values(module, layout, call.hidden)
             if layer == wanted[-1]:
                 raise _StopForward
 
@@ -403,7 +300,7 @@ def patch_heads(
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"Patch mode must be one of {PATCH_MODES}, got {mode!r}.")
-    layout = head_layout(model) if mode == "z" else _require_llama(model, f"patch mode {mode!r}")
+    layout = head_layout(model)
     heads = _check_heads(layout, heads)
     grouped = _by_layer(heads)
     blocks = decoder_blocks(model)
@@ -422,11 +319,11 @@ def patch_heads(
         ]
         if missing:
             raise ValueError(f"source_attention lacks {need}/values for layers {missing}.")
-    stash: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]] = {}
+    stash: dict[int, AttentionCall] = {}
 
     def stash_hook(layer: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            stash[layer] = _attention_call(args, kwargs)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stash[layer] = read_call(module, args, kwargs)
 
         return hook
 
@@ -455,9 +352,9 @@ def patch_heads(
                     z_h = pattern[:, h] @ v_src[:, :, layout.kv_head(h)]  # [batch, q_pos, d_head]
                     out[:, :, h] = _select(positions, z_h, z[:, :, h])
                 return out
-            hidden, rotary, mask = stash.pop(layer)
-            pattern = _head_patterns(attn, layout, hidden, rotary, mask, head_ids)  # [batch, n_sel, q, k]
-            v_cur = _values(attn, layout, hidden)  # [batch, pos, n_kv_heads, d_head]
+            call = stash.pop(layer)
+            pattern = head_patterns(attn, layout, call, head_ids)  # [batch, n_sel, q, k]
+            v_cur = head_values(attn, layout, call.hidden)  # [batch, pos, n_kv_heads, d_head]
             for i, h in enumerate(head_ids):
                 kv = layout.kv_head(h)
                 v_patched = _select(positions, v_src[:, :, kv], v_cur[:, :, kv])  # [batch, k_pos, d_head]
@@ -856,7 +753,7 @@ class OVReport:
 
 def _final_norm(model: nn.Module) -> nn.Module | None:
     for root in (model, getattr(model, "base_model", None)):
-        for path in ("model.norm", "norm", "transformer.ln_f", "ln_f"):
+        for path in ("model.norm", "norm", "transformer.ln_f", "ln_f", "gpt_neox.final_layer_norm"):
             obj: Any = root
             for part in path.split("."):
                 obj = getattr(obj, part, None)
@@ -873,26 +770,28 @@ def ov_circuit(
     emotion_directions: Mapping[str, Float[Tensor, " d_model"]] | None = None,
     unembed_top_k: int = 10,
 ) -> OVReport:
-    """OV circuit of one Llama-family head applied to a residual direction.
+    """OV circuit of one head applied to a residual direction, for every attention family.
 
-    ``output = W_O[:, h] @ W_V[kv(h)] @ (g ⊙ x̂)``: ``x̂`` is the unit input direction and ``g`` the gain of
-    the block's input RMSNorm (folded in as TransformerLens ``fold_ln`` does; the per-token ``1/rms`` is a
-    scalar and left out, as are projection biases). ``gain = |output|``. Promoted tokens: the top-k of
-    ``lm_head(g_final ⊙ output)`` with the final norm's gain.
+    ``output = W_O[:, h] @ W_V[kv(h)] @ N_in(x̂)``: ``x̂`` is the unit input direction and ``N_in`` the
+    block's input norm without its per-token scale (``attention_families.norm_direction``: an RMSNorm's
+    gain ``g ⊙ x̂``, folded in as TransformerLens ``fold_ln`` does; a LayerNorm's centring and weight);
+    projection and norm biases are left out. Where the block normalises the attention output before the
+    residual (Gemma-2/3), that norm's gain is applied to ``output`` too. ``gain = |output|``. Promoted
+    tokens: the top-k of the unembedding of the final norm (its gain) applied to ``output``.
     """
-    layout = _require_llama(model, "ov_circuit")
+    layout = head_layout(model)
     _check_heads(layout, [(layer, head)])
     block = decoder_blocks(model)[layer]
-    attn = _attention(block)
-    hd, kv = layout.head_dim, layout.kv_head(head)
-    w_v = attn.v_proj.weight[kv * hd : (kv + 1) * hd]  # [d_head, d_model]
-    w_o = attn.o_proj.weight[:, head * hd : (head + 1) * hd]  # [d_model, d_head]
+    kv = layout.kv_head(head)
+    w_v, w_o = ov_weights(block, layout, head)  # [d_head, d_model], [d_model, d_head]
     x = _unit(direction_in).to(device=w_v.device, dtype=w_v.dtype)  # [d_model]
-    norm = getattr(block, "input_layernorm", None)
     with torch.no_grad():
-        if norm is not None and getattr(norm, "weight", None) is not None:
-            x = x * norm.weight
-        output = (w_o @ (w_v @ x)).float().cpu()  # [d_model]
+        x = norm_direction(input_norm(block), x)
+        written = w_o @ (w_v @ x)  # [d_model]
+        out_norm = attention_output_norm(block)
+        if out_norm is not None and written.norm() > 0:
+            written = norm_direction(out_norm, written / written.norm()) * written.norm()
+        output = written.float().cpu()  # [d_model]
         cosines = {
             name: float(torch.nn.functional.cosine_similarity(output, d.detach().float().cpu(), dim=0))
             for name, d in (emotion_directions or {}).items()
@@ -901,10 +800,9 @@ def ov_circuit(
         top_logits: list[float] = []
         unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if unembed is not None and unembed_top_k > 0:
-            final = _final_norm(model)
             y = output.to(device=unembed.weight.device, dtype=unembed.weight.dtype)
-            if final is not None and getattr(final, "weight", None) is not None:
-                y = y * final.weight
+            if y.norm() > 0:
+                y = norm_direction(_final_norm(model), y / y.norm()) * y.norm()
             logits = (unembed.weight @ y).float()  # [vocab]
             values, ids = logits.topk(min(unembed_top_k, logits.numel()))
             top_ids, top_logits = ids.tolist(), values.tolist()
