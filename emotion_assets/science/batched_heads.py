@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from emotion_assets.science.attention_families import AttentionCall, head_patterns, head_values, read_call
 from emotion_assets.science.circuits import _mlp, ablate_mlps, readout_projection
 from emotion_assets.science.heads import (
     AblationMode,
@@ -45,12 +46,8 @@ from emotion_assets.science.heads import (
     HeadLayout,
     PatchMode,
     _attention,
-    _attention_call,
     _check_heads,
-    _head_patterns,
     _out_proj,
-    _require_llama,
-    _values,
     _z_hook,
     ablate_heads,
     capture_attention,
@@ -229,8 +226,6 @@ def row_interventions(
     if any(masks.patch[m] for m in masks.patch) and patches:
         if sources is None:
             raise ValueError("Rows patch heads but no PatchSources were given (capture_patch_sources).")
-        if masks.patch["v_only"] or masks.patch["pattern_v"]:
-            _require_llama(model, "batched v_only / pattern_v patching")
         need = {"z": sources.z, "v_only": sources.values, "pattern_v": sources.pattern_v}
         missing = {
             m: sorted(set(masks.patch[m]) - set(need[m])) for m in need if set(masks.patch[m]) - set(need[m])
@@ -245,11 +240,11 @@ def row_interventions(
     layers = set(masks.keep) | (
         {ly for by_layer in masks.patch.values() for ly in by_layer} if patches else set()
     )
-    stash: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]] = {}
+    stash: dict[int, AttentionCall] = {}
 
     def stash_hook(layer: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            stash[layer] = _attention_call(args, kwargs)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stash[layer] = read_call(module, args, kwargs)
 
         return hook
 
@@ -320,22 +315,20 @@ def _v_only(
     attn: nn.Module,
     layout: HeadLayout,
     out: Float[Tensor, "rows pos n_heads d_head"],
-    call: tuple[Tensor, tuple[Tensor, Tensor], Tensor | None],
+    call: AttentionCall,
     masks: _RowMasks,
     chosen: Bool[Tensor, "rows n_heads"],
     values: Float[Tensor, "sources pos n_kv d_head"],
 ) -> Float[Tensor, "rows pos n_heads d_head"]:
     """Rows' own patterns of their ``v_only`` heads over the source values at their positions."""
-    hidden, (cos, sin), mask = call
-    n_rows = hidden.shape[0]
+    n_rows = call.hidden.shape[0]
     rows = chosen.any(dim=1).nonzero().flatten()  # [r]
     heads = sorted(set(chosen[rows].nonzero()[:, 1].tolist()))
-    sub = hidden[rows.to(hidden.device)]  # [r, pos, d_model]
-    rotary = (_rows_of(cos, rows, n_rows), _rows_of(sin, rows, n_rows))
-    pattern = _head_patterns(
-        attn, layout, sub, rotary, _rows_of(mask, rows, n_rows), heads
-    )  # [r, n_sel, q, k]
-    v_cur = _values(attn, layout, sub)  # [r, pos, n_kv, d_head]
+    sub = call.hidden[rows.to(call.hidden.device)]  # [r, pos, d_model]
+    rotary = None if call.rotary is None else tuple(_rows_of(t, rows, n_rows) for t in call.rotary)
+    sub_call = AttentionCall(sub, _rows_of(call.mask, rows, n_rows), rotary)
+    pattern = head_patterns(attn, layout, sub_call, heads)  # [r, n_sel, q, k]
+    v_cur = head_values(attn, layout, sub)  # [r, pos, n_kv, d_head]
     v_src = values.to(device=sub.device, dtype=sub.dtype)[masks.source_row[rows].to(sub.device)]
     where = masks.positions[rows].to(sub.device)[:, :, None]  # [r, k_pos, 1]
     out = out.clone()

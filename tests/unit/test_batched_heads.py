@@ -8,7 +8,7 @@ import torch
 from emotion_assets.science import batched_heads as B
 from emotion_assets.science import heads as H
 from emotion_assets.science.interventions import hooks_removed
-from tests.tiny_models import byte_tokenizer, tiny_llama
+from tests.tiny_models import FAMILIES, byte_tokenizer, tiny_llama
 
 EMOTION = ["I am so grateful for this!", "Thanks a lot, truly.", "We really appreciate it", "Thank you"]
 NEUTRAL = ["I am so curious about this", "Notes on a lot, truly.", "We really evaluate it", "Read it"]
@@ -191,3 +191,25 @@ def test_generation_stops_once_every_row_has_hit_eos(tokenizer, sets, positions)
         handle.remove()
     assert len(forwards) == 1
     assert texts == [[""] * len(EMOTION)] * 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_batched_readouts_equal_per_condition_on_every_family(family, tokenizer, sets, positions):
+    """The per-row hooks of every attention family (fused qkv, q/k norms, windows, partial rotary)."""
+    model = FAMILIES[family](seed=5)
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    heads = ((0, 1), (n_layers - 1, 2))
+    conditions = [B.Condition("baseline_emotion", "emotion"), B.Condition("baseline_neutral", "neutral"),
+                  B.Condition("ablate", "emotion", B.HeadIntervention(ablate=heads))]  # fmt: skip
+    for mode in ("z", "v_only", "pattern_v"):
+        item = B.HeadIntervention(patch=heads, patch_mode=mode, source="emotion")
+        conditions.append(B.Condition(f"patch_{mode}", "neutral", item))
+    direction = torch.randn(d_model, generator=torch.Generator().manual_seed(1))
+    kwargs = {"positions": positions, "direction": direction, "boundary": n_layers}
+    with torch.inference_mode():
+        reference = B.readout_per_condition(model, sets, conditions, **kwargs)
+        batched = B.readout_conditions(model, sets, conditions, batch_size=4, **kwargs)
+    assert hooks_removed(model)
+    torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
+    moved = (reference[2:] - reference[[0, 1, 1, 1]]).abs().amax(dim=1)
+    assert (moved > 1e-4).all(), moved  # every intervention changes some prompt's readout
