@@ -12,7 +12,7 @@ shift || true
 
 export EMOTION_CELERY_BROKER="${EMOTION_CELERY_BROKER:-redis://localhost:6379/0}"
 export EMOTION_CELERY_BACKEND="${EMOTION_CELERY_BACKEND:-$EMOTION_CELERY_BROKER}"
-: "${DAGSTER_HOME:?set DAGSTER_HOME to the folder holding this deployment's dagster.yaml (deploy/celery/dagster.yaml)}"
+: "${DAGSTER_HOME:?set DAGSTER_HOME to the folder holding deploy/celery/dagster.yaml as dagster.yaml}"
 [ -f "$DAGSTER_HOME/dagster.yaml" ] || {
     echo "worker.sh: $DAGSTER_HOME/dagster.yaml is missing; copy deploy/celery/dagster.yaml there" >&2
     exit 1
