@@ -270,9 +270,14 @@ def test_representation_backfill_on_two_celery_workers_matches_in_process(
             in_worker = {}
             for record in records:
                 event = record.dagster_event
-                if event and event.is_engine_event and record.user_message.startswith("Executing steps"):
-                    worker = event.engine_event_data.metadata["Celery worker"].value
-                    in_worker[record.step_key] = worker
+                # dagster-celery's "Executing steps ... in celery worker" event, written by the worker.
+                worker = (
+                    event.engine_event_data.metadata.get("Celery worker")
+                    if event and event.is_engine_event
+                    else None
+                )
+                if worker is not None:
+                    in_worker[record.step_key] = worker.value
             assert succeeded and succeeded <= set(in_worker), (run["jobName"], succeeded - set(in_worker))
             hosts.update(name.split("@")[0] for name in in_worker.values())
         print(f"steps per worker: {dict(hosts)}")
