@@ -7,7 +7,13 @@ multiprocess  one process per step, ``$EMOTION_MAX_CONCURRENT`` at a time (defau
 k8s           one Kubernetes Job per step (``dagster_k8s.k8s_job_executor``); needs ``pip install -e .[scale]``
               and a run launcher / image set up as in docs/operations.md.
 celery        steps sent to Celery workers (``dagster_celery.celery_executor``); needs
-              ``pip install -e .[scale]`` and a broker (``$EMOTION_CELERY_BROKER``).
+              ``pip install -e .[scale]``, a broker (``$EMOTION_CELERY_BROKER``, default
+              ``redis://localhost:6379/0``) and a result backend (``$EMOTION_CELERY_BACKEND``, default: the
+              broker URL), and workers started as in docs/operations.md ("Team / cluster").
+
+The project's jobs take their executor from :func:`job_executor`: in process, unless ``$EMOTION_EXECUTOR``
+names a distributed executor (k8s, celery). There each step runs in a long-lived worker process (Celery)
+or its own pod (k8s), and the model resource's per-process cache loads a model at most once per process.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import dagster as dg
 
 EXECUTOR_ENV = "EMOTION_EXECUTOR"
 EXECUTORS = ("in_process", "multiprocess", "k8s", "celery")
+DISTRIBUTED = ("k8s", "celery")
+CELERY_BROKER_ENV = "EMOTION_CELERY_BROKER"
+CELERY_BACKEND_ENV = "EMOTION_CELERY_BACKEND"
+DEFAULT_CELERY_BROKER = "redis://localhost:6379/0"
 SCALE_INSTALL = "pip install -e .[scale]"
 
 
@@ -44,8 +54,8 @@ def executor_from_env(name: str | None = None) -> dg.ExecutorDefinition:
     Raises ``ValueError`` for an unknown name and ``ExecutorUnavailableError`` when k8s or celery is asked
     for without its package.
     """
-    choice = (name or os.environ.get(EXECUTOR_ENV, "") or "in_process").strip().lower().replace("-", "_")
-    if choice in ("in_process", "inprocess"):
+    choice = _choice(name)
+    if choice == "in_process":
         return dg.in_process_executor
     if choice == "multiprocess":
         limit = os.environ.get("EMOTION_MAX_CONCURRENT")
@@ -54,13 +64,46 @@ def executor_from_env(name: str | None = None) -> dg.ExecutorDefinition:
                 {"max_concurrent": int(limit)}, name="multiprocess_executor"
             )
         return dg.multiprocess_executor
-    if choice in ("k8s", "kubernetes"):
+    if choice == "k8s":
         return _require("dagster_k8s", "k8s_job_executor", choice)
     if choice == "celery":
         executor = _require("dagster_celery", "celery_executor", choice)
-        broker = os.environ.get("EMOTION_CELERY_BROKER")
-        return executor.configured({"broker": broker}, name="celery_executor") if broker else executor
+        return executor.configured(celery_config(), name="celery_executor")
     raise ValueError(f"{EXECUTOR_ENV}={choice!r} is not one of {', '.join(EXECUTORS)}.")
 
 
-__all__ = ["EXECUTORS", "EXECUTOR_ENV", "ExecutorUnavailableError", "executor_from_env"]
+def _choice(name: str | None) -> str:
+    choice = (name or os.environ.get(EXECUTOR_ENV, "") or "in_process").strip().lower().replace("-", "_")
+    return {"inprocess": "in_process", "kubernetes": "k8s"}.get(choice, choice)
+
+
+def celery_config() -> dict[str, str]:
+    """Broker and result backend of the Celery executor, from ``$EMOTION_CELERY_BROKER`` (default
+    ``redis://localhost:6379/0``) and ``$EMOTION_CELERY_BACKEND`` (default: the broker URL; Redis serves
+    as both). Workers must be started with the same URLs (deploy/celery/celery_config.yaml reads them)."""
+    broker = os.environ.get(CELERY_BROKER_ENV, "").strip() or DEFAULT_CELERY_BROKER
+    backend = os.environ.get(CELERY_BACKEND_ENV, "").strip() or broker
+    return {"broker": broker, "backend": backend}
+
+
+def job_executor(name: str | None = None) -> dg.ExecutorDefinition:
+    """The executor of the project's jobs: ``executor_from_env`` for a distributed executor (k8s, celery),
+    else the in-process executor, so that on one machine every step of a run shares one model load
+    (``multiprocess`` would load the model again in every step; it applies only to ad-hoc selections)."""
+    if _choice(name) in DISTRIBUTED:
+        return executor_from_env(name)
+    if _choice(name) not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV}={_choice(name)!r} is not one of {', '.join(EXECUTORS)}.")
+    return dg.in_process_executor
+
+
+__all__ = [
+    "CELERY_BACKEND_ENV",
+    "CELERY_BROKER_ENV",
+    "EXECUTORS",
+    "EXECUTOR_ENV",
+    "ExecutorUnavailableError",
+    "celery_config",
+    "executor_from_env",
+    "job_executor",
+]

@@ -1,4 +1,5 @@
-"""Asset jobs. Model-backed jobs use the in-process executor so every step shares one model load."""
+"""Asset jobs. They run in process (every step shares one model load) unless ``$EMOTION_EXECUTOR`` names a
+distributed executor (celery, k8s), whose worker processes each load a model at most once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from emotion_assets.partitions import (
     pair_profile_partitions,
     profile_partitions,
 )
+from jobs.executors import job_executor
 
 # Asset groups, one per family of the study.
 DATASET_GROUP = "dataset"
@@ -24,7 +26,7 @@ dataset_job = dg.define_asset_job(
     "dataset_job",
     selection=dg.AssetSelection.groups(DATASET_GROUP),
     partitions_def=profile_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=job_executor(),
     description="Phase 1 for one profile: the validated prompt set and evaluator quality.",
 )
 
@@ -36,7 +38,7 @@ representation_job = dg.define_asset_job(
     tags=MODEL_RUN_TAGS,
     selection=dg.AssetSelection.groups(REPRESENTATION_GROUP),
     partitions_def=model_profile_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=job_executor(),
     description="Phases 2-3 for one model × profile: model card, activations, vectors, subspaces.",
 )
 
@@ -44,7 +46,7 @@ alignment_job = dg.define_asset_job(
     "alignment_job",
     selection=dg.AssetSelection.groups(ALIGNMENT_GROUP),
     partitions_def=pair_profile_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=job_executor(),
     description="Phase 4 for one model pair × profile: cross-model subspace alignment with null controls.",
 )
 
@@ -53,7 +55,7 @@ intervention_job = dg.define_asset_job(
     tags=MODEL_RUN_TAGS,
     selection=dg.AssetSelection.groups(STEERING_GROUP, HEADS_GROUP, STATISTICS_GROUP),
     partitions_def=causal_model_profile_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=job_executor(),
     description="Phases 5-8 for one causal LM × profile: steering sweeps, head screening and patching, "
     "statistics and circuits (generation needs a causal LM; encoders are not partitions of these assets).",
 )
@@ -62,7 +64,7 @@ report_job = dg.define_asset_job(
     "report_job",
     selection=dg.AssetSelection.groups(REPORT_GROUP),
     partitions_def=profile_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=job_executor(),
     description="Cross-model roll-up and the findings report for one profile.",
 )
 

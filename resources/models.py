@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -137,6 +138,28 @@ class ModelHandle:
 _CACHE: dict[tuple[str, str, str, str], ModelHandle] = {}
 _CACHE_LOCK = threading.Lock()
 LOAD_COUNTS: Counter[str] = Counter()
+LOAD_LOG_ENV = "EMOTION_MODEL_LOAD_LOG"
+
+
+def record_model_load(handle: ModelHandle) -> None:
+    """Count a load in ``LOAD_COUNTS`` and, when ``$EMOTION_MODEL_LOAD_LOG`` names a folder, append one JSON
+    line to ``<folder>/<host>-<pid>.jsonl`` (model, pid, parent pid, seconds): how many times each worker
+    process of a distributed executor loaded each model, readable from outside the process."""
+    LOAD_COUNTS[handle.name] += 1
+    folder = os.environ.get(LOAD_LOG_ENV, "").strip()
+    if not folder:
+        return
+    record = {
+        "model": handle.name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "load_seconds": round(handle.load_seconds, 3),
+    }
+    path = Path(folder) / f"{record['host']}-{record['pid']}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 def default_cache_dir() -> str:
@@ -167,7 +190,7 @@ class ModelResource(dg.ConfigurableResource):
         with _CACHE_LOCK:
             if key not in _CACHE:
                 _CACHE[key] = load_model(spec, self.registry(), device, dtype, Path(self.cache_dir))
-                LOAD_COUNTS[name] += 1
+                record_model_load(_CACHE[key])
             return _CACHE[key]
 
 

