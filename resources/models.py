@@ -204,8 +204,10 @@ def load_model(
         rotation = rotate_residual_basis_(model, source_cfg.seed)
         source = {**source, "rotation": rotation.method, "lm_head_untied": rotation.lm_head_untied}
     else:
+        # Straight to the run's dtype: one cast per tensor, and host memory of the bf16 size (an 8B model
+        # read as fp32 first would need 32 GB of RAM before it reaches the accelerator).
         auto = AutoModelForCausalLM if spec.kind == "causal_lm" else AutoModel
-        model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        model = auto.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
     if spec.kind == "causal_lm" and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
