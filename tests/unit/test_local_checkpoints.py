@@ -1,5 +1,5 @@
-"""Registry sources: local checkpoints of any family, geometry checked before weights are read, and GGUF
-files shipped in chunk packages (the embedded Gemma-3-270M)."""
+"""Registry sources: local checkpoints of any family, geometry checked before weights are read, GGUF
+files shipped in chunk packages (the embedded Gemma-3-270M), and steering layers by relative depth."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from emotion_assets.registry import EmbeddedGgufChunksSource, load_registry
 from resources.models import ModelGeometryError, ModelResource, ModelUnavailableError, clear_model_cache
@@ -246,3 +247,25 @@ def test_shipped_registry_has_gemma_its_twin_and_the_cross_model_pairs():
         "smollm2-135m-random__gemma3-270m",
         "smollm2-135m__gemma3-270m-random",
     } <= set(registry.pair_keys)
+
+
+# ---------------------------------------------------------------- steering layers by relative depth
+
+
+def test_steering_depths_fit_models_of_any_depth(tmp_path):
+    from emotion_assets.profiles import ProfileError, get_profile, load_profiles
+
+    steering = get_profile("baseline").steering
+    assert steering.blocks(30) == [8, 12, 16, 20, 24]  # SmolLM2: the blocks the list named before
+    assert steering.blocks(18) == [5, 7, 10, 12, 14]  # Gemma-3-270M
+    assert steering.blocks(3) == [1, 2]  # a shallow model: repeated blocks count once
+    assert get_profile("smoke").steering.blocks(18) == [12]  # a plain list is taken as it is
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "data" / "profiles.yaml").read_text())
+    doc["profiles"]["baseline"]["steering"]["layers"] = {"depths": [0.5, 1.0]}
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(
+        ProfileError, match=r"profiles\.baseline\.steering\.layers.*\{depths: \[d, \.\.\.\]\}"
+    ):
+        load_profiles(path)
