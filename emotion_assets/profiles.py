@@ -98,6 +98,11 @@ class SteeringConfig(_Strict):
             raise ValueError("steering.layers must be non-empty block indices >= 0, or {depths: [...]}")
         return value
 
+    @property
+    def n_listed(self) -> int:
+        """How many layers or depths the profile lists: the steered blocks of any model, at most."""
+        return len(self.layers["depths"]) if isinstance(self.layers, dict) else len(self.layers)
+
     def blocks(self, n_layers: int) -> list[int]:
         """The steered blocks of a model with ``n_layers`` blocks (depths rounded half up, deduplicated)."""
         if isinstance(self.layers, dict):

@@ -260,6 +260,7 @@ def test_steering_depths_fit_models_of_any_depth(tmp_path):
     assert steering.blocks(18) == [5, 7, 10, 12, 14]  # Gemma-3-270M
     assert steering.blocks(3) == [1, 2]  # a shallow model: repeated blocks count once
     assert get_profile("smoke").steering.blocks(18) == [12]  # a plain list is taken as it is
+    assert steering.n_listed == 5 and get_profile("smoke").steering.n_listed == 1
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "data" / "profiles.yaml").read_text())
     doc["profiles"]["baseline"]["steering"]["layers"] = {"depths": [0.5, 1.0]}
