@@ -40,19 +40,19 @@ def capture_boundaries(profile: Profile, handle: ModelHandle) -> list[int]:
     chosen = set(profile.boundaries(n_layers))
     if handle.spec.can_generate:
         check_steering_layers(profile, handle.name, n_layers)
-        chosen |= set(profile.steering.layers)
+        chosen |= set(profile.steering.blocks(n_layers))
     return sorted(chosen)
 
 
 def check_steering_layers(profile: Profile, model: str, n_layers: int) -> None:
     """Refuse ``steering.layers`` outside the model's blocks, naming them, the valid range and the field."""
-    bad = sorted({layer for layer in profile.steering.layers if not 0 <= layer < n_layers})
+    bad = sorted({layer for layer in profile.steering.blocks(n_layers) if not 0 <= layer < n_layers})
     if bad:
         raise ProfileError(
             f"Profile {profile.name!r} field steering.layers has {bad}, which {model} does not have: it has "
             f"{n_layers} blocks, so steerable layers (resid_pre of a block) are 0..{n_layers - 1}. Change "
-            f"steering.layers in {profiles_path()}, or run {model} under a profile whose steering layers "
-            "fit it."
+            f"steering.layers in {profiles_path()} (or give relative depths, {{depths: [0.4, 0.6]}}), or run "
+            f"{model} under a profile whose steering layers fit it."
         )
 
 

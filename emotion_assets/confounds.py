@@ -72,10 +72,10 @@ class ConfoundConfig(RunConfig):
     )
 
 
-def focus_boundaries(profile: Profile, boundaries: list[int]) -> list[int]:
+def focus_boundaries(profile: Profile, boundaries: list[int], n_layers: int) -> list[int]:
     """The profile's steering layers among the captured boundaries; every boundary past the embeddings when
     none is captured (encoders)."""
-    steered = [b for b in boundaries if b in profile.steering.layers]
+    steered = [b for b in boundaries if b in profile.steering.blocks(n_layers)]
     return steered or [b for b in boundaries if b > 0] or boundaries
 
 
@@ -194,7 +194,7 @@ def confound_audit(
             cosine_threshold=config.cosine_threshold, baseline_margin=config.baseline_margin,
         )  # fmt: skip
         rec.timing.samples = len(audit.vector_audit)
-        focus = focus_boundaries(profile, boundaries)
+        focus = focus_boundaries(profile, boundaries, handle.geometry.n_layers)
         numbers = key_numbers(audit, focus, profile.pooling[0])
         out = store.directory(profile_name, ASSET, model_name)
         rec.artifacts(out)

@@ -102,13 +102,13 @@ def residual_patching(
     vectors, boundaries = load_vectors(store, profile_name, model_name)
     pooled, index, act_bounds = load_activations(store, profile_name, model_name)
     check_steering_layers(profile, model_name, handle.geometry.n_layers)  # the right advice comes first
-    missing = [layer for layer in profile.steering.layers if layer not in boundaries]
+    layers = profile.steering.blocks(handle.geometry.n_layers)
+    missing = [layer for layer in layers if layer not in boundaries]
     if missing:
         raise ValueError(
             f"Steering layers {missing} have no emotion vectors for {model_name} (captured: {boundaries}). "
             "Re-materialize activations and emotion_vectors for this profile."
         )
-    layers = list(profile.steering.layers)
     emotions = sorted({key.split("/")[1] for key in vectors if key.startswith(f"{strategy}/")})
     per_emotion = {e: {L: vectors[f"{strategy}/{e}"][boundaries.index(L)] for L in layers} for e in emotions}
     norms = read_table(store.existing(profile_name, "activations", model_name) / "residual_norms.parquet")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +74,11 @@ class SteeringFluencyConfig(_Strict):
 class SteeringConfig(_Strict):
     """Residual steering sweep (phase 5)."""
 
-    layers: list[int] = Field(description="Block indices whose resid_pre is steered.")
+    layers: list[int] | dict[str, list[float]] = Field(
+        description="Block indices whose resid_pre is steered, or {depths: [...]}: fractions of the model's "
+        "depth in [0, 1), block = floor(depth × n_layers + 0.5), so one profile fits models of any depth "
+        "(SmolLM2's 30 blocks and Gemma-3-270M's 18 alike)."
+    )
     alpha_grid: list[float] = Field(description="α relative to the mean residual norm at the layer.")
     n_random_directions: int = Field(2, ge=0, description="Random control directions per kind.")
     prompt_positions: Literal["all", "last", "none"] = "all"
@@ -81,6 +86,28 @@ class SteeringConfig(_Strict):
     fluency: SteeringFluencyConfig = Field(
         SteeringFluencyConfig(), description="Bounds that decide which (layer, α) cells are fluent."
     )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_shape(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            depths = value.get("depths")
+            if set(value) != {"depths"} or not depths or any(not 0.0 <= d < 1.0 for d in depths):
+                raise ValueError("steering.layers as a mapping must be {depths: [d, ...]} with 0 <= d < 1")
+        elif not value or any(v < 0 for v in value):
+            raise ValueError("steering.layers must be non-empty block indices >= 0, or {depths: [...]}")
+        return value
+
+    @property
+    def n_listed(self) -> int:
+        """How many layers or depths the profile lists: the steered blocks of any model, at most."""
+        return len(self.layers["depths"]) if isinstance(self.layers, dict) else len(self.layers)
+
+    def blocks(self, n_layers: int) -> list[int]:
+        """The steered blocks of a model with ``n_layers`` blocks (depths rounded half up, deduplicated)."""
+        if isinstance(self.layers, dict):
+            return sorted({min(n_layers - 1, math.floor(d * n_layers + 0.5)) for d in self.layers["depths"]})
+        return list(self.layers)
 
     @field_validator("alpha_grid")
     @classmethod

@@ -30,6 +30,16 @@ class EmbeddedGgufSource(_Strict):
     install: str = ""
 
 
+class EmbeddedGgufChunksSource(_Strict):
+    """A GGUF file shipped in chunk packages and joined by the package's ``assemble(output_path=...)``,
+    which checks the joined file's sha256 (``chunk_paths()`` lists the chunks without joining them)."""
+
+    type: Literal["embedded_gguf_chunks"]
+    package: str
+    file: str
+    install: str = ""
+
+
 class EmbeddedPackageSource(_Strict):
     type: Literal["embedded_package"]
     package: str
@@ -64,8 +74,26 @@ class HuggingFaceSource(_Strict):
     revision: str | None = None
 
 
+class LocalSource(_Strict):
+    """A local checkpoint of any supported family: a folder with config.json, safetensors weights and the
+    tokenizer files (what ``save_pretrained`` writes). A relative path is taken from the project root."""
+
+    type: Literal["local"]
+    path: str
+
+    def resolved_path(self) -> Path:
+        path = Path(self.path).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 ModelSource = Annotated[
-    EmbeddedGgufSource | EmbeddedPackageSource | RandomTwinSource | RotatedTwinSource | HuggingFaceSource,
+    EmbeddedGgufSource
+    | EmbeddedGgufChunksSource
+    | EmbeddedPackageSource
+    | RandomTwinSource
+    | RotatedTwinSource
+    | HuggingFaceSource
+    | LocalSource,
     Field(discriminator="type"),
 ]
 
@@ -80,6 +108,9 @@ class ModelSpec(_Strict):
     layers: int = Field(gt=0)
     heads: int = Field(gt=0)
     kv_heads: int = Field(gt=0)
+    head_dim: int | None = Field(
+        None, gt=0, description="Width of one attention head (q/k/v); None means width // heads."
+    )
     description: str = ""
 
     @model_validator(mode="after")
@@ -89,12 +120,17 @@ class ModelSpec(_Strict):
         return self
 
     @property
+    def expected_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.width // self.heads
+
+    @property
     def can_generate(self) -> bool:
         return self.kind == "causal_lm"
 
 
 class ModelRegistry(_Strict):
     version: int
+    file: str = Field("", description="The registry file this was read from (named in error messages).")
     default_model: str
     models: dict[str, ModelSpec]
     pairs: list[tuple[str, str]] = Field(default_factory=list)
@@ -119,7 +155,7 @@ class ModelRegistry(_Strict):
         if name not in self.models:
             raise RegistryError(
                 f"Unknown model {name!r}. Registered models: {', '.join(sorted(self.models))}. "
-                f"Add it to {DEFAULT_REGISTRY_PATH.relative_to(PROJECT_ROOT)} or pick one of these."
+                f"Add it to {self.file or DEFAULT_REGISTRY_PATH} or pick one of these."
             )
         return self.models[name]
 
@@ -209,6 +245,7 @@ def load_registry(path: str | Path | None = None) -> ModelRegistry:
     try:
         return ModelRegistry(
             version=raw.get("version", 1),
+            file=str(path),
             default_model=raw.get("default_model", next(iter(models), "")),
             models=models,
             pairs=[tuple(p) for p in raw.get("pairs", [])],

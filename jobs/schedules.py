@@ -40,9 +40,11 @@ import dagster as dg
 from emotion_assets.partitions import PROFILES
 from emotion_assets.profiles import Profile, load_profiles
 from emotion_assets.registry import (
+    EmbeddedGgufChunksSource,
     EmbeddedGgufSource,
     EmbeddedPackageSource,
     HuggingFaceSource,
+    LocalSource,
     ModelRegistry,
     RegistryError,
     TwinSource,
@@ -125,6 +127,17 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
+def _chunks_present(package: str) -> bool:
+    """Whether a chunked GGUF package and every chunk it lists are installed (the chunks are not read)."""
+    if _package_dir(package) is None:
+        return False
+    try:
+        paths = importlib.import_module(package).chunk_paths()
+    except (ImportError, AttributeError, FileNotFoundError):
+        return False
+    return all(Path(p).exists() for p in paths)
+
+
 def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -156,6 +169,12 @@ def model_availability(
                 False, f"embedded file {src.package}/{src.file} is missing", f"`{src.install}`"
             )
         return Availability(True)
+    if isinstance(src, EmbeddedGgufChunksSource):
+        if not _chunks_present(src.package):
+            return Availability(
+                False, f"GGUF chunks of {src.package} are missing or incomplete", f"`{src.install}`"
+            )
+        return Availability(True)
     if isinstance(src, EmbeddedPackageSource):
         root = _package_dir(src.package)
         folder = (root / src.subdir if src.subdir else root) if root else None
@@ -177,6 +196,10 @@ def model_availability(
         if _in_hf_cache(src.id, src.revision):
             return Availability(True)
         return Availability(False, f"{src.id} is not in the local Hugging Face cache", HF_HINT)
+    if isinstance(src, LocalSource):
+        if _has_weights(src.resolved_path()):
+            return Availability(True)
+        return Availability(False, f"{src.resolved_path()} has no config.json and weights", "fix `path:`")
     return Availability(False, f"unsupported source {type(src).__name__}", "fix data/models.yaml")
 
 

