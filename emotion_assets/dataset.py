@@ -306,6 +306,13 @@ def evaluator_quality(
         suite = evaluator_suite_for(evaluators, profile, frame)
         scores = suite.score(evaluation["text"].tolist())
         rec.timing.samples = len(evaluation)
+        absent = [c for c in EMOTION_COLUMNS.values() if c not in scores]
+        if absent:
+            raise ValueError(
+                f"Profile {profile.name!r}: the evaluators score no {absent} (evaluators.emotions is "
+                f"{profile.evaluators.get('emotions')!r}); the emotion scores that steering targets come from the "
+                "embedded classifier. Set `evaluators: {emotions: {backend: embedded}}` in the profile."
+            )
 
         table, quality = evaluator_quality_table(evaluation, scores, EMOTION_COLUMNS, all_emotion_words())
         headline = table.set_index(["evaluator", "metric"])["value"]

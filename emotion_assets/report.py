@@ -340,7 +340,10 @@ def _report_sections(
     best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
                   if probes is not None else None)  # fmt: skip
     steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
-    selected = steering[["model", "condition"]] if steering is not None and "condition" in steering else None
+    selected = None
+    if steering is not None and "condition" in steering:
+        # Emotions without a confirmed cell (no fluent cell on half A) have no condition to look up.
+        selected = steering.loc[steering["condition"].notna(), ["model", "condition"]].astype(str)
     steering = steering.reindex(columns=STEERING_COLUMNS) if steering is not None else None
     rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
     by_model = _read(base / "patching_statistics_rollup" / "by_model.parquet")

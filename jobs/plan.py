@@ -106,7 +106,7 @@ def _steering_units(profile: Profile, fit: pd.DataFrame) -> str:
     alphas = sorted(set(steering.alpha_grid) | {0.0})
     emotions = [e for e in TARGET_EMOTIONS if (fit["emotion"] == e).any()]
     per_layer = len(emotions) * len(alphas) + 2 * steering.n_random_directions * (len(alphas) - 1)
-    conditions = 1 + len(steering.layers) * per_layer
+    conditions = 1 + steering.n_listed * per_layer
     neutral = len(fit[(fit["emotion"] == "neutral") & (fit["split"] == "eval")])
     prompts = min(neutral, steering.max_prompts or neutral)
     return (

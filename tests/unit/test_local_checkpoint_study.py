@@ -24,7 +24,7 @@ import yaml
 from tests.tiny_checkpoints import save_tiny_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
-STUDY_FAMILIES = ["llama"]
+STUDY_FAMILIES = ["gpt_neox", "qwen3"]
 MODEL, TWIN = "tiny", "tiny-random"
 
 
