@@ -222,6 +222,10 @@ def _input_norm(block: nn.Module) -> nn.Module:
     return norm
 
 
+# Upstream heads whose writes are pushed through one later layer at once (bounds the batched tensors).
+QK_CHUNK_ELEMENTS = 2**24
+
+
 def _qk_correction(
     model: nn.Module,
     layout: HeadLayout,
@@ -229,31 +233,44 @@ def _qk_correction(
     delta_z: Mapping[int, Tensor],
     readout_boundary: int,
 ) -> Float[Tensor, "n_layers n_heads"]:
-    """Per head, summed over rows and later layers: exact minus linearised pattern term on the direct path."""
+    """Per head, summed over rows and later layers: exact minus linearised pattern term on the direct path.
+
+    For each later layer, the writes of every earlier head are stacked and pushed through that layer's
+    norm, ``q_proj``/``k_proj`` and softmax together (in chunks of ``QK_CHUNK_ELEMENTS``).
+    """
     blocks = decoder_blocks(model)
-    correction = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.float64)
-    hd = layout.head_dim
-    later = {ly: _downstream(model, layout, record, ly) for ly in range(1, readout_boundary)}
+    hd, n_heads = layout.head_dim, layout.n_heads
+    correction = torch.zeros(readout_boundary, n_heads, dtype=torch.float64)
     with torch.no_grad():
+        writes = []  # each head's own write into the residual stream, [n_heads, rows, pos, d_model] per layer
         for layer in range(readout_boundary - 1):
             w_o = _out_proj(blocks[layer]).weight.float()  # [d_model, n_heads * d_head]
             dz = delta_z[layer].float()  # [rows, pos, n_heads, d_head]
-            # each head's own write into the residual stream: [n_heads, rows, pos, d_model]
-            write = torch.stack(
-                [dz[:, :, h] @ w_o[:, h * hd : (h + 1) * hd].T for h in range(layout.n_heads)]
+            writes.append(
+                torch.stack([dz[:, :, h] @ w_o[:, h * hd : (h + 1) * hd].T for h in range(n_heads)])
             )
-            for target in range(layer + 1, readout_boundary):
-                state = later[target]
-                attn = _attention(blocks[target])
-                cos, sin = (t.float() for t in record.rotary[target])
-                normed = _input_norm(blocks[target])(record.resid[target].float() + write)
-                scores = _scores(attn, *_queries_keys(attn, layout, normed, cos, sin))
+        if not writes:
+            return torch.zeros(layout.n_layers, n_heads)
+        per_head = writes[0][0].numel() * max(n_heads, 1) * 2
+        chunk = max(1, QK_CHUNK_ELEMENTS // per_head)
+        for target in range(1, readout_boundary):
+            state = _downstream(model, layout, record, target)
+            attn, norm = _attention(blocks[target]), _input_norm(blocks[target])
+            cos, sin = (t.float() for t in record.rotary[target])
+            resid = record.resid[target].float()  # [rows, pos, d_model]
+            upstream = torch.cat(writes[:target])  # [target * n_heads, rows, pos, d_model]
+            for start in range(0, upstream.shape[0], chunk):
+                write = upstream[start : start + chunk]
+                scores = _scores(attn, *_queries_keys(attn, layout, norm(resid + write), cos, sin))
                 exact = ((torch.softmax(scores, dim=-1) - state.pattern) * state.grad_pattern).sum(
                     dim=(1, 2, 3, 4)
-                )  # [n_heads upstream]
-                linear = (write * state.linear_grad).sum(dim=(1, 2, 3))  # [n_heads upstream]
-                correction[layer] += (exact - linear).double().cpu()
-    return correction
+                )
+                linear = (write * state.linear_grad).sum(dim=(1, 2, 3))
+                rows = torch.arange(start, start + write.shape[0])
+                correction.view(-1)[rows] += (exact - linear).double().cpu()
+    out = torch.zeros(layout.n_layers, n_heads, dtype=torch.float64)
+    out[:readout_boundary] = correction
+    return out
 
 
 def attribution_estimates(
