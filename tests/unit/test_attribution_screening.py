@@ -175,3 +175,40 @@ def test_mean_ablation_estimates_and_errors(batch):
     with pytest.raises(ValueError, match=r"heads\.screening\.shortlist"):
         S.shortlist(estimate.atp_star, HEADS, 0)
     assert S.attribution_estimates(model, ids, mask, direction(4), 0).atp_star.abs().sum() == 0
+
+
+# --- wiring: profile knob, ranking and the completeness check ------------------------------------------
+
+
+def test_profile_knob_and_the_screening_table_of_an_atp_star_screen():
+    import numpy as np
+    import pandas as pd
+    from pydantic import ValidationError
+
+    from emotion_assets.heads import screening_check
+    from emotion_assets.profiles import HeadsConfig
+    from emotion_assets.science.crossfit import RANK, rank_within_halves, top_of_half
+
+    assert HeadsConfig().screening.method == "exhaustive"
+    assert HeadsConfig(top_n=6, screening={"method": "atp_star", "shortlist": 6}).screening.shortlist == 6
+    with pytest.raises(ValidationError, match="shortlist"):
+        HeadsConfig(top_n=6, screening={"method": "atp_star", "shortlist": 4})
+
+    heads = [(ly, h) for ly in range(2) for h in range(3)]
+    effect = {(0, 1): -0.5, (1, 2): 0.2}  # the confirmed shortlist; the rest have no exact effect
+    table = pd.DataFrame(
+        [
+            {"emotion": "anger", "half": half, "layer": ly, "head": h, "attribution": 0.1,
+             "ablation_effect": effect.get((ly, h), np.nan), "confirmed": (ly, h) in effect}
+            for half in ("A", "B") for ly, h in heads
+        ]
+    )  # fmt: skip
+    ranked = rank_within_halves(table)
+    assert top_of_half(ranked, "anger", "A", 2) == [(0, 1), (1, 2)]
+    assert sorted(ranked.loc[ranked["half"] == "B", RANK]) == list(range(1, 7))
+    split = pd.DataFrame({"emotion": ["anger"] * 2, "half": ["A", "B"], "prompt_id": ["a-1", "a-2"],
+                          "neutral_prompt_id": ["n-1", "n-2"], "pair_index": [0, 1]})  # fmt: skip
+    assert screening_check(ranked, split, 2, 3).passed
+    broken = ranked.copy()
+    broken.loc[(broken["layer"] == 0) & (broken["head"] == 1), "ablation_effect"] = np.nan
+    assert not screening_check(broken, split, 2, 3).passed
