@@ -295,7 +295,7 @@ def screen_pairs(
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="3",
+    code_version="4",
     description="Every attention head scored per emotion on each half of a seeded split of the eval prompt "
     "pairs (cross-fitting): forward-only zero-ablation effect on the final-boundary emotion readout and the "
     "attribution-patching estimate; each half's top-N heads with their held-out effect on the other half.",
