@@ -43,6 +43,8 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.profiles import ScreeningConfig
+from emotion_assets.science.attribution_screening import screen_heads_atp_star
 from emotion_assets.science.batched_heads import (
     Condition,
     HeadIntervention,
@@ -238,14 +240,33 @@ SCREEN_HEADS_PER_PASS = 288
 
 
 def screen_pairs(
-    handle: ModelHandle, pair: PromptPair, direction: Tensor, n_layers: int, every_head: list[Head]
+    handle: ModelHandle,
+    pair: PromptPair,
+    direction: Tensor,
+    n_layers: int,
+    every_head: list[Head],
+    screening: ScreeningConfig | None = None,
 ) -> pd.DataFrame:
-    """Zero-ablation effect and attribution of every head on one set of pairs (one row per head)."""
+    """Zero-ablation effect and attribution of every head on one set of pairs (one row per head).
+
+    ``screening.method == "atp_star"``: ``ablation_effect`` is exact for the ``confirmed`` shortlist only
+    (NaN elsewhere) and ``atp_star`` holds every head's estimate (``science/attribution_screening.py``).
+    """
+    screening = screening or ScreeningConfig()
     ids, mask = trimmed(pair.emotion_batch)
-    ablation = screen_heads_by_ablation(
-        handle.model, ids, mask, direction, n_layers, every_head,
-        heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
-    )  # fmt: skip
+    extra: dict[str, Any] = {"confirmed": True}
+    if screening.method == "atp_star":
+        atp = screen_heads_atp_star(
+            handle.model, ids, mask, direction, n_layers, every_head, screening.shortlist,
+            heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
+        )  # fmt: skip
+        ablation = atp["ablation_effect"].to_numpy()
+        extra = {"confirmed": atp["confirmed"].to_numpy(), "atp_star": atp["atp_star"].to_numpy()}
+    else:
+        ablation = screen_heads_by_ablation(
+            handle.model, ids, mask, direction, n_layers, every_head,
+            heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
+        ).double().numpy()  # fmt: skip
     attribution = attribution_scores(
         handle.model, pair.emotion_batch, pair.neutral_batch, direction, n_layers
     )  # [n_layers, n_heads]
@@ -255,10 +276,12 @@ def screen_pairs(
             "layer": [ly for ly, _ in every_head],
             "head": [h for _, h in every_head],
             "kv_head": [layout.kv_head(h) for _, h in every_head],
-            "ablation_effect": ablation.double().numpy(),
+            "ablation_effect": ablation,
             "attribution": [float(attribution[ly, h]) for ly, h in every_head],
             "n_prompts": pair.n,
             "prompt_ids": join_ids(pair.emotion["id"].tolist()),
+            "screening_method": screening.method,
+            **extra,
         }
     )
 
@@ -272,7 +295,7 @@ def screen_pairs(
         dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
     ],
     kinds={"pytorch", "parquet"},
-    code_version="3",
+    code_version="4",
     description="Every attention head scored per emotion on each half of a seeded split of the eval prompt "
     "pairs (cross-fitting): forward-only zero-ablation effect on the final-boundary emotion readout and the "
     "attribution-patching estimate; each half's top-N heads with their held-out effect on the other half.",
@@ -330,7 +353,9 @@ def head_screening(
                 for half in HALVES
             }
             for half, half_pair in halves.items():
-                table = screen_pairs(handle, half_pair, direction, n_layers, every_head)
+                table = screen_pairs(
+                    handle, half_pair, direction, n_layers, every_head, profile.heads.screening
+                )
                 tables.append(table.assign(emotion=emotion, half=half))
             screened = rank_within_halves(pd.concat(tables[-len(HALVES) :], ignore_index=True))
             held_out = {}
@@ -346,7 +371,7 @@ def head_screening(
             ))  # fmt: skip
             splits.append(split)
             for half in HALVES:
-                rows = screened[screened["half"] == half]
+                rows = screened[(screened["half"] == half) & screened["ablation_effect"].notna()]
                 pearson, spearman = correlation(rows["ablation_effect"], rows["attribution"])
                 _, spearman_abs = correlation(rows["abs_ablation"], rows["attribution"].abs())
                 corr_rows.append({
@@ -460,7 +485,14 @@ def screening_check(
         for emotion, rows in split.groupby("emotion")
         if set(half_ids(rows, HALVES[0])) & set(half_ids(rows, HALVES[1]))
     ]
-    finite = bool(np.isfinite(screening[["ablation_effect", "attribution"]].to_numpy()).all())
+    # Under atp_star only the confirmed shortlist has an exact ablation effect (NaN elsewhere, by design).
+    confirmed = (
+        screening["confirmed"].astype(bool) if "confirmed" in screening else np.ones(len(screening), bool)
+    )
+    finite = bool(
+        np.isfinite(screening.loc[confirmed, "ablation_effect"].to_numpy()).all()
+        and np.isfinite(screening["attribution"].to_numpy()).all()
+    )
     problems = [f"incomplete or repeated heads per emotion {missing}"] if missing else []
     if not finite:
         problems.append("non-finite ablation or attribution scores")

@@ -126,9 +126,29 @@ class GenerationConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class ScreeningConfig(_Strict):
+    """How ``head_screening`` scores every head (``science/attribution_screening.py``)."""
+
+    method: Literal["exhaustive", "atp_star"] = Field(
+        "exhaustive", description="exhaustive: exact ablation of every head; atp_star: AtP* estimates, "
+        "exact ablation of the shortlist only (Llama-style attention)."
+    )  # fmt: skip
+    shortlist: int = Field(24, gt=0, description="Heads confirmed by exact ablation under atp_star.")
+
+
 class HeadsConfig(_Strict):
     top_n: int = Field(4, gt=0)
     max_prompts: int | None = Field(None, gt=0)
+    screening: ScreeningConfig = ScreeningConfig()
+
+    @model_validator(mode="after")
+    def _shortlist_holds_top_n(self) -> "HeadsConfig":
+        if self.screening.method == "atp_star" and self.screening.shortlist < self.top_n:
+            raise ValueError(
+                f"heads.screening.shortlist ({self.screening.shortlist}) must be >= heads.top_n ({self.top_n}): "
+                "the top heads are taken from the exactly confirmed shortlist."
+            )
+        return self
 
 
 class AlignmentConfig(_Strict):

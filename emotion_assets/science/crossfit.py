@@ -105,13 +105,14 @@ def half_ids(split: pd.DataFrame, half: str) -> list[str]:
 def rank_within_halves(table: pd.DataFrame, score: str = SCORE) -> pd.DataFrame:
     """Add ``abs_<score>`` and the rank by it (1 = largest |score|) within each ``emotion`` × ``half``.
 
-    Ties keep row order (``method="first"``), so the ranking is deterministic.
+    Ties keep row order (``method="first"``), so the ranking is deterministic. Heads without a score (not
+    in an AtP* shortlist, NaN) rank after every scored head, in row order.
     """
     out = table.copy()
     out["abs_ablation"] = out[score].abs()
     out[RANK] = (
         out.groupby(["emotion", "half"], sort=False)["abs_ablation"]
-        .rank(ascending=False, method="first")
+        .rank(ascending=False, method="first", na_option="bottom")
         .astype(int)
     )
     return out
