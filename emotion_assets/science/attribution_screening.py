@@ -42,18 +42,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from emotion_assets.science.attention_families import _rotate_half, read_call
 from emotion_assets.science.heads import (
     AblationMode,
     Head,
     HeadLayout,
     _attention,
-    _attention_call,
     _check_heads,
     _check_readout,
     _length_groups,
     _out_proj,
-    _require_llama,
-    _rotate_half,
     _unit,
     head_layout,
     screen_heads_by_ablation,
@@ -112,10 +110,12 @@ def _forward_backward(
         return hook
 
     def attn_pre(layer: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, (cos, sin), _ = _attention_call(args, kwargs)
-            record.attn_in[layer] = hidden.detach()
-            record.rotary[layer] = (cos.detach(), sin.detach())
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            call = read_call(module, args, kwargs)
+            if call.rotary is None:
+                raise NotImplementedError("The AtP* QK fix needs rotary position embeddings (Llama-family).")
+            record.attn_in[layer] = call.hidden.detach()
+            record.rotary[layer] = (call.rotary[0].detach(), call.rotary[1].detach())
 
         return hook
 
@@ -154,6 +154,23 @@ def _forward_backward(
     shape = (layout.n_heads, layout.head_dim)
     record.grad_z = {ly: g.reshape(*g.shape[:-1], *shape) for ly, g in zip(layers, grads, strict=True)}
     return record
+
+
+def _require_llama(model: nn.Module, what: str) -> HeadLayout:
+    """The layout of a Llama-family model whose attention the QK fix recomputes by hand (no q/k norms,
+    soft-capping or sliding windows); anything else is an error that points to exhaustive screening."""
+    layout = head_layout(model)
+    attn = _attention(decoder_blocks(model)[0])
+    config = getattr(attn, "config", None)
+    unsupported = [name for name in ("q_norm", "k_norm") if getattr(attn, name, None) is not None]
+    if getattr(config, "attn_logit_softcapping", None) or getattr(attn, "sliding_window", None):
+        unsupported.append("soft-capping/sliding window")
+    if layout.family != "llama" or unsupported:
+        raise NotImplementedError(
+            f"{what} supports plain Llama-family attention only ({type(attn).__name__}: family "
+            f"{layout.family}, {unsupported or 'no extras'}); use `heads.screening: {{method: exhaustive}}`."
+        )
+    return layout
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

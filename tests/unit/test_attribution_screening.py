@@ -212,3 +212,14 @@ def test_profile_knob_and_the_screening_table_of_an_atp_star_screen():
     broken = ranked.copy()
     broken.loc[(broken["layer"] == 0) & (broken["head"] == 1), "ablation_effect"] = np.nan
     assert not screening_check(broken, split, 2, 3).passed
+
+
+def test_the_qk_fix_refuses_other_attention_families_and_plain_atp_runs_there(batch):
+    from tests.tiny_models import tiny_qwen3
+
+    ids, mask = batch
+    model = tiny_qwen3(seed=1, n_layers=N_LAYERS, d_model=D_MODEL, n_heads=N_HEADS, n_kv=N_KV)
+    with pytest.raises(NotImplementedError, match="method: exhaustive"):
+        S.attribution_estimates(model, ids, mask, direction(1), N_LAYERS)
+    plain = S.attribution_estimates(model, ids, mask, direction(1), N_LAYERS, qk_fix=False)
+    assert hooks_removed(model) and torch.isfinite(plain.atp).all() and plain.atp.abs().max() > 0
