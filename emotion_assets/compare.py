@@ -23,7 +23,15 @@ import pandas as pd
 
 VERSIONS_DIR = ".versions"  # resources.storage.VERSIONS_DIR, not imported so the command stays light
 DEFAULT_IGNORE = ("run_timings.*", "run_timings", "manifest.json", "*.lock", "*.png", ".tmp-*")
-DEFAULT_IGNORE_KEYS = ("started_at", "run_id", "elapsed_s", "load_seconds", "throughput_per_s", "timing_*")
+DEFAULT_IGNORE_KEYS = (
+    "started_at",
+    "run_id",
+    "elapsed_s",
+    "load_seconds",
+    "source_cached",
+    "throughput_per_s",
+    "timing_*",
+)
 ROOT_TOKEN = "<root>"
 TABLE_SUFFIXES = {".parquet", ".csv"}
 TEXT_SUFFIXES = {".md", ".txt", ".html"}
