@@ -85,3 +85,36 @@ def test_step_rows_reads_every_step_of_every_run():
     assert sorted(rows["asset"]) == ["first", "second"]
     assert (rows["partition"] == "m|smoke").all() and (rows["job"] == "two_steps").all()
     assert (rows["step_s"] >= 0).all() and rows["run_id"].nunique() == 1
+
+
+def test_materialization_metadata_carries_the_dry_run_estimate(tmp_path):
+    from types import SimpleNamespace
+
+    from emotion_assets.common import Recorder
+    from emotion_assets.timing import past_estimate_s
+
+    assert past_estimate_s(tmp_path, "smoke", "activations", "m") is None
+    _plant_timings(tmp_path, "smoke", [("activations", "m", 10.0), ("activations", "m", 30.0), ("activations", "m", 11.0), ("activations", "other", 99.0)])  # fmt: skip
+    estimate = past_estimate_s(tmp_path, "smoke", "activations", "m")
+    assert estimate == 11.0  # the median of this model's records only
+    timing = TimingRecord(phase="x", asset="activations", model="m", profile="smoke", device="cpu")
+    tracked = SimpleNamespace(metadata=dict)
+    with_record = Recorder(timing=timing, tracked=tracked, config=None, estimate_s=estimate).metadata()
+    assert with_record["estimated_seconds"] == dg.MetadataValue.float(11.0)
+    without = Recorder(timing=timing, tracked=tracked, config=None).metadata()
+    assert without["estimated_seconds"] == dg.MetadataValue.text("no record yet")
+
+
+def test_baseline_head_work_uses_every_eval_pair():
+    from emotion_assets.partitions import PROFILES, REGISTRY
+    from emotion_assets.science.prompts import fitting_mask
+    from jobs.plan import TARGET_EMOTIONS, prompt_frame, work_units
+
+    profile = PROFILES["baseline"]
+    assert profile.heads.max_prompts is None
+    frame = prompt_frame(profile)
+    evals = frame[fitting_mask(frame) & (frame["split"] == "eval")].groupby("emotion").size()
+    pairs = sum(min(int(evals[e]), int(evals["neutral"])) for e in TARGET_EMOTIONS)
+    assert pairs > 3 * 34  # above the 34 pairs per emotion that d = 0.5 needs at 80 % power
+    units = work_units("head_patching", profile, REGISTRY.get("smollm2-135m"), frame)
+    assert f"× {pairs} prompt pairs" in units
