@@ -226,7 +226,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _distinct_conditions(conditions: Sequence[SteeringCondition]) -> list[int]:
+def distinct_conditions(conditions: Sequence[SteeringCondition]) -> list[int]:
     """For each condition, the index of the first condition whose greedy output it must equal.
 
     Adding a zero vector changes nothing, so every zero-vector condition maps to the first one; a
@@ -298,7 +298,7 @@ def generate_sweep(
 
     # Greedy rows of conditions that change nothing (a zero vector, e.g. the baseline and every α = 0) or
     # repeat another condition (same layer, same vector) are generated once and copied.
-    source = _distinct_conditions(conditions) if decoding == "greedy" else list(range(len(conditions)))
+    source = distinct_conditions(conditions) if decoding == "greedy" else list(range(len(conditions)))
     # Group (condition, prompt) rows by the block they steer; unlayered rows ride with the first layer.
     layers = sorted({c.layer for c in conditions if c.layer is not None})
     groups: dict[int | None, list[tuple[int, int]]] = {}

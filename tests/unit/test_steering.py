@@ -12,8 +12,8 @@ from emotion_assets.common import progress_logger
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.steering import (
     SteeringCondition,
-    _distinct_conditions,
     build_conditions,
+    distinct_conditions,
     generate_sweep,
     random_directions,
     scaled_vector,
@@ -173,14 +173,14 @@ def test_batch_size_does_not_change_greedy_results(model, tokenizer, conditions,
     )  # fmt: skip
     expected = sweep[sweep.condition.isin([c.name for c in subset])]
     assert list(small.continuation) == list(expected.continuation)
-    total = len(set(_distinct_conditions(subset))) * len(PROMPTS)  # rows generated; copies are not
+    total = len(set(distinct_conditions(subset))) * len(PROMPTS)  # rows generated; copies are not
     assert total < len(subset) * len(PROMPTS)  # the subset holds the baseline and an α = 0 condition
     done = [d for d, _ in calls]  # one call per generate, batches of at most 3 rows
     assert calls[-1] == (total, total) and all(0 < b - a <= 3 for a, b in zip([0, *done], done, strict=False))
 
 
 def test_only_conditions_that_cannot_differ_are_generated_once(conditions):
-    source = _distinct_conditions(conditions)
+    source = distinct_conditions(conditions)
     zero = [i for i, c in enumerate(conditions) if not c.vector.any()]
     assert conditions[zero[0]].kind == "baseline" and len(zero) == 1 + 2 * len(LAYERS)
     assert all(source[i] == zero[0] for i in zero)
@@ -188,7 +188,7 @@ def test_only_conditions_that_cannot_differ_are_generated_once(conditions):
     first = next(c for c in conditions if c.vector.any())
     twin = dataclasses.replace(first, name="twin", vector=first.vector.clone())
     other_layer = dataclasses.replace(first, name="moved", layer=3 - first.layer)
-    assert _distinct_conditions([first, twin, other_layer]) == [0, 0, 2]
+    assert distinct_conditions([first, twin, other_layer]) == [0, 0, 2]
 
 
 def test_progress_logger_logs_each_tenth_once():
