@@ -15,8 +15,9 @@ Configurations, each timed ``--repeats`` times, alternating in a rotating order 
 - ``plain-hook``: the same row batches as ``sweep``, but plain ``model.generate`` with a hand-registered
   forward pre-hook adding one constant vector to resid_pre of the block (no per-row machinery).
 
-``sweep`` and ``plain-hook`` do the same work (same rows, same padding, same number of steps), so
-their wall-time ratio is the cost of the per-row machinery. Tokens/s counts generated tokens (up to EOS).
+``plain-hook`` runs every row; ``sweep`` copies the rows of zero-vector conditions (α = 0) from the
+baseline instead of generating them, so their wall-time ratio is the cost of the per-row machinery less
+that saving. Tokens/s counts generated tokens (up to EOS).
 On CPU the bench uses ``--threads 1``: on a shared machine, torch's default thread count can make small
 batches an order of magnitude slower (threads waiting on each other); ``--threads 0`` keeps the default.
 
@@ -40,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from emotion_assets.science.residual import capture_residuals, decoder_blocks
-from emotion_assets.science.steering import SteeringCondition, build_conditions, generate_sweep
+from emotion_assets.science.steering import (
+    SteeringCondition,
+    build_conditions,
+    distinct_conditions,
+    generate_sweep,
+)
 from resources.models import ModelResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +189,11 @@ def main() -> int:
         f"({resid_norm_all:.1f} with it); {len(conditions)} conditions × "
         f"{len(prompts)} prompts = {n_rows} rows, {args.max_new_tokens} new tokens, greedy"
     )
+    distinct = len(set(distinct_conditions(conditions)))
+    print(
+        f"the sweep generates {distinct} of the {len(conditions)} conditions; the other "
+        f"{len(conditions) - distinct} add a zero vector (α = 0) and copy the baseline's rows"
+    )
     sweep_kwargs = dict(max_new_tokens=args.max_new_tokens, device=handle.device)
 
     def run_sweep() -> int:
@@ -229,31 +240,40 @@ def main() -> int:
     )
 
     times: dict[str, list[float]] = {k: [] for k in configs}
+    cpu: dict[str, list[float]] = {
+        k: [] for k in configs
+    }  # process CPU time: what contention does not inflate
     tokens: dict[str, int] = {}
     names = list(configs)
     for rep in range(args.repeats):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order each repeat
             fn = configs[name]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             tokens[name] = fn()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
             print(
                 f"  repeat {rep + 1} {name:<14} {times[name][-1]:7.1f} s  {tokens[name] / times[name][-1]:7.1f} tok/s"
             )
 
     median = {k: statistics.median(v) for k, v in times.items()}
+    median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     rate = {k: tokens[k] / median[k] for k in configs}
+    rate_cpu = {k: tokens[k] / median_cpu[k] for k in configs}
     batch_of = {
         "sweep": args.batch_size,
         "plain-hook": args.batch_size,
         "per-condition": args.loop_batch_size,
     }
     rows_of = {"sweep": n_rows, "plain-hook": n_rows, "per-condition": len(loop_conditions) * len(prompts)}
-    print(f"\n{'configuration':<15}{'rows':>6}{'rows/call':>10}{'median s':>10}{'tokens':>8}{'tok/s':>9}")
+    print(
+        f"\n{'configuration':<15}{'rows':>6}{'rows/call':>10}{'median s':>10}{'tokens':>8}{'tok/s':>9}"
+        f"{'CPU s':>9}{'tok/CPU s':>11}"
+    )
     for name in configs:
         print(
             f"{name:<15}{rows_of[name]:>6}{batch_of[name]:>10}{median[name]:>10.1f}{tokens[name]:>8}"
-            f"{rate[name]:>9.1f}"
+            f"{rate[name]:>9.1f}{median_cpu[name]:>9.1f}{rate_cpu[name]:>11.1f}"
         )
     if len(loop_conditions) < len(conditions):
         print(
@@ -263,9 +283,16 @@ def main() -> int:
     speedup = rate["sweep"] / rate["per-condition"]
     overhead = median["plain-hook"] / median["sweep"]
     print(
-        f"\nsweep vs per-condition (batch {args.loop_batch_size}): tok/s ratio {speedup:.2f}× (target ≥ 3×)"
+        f"\nsweep vs per-condition (batch {args.loop_batch_size}): tok/s ratio {speedup:.2f}× (target ≥ 5×)"
     )
-    print(f"sweep vs plain hook (same batches, same work): time ratio {overhead:.2f} (target ≥ 0.85)")
+    print(
+        f"same ratio in CPU time (tokens per process CPU second; not inflated by other jobs when torch runs "
+        f"one thread): {rate_cpu['sweep'] / rate_cpu['per-condition']:.2f}×"
+    )
+    print(
+        f"sweep vs plain hook (same batches; the plain hook also generates the {len(conditions) - distinct} "
+        f"zero-vector conditions): time ratio {overhead:.2f} (target ≥ 0.85)"
+    )
     return 0
 
 

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from emotion_assets.profiles import Profile, get_profile
 from emotion_assets.registry import DATA_DIR
-from emotion_assets.timing import TimingRecord, timed
+from emotion_assets.timing import TimingRecord, past_estimate_s, timed
 from emotion_assets.yaml_loading import load_yaml
 from resources.device import available_devices
 from resources.storage import ArtifactStore, Publication, read_table
@@ -191,6 +191,7 @@ class Recorder:
     tracked: TrackedRun
     config: RunConfig | None
     publication: Publication | None = None
+    estimate_s: float | None = None  # median of this asset's earlier runs here (model × profile)
 
     def metrics(self, **values: Any) -> None:
         self.tracked.log_metrics(values)
@@ -200,8 +201,14 @@ class Recorder:
 
     def metadata(self) -> dict[str, dg.MetadataValue]:
         published = self.publication.metadata() if self.publication is not None else {}
+        estimate = (
+            dg.MetadataValue.float(round(self.estimate_s, 1))
+            if self.estimate_s is not None
+            else dg.MetadataValue.text("no record yet")
+        )
         return {
             **self.timing.metadata(),
+            "estimated_seconds": estimate,
             **self.tracked.metadata(),
             **config_metadata(self.config),
             **published,
@@ -242,6 +249,7 @@ def recorded(
                 f"MLflow run {run_id} was left RUNNING by a process of this host that is gone (killed or "
                 "crashed); it is now marked KILLED with a note."
             )
+        estimate_s = past_estimate_s(store.root, profile.name, asset, model)  # before this run's record
         with timed(
             store.root,
             phase=phase,
@@ -254,7 +262,13 @@ def recorded(
         ) as timing:
             partition_key = str(context.partition_key) if context.has_partition_key else None
             with store.publishing(partition_key=partition_key) as publication:
-                recorder = Recorder(timing=timing, tracked=tracked, config=config, publication=publication)
+                recorder = Recorder(
+                    timing=timing,
+                    tracked=tracked,
+                    config=config,
+                    publication=publication,
+                    estimate_s=estimate_s,
+                )
                 yield recorder
         if timing.problem:
             context.log.warning(timing.problem)

@@ -134,3 +134,15 @@ def read_timings(profile_dir: Path) -> tuple[pd.DataFrame | None, list[str]]:
         except (ArtifactError, OSError) as exc:
             problems.append(f"{path}: {exc}. Delete the file; it only records how long a run took.")
     return (pd.concat(frames, ignore_index=True) if frames else None), problems
+
+
+def past_estimate_s(results_root: str | Path, profile: str, asset: str, model: str) -> float | None:
+    """Median ``elapsed_s`` of the earlier timing records of ``asset`` × ``model`` on ``profile``, else None.
+
+    The estimate ``python -m jobs.study --dry-run`` prints; unreadable records are skipped (a side record).
+    """
+    timings, _ = read_timings(Path(results_root) / profile)
+    if timings is None or timings.empty:
+        return None
+    rows = timings[(timings["asset"] == asset) & (timings["model"] == model)]
+    return float(rows["elapsed_s"].median()) if len(rows) else None

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 from scipy import special, stats
 
 #: Fraction of the reference SD below which an effect-size denominator is not allowed to fall.
@@ -771,6 +772,32 @@ def select_k_from_bounds(summary: pd.DataFrame, tolerance: float = 0.05) -> tupl
     return k, table
 
 
+def _wilcoxon_columns(diffs: Float[np.ndarray, "n G"]) -> tuple[np.ndarray, np.ndarray]:
+    """Wilcoxon signed-rank statistic and p of each column of ``diffs``, as one 1-D call per column gives.
+
+    scipy's ``method="auto"`` decides exact vs asymptotic (vs permutation for n ≤ 13 with ties) from the
+    whole array it is given, so columns are grouped by that decision (zeros or ties in ``|d|`` or neither)
+    and each group goes through one vectorised call. Columns that are all zero get statistic 0 and p 1.
+    """
+    n, n_groups = diffs.shape
+    w_stat, p_w = np.zeros(n_groups), np.ones(n_groups)
+    nonzero = np.any(diffs != 0.0, axis=0)  # [G]
+    magnitudes = np.sort(np.abs(diffs), axis=0)  # [n, G]
+    irregular = np.any(diffs == 0.0, axis=0) | np.any(magnitudes[1:] == magnitudes[:-1], axis=0)  # [G]
+    for group in (nonzero & ~irregular, nonzero & irregular):
+        columns = np.flatnonzero(group)
+        if columns.size == 0:
+            continue
+        if n <= 13 and irregular[columns[0]]:  # scipy's permutation test: column by column
+            for g in columns:
+                w = stats.wilcoxon(diffs[:, g], zero_method="wilcox")
+                w_stat[g], p_w[g] = float(w.statistic), float(w.pvalue)
+            continue
+        w = stats.wilcoxon(diffs[:, columns], zero_method="wilcox", axis=0)
+        w_stat[columns], p_w[columns] = np.asarray(w.statistic), np.asarray(w.pvalue)
+    return w_stat, p_w
+
+
 def paired_family(
     control: Any,
     treatment: Any,
@@ -812,26 +839,20 @@ def paired_family(
     d_z = mean_diff / np.maximum(sd_diff, floor)
 
     t_stat, p_student, p_t, p_method = _paired_tests(diffs, seed)  # [G] each
-    all_zero = ~np.any(diffs != 0.0, axis=0)
-    w_stat = np.zeros(n_groups)
-    p_w = np.ones(n_groups)
-    for g in np.flatnonzero(
-        ~all_zero
-    ):  # per column: scipy picks exact vs normal per sample like the 1-D call
-        w = stats.wilcoxon(diffs[:, g], zero_method="wilcox")
-        w_stat[g], p_w[g] = float(w.statistic), float(w.pvalue)
+    w_stat, p_w = _wilcoxon_columns(diffs)  # [G] each
 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))  # [n_boot, n]
-    offsets = np.repeat(np.arange(n_boot) * n, n)
-    counts = np.bincount(offsets + idx.reshape(-1), minlength=n_boot * n).reshape(n_boot, n)  # [n_boot, n]
-    counts = counts.astype(np.float64)
-    boot_mean = counts @ diffs / n  # [n_boot, G]
-    boot_var = (counts @ diffs**2 / n - boot_mean**2) * n / (n - 1)  # [n_boot, G]
-    boot_d = boot_mean / np.maximum(np.sqrt(np.maximum(boot_var, 0.0)), floor)  # [n_boot, G]
+    idx += (np.arange(n_boot) * n)[:, None]  # row r's draws land in bins r·n … r·n + n − 1
+    counts = np.bincount(idx.reshape(-1), minlength=n_boot * n).reshape(n_boot, n)  # [n_boot, n]
+    # One product for both moments, transposed so each comparison's resamples are contiguous.
+    moments = np.concatenate([diffs, diffs**2], axis=1).T @ counts.T.astype(np.float64)  # [2G, n_boot]
+    boot_mean = moments[:n_groups] / n  # [G, n_boot]
+    boot_var = (moments[n_groups:] / n - boot_mean**2) * n / (n - 1)  # [G, n_boot]
+    boot_d = boot_mean / np.maximum(np.sqrt(np.maximum(boot_var, 0.0)), floor[:, None])  # [G, n_boot]
     lo_q, hi_q = (1.0 - ci) / 2.0, 1.0 - (1.0 - ci) / 2.0
-    diff_lo, diff_hi = np.quantile(boot_mean, [lo_q, hi_q], axis=0)
-    d_lo, d_hi = np.quantile(boot_d, [lo_q, hi_q], axis=0)
+    bounds = np.quantile(np.concatenate([boot_mean, boot_d]), [lo_q, hi_q], axis=1)  # [2, 2G]
+    (diff_lo, d_lo), (diff_hi, d_hi) = np.split(bounds[0], 2), np.split(bounds[1], 2)
     return pd.DataFrame(
         {
             "n": n,

@@ -226,6 +226,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def distinct_conditions(conditions: Sequence[SteeringCondition]) -> list[int]:
+    """For each condition, the index of the first condition whose greedy output it must equal.
+
+    Adding a zero vector changes nothing, so every zero-vector condition maps to the first one; a
+    condition with the same layer and an equal vector as an earlier one maps to that one.
+    """
+    source: list[int] = []
+    seen: dict[tuple[int | None, bytes], int] = {}
+    for ci, cond in enumerate(conditions):
+        vector = cond.vector.detach().cpu().contiguous()
+        key = (None, b"") if not bool(vector.any()) else (cond.layer, vector.numpy().tobytes())
+        source.append(seen.setdefault(key, ci))
+    return source
+
+
 def generate_sweep(
     model: nn.Module,
     tokenizer: Any,
@@ -246,7 +261,9 @@ def generate_sweep(
 
     Rows are grouped by layer (the baseline rides along with the first layer), sorted by prompt length and
     run in ``generate`` calls of ``batch_size`` rows where each row carries its own vector
-    (``add_to_residual`` with ``[batch, d_model]`` vectors), so conditions share batches. Greedy by default;
+    (``add_to_residual`` with ``[batch, d_model]`` vectors), so conditions share batches. With greedy
+    decoding, conditions that cannot differ (zero vectors, or an equal vector at the same layer) are
+    generated once and their rows copied. Greedy by default;
     ``decoding="sample"`` seeds each batch from ``(seed, layer, batch number)`` without touching the global
     RNG. ``continuation`` holds the new tokens only, up to the first EOS, decoded without special tokens;
     ``n_new_tokens`` counts them (the EOS included). ``progress(rows_done, rows_total)`` is called after
@@ -279,12 +296,17 @@ def generate_sweep(
         raise ValueError("A prompt tokenizes to no tokens.")
     vectors = torch.stack([c.vector for c in conditions]).to(device=device, dtype=dtype)  # [n_cond, d_model]
 
+    # Greedy rows of conditions that change nothing (a zero vector, e.g. the baseline and every α = 0) or
+    # repeat another condition (same layer, same vector) are generated once and copied.
+    source = distinct_conditions(conditions) if decoding == "greedy" else list(range(len(conditions)))
     # Group (condition, prompt) rows by the block they steer; unlayered rows ride with the first layer.
     layers = sorted({c.layer for c in conditions if c.layer is not None})
     groups: dict[int | None, list[tuple[int, int]]] = {}
     for ci, cond in enumerate(conditions):
         if cond.layer is None and cond.vector.abs().max() > 0:
             raise ValueError(f"Condition {cond.name!r} adds a vector but has no layer.")
+        if source[ci] != ci:
+            continue
         key = cond.layer if cond.layer is not None else (layers[0] if layers else None)
         groups.setdefault(key, []).extend((ci, pi) for pi in range(len(prompts)))
 
@@ -325,13 +347,13 @@ def generate_sweep(
                 text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
                 results[key] = (text, n_new)
             if progress is not None:
-                progress(len(results), len(conditions) * len(prompts))
+                progress(len(results), sum(len(r) for r in groups.values()))
 
     records = []
     for ci, cond in enumerate(conditions):
         meta = cond.describe()
         for pi, prompt in enumerate(prompts):
-            text, n_new = results[(ci, pi)]
+            text, n_new = results[(source[ci], pi)]
             records.append(
                 {"prompt_index": pi, "prompt": prompt, **meta, "continuation": text, "n_new_tokens": n_new}
             )

@@ -401,3 +401,25 @@ def test_paired_family_never_passes_p_zero_to_the_correction():
     for column in ("p_t", "p_bh", "p_bonferroni"):
         assert (corrected[column] > 0.0).all(), column
     assert corrected.loc[0, "p_bonferroni"] == 4 * 2.0 / 2**10
+
+
+@pytest.mark.parametrize("n", [9, 30, 80])
+def test_paired_family_wilcoxon_matches_one_call_per_column(n):
+    """Columns with ties, zeros, neither or only zeros each get the p of their own 1-D scipy call."""
+    from emotion_assets.science.statistics import paired_comparison, paired_family
+
+    rng = np.random.default_rng(n)
+    control = rng.normal(size=(n, 5))
+    treatment = control + rng.normal(0.3, 1.0, size=(n, 5))
+    treatment[:, 1] = control[:, 1] + np.round(rng.normal(0.3, 1.0, n), 1)  # ties in |d|
+    treatment[:, 2] = control[:, 2] + np.where(
+        np.arange(n) % 4 == 0, 0.0, rng.normal(0.5, 1.0, n)
+    )  # exact zeros
+    treatment[:, 3] = control[:, 3]  # all zero
+    family = paired_family(control, treatment, n_boot=50, seed=2)
+    for g in range(5):
+        single = paired_comparison(control[:, g], treatment[:, g], n_boot=50, seed=2)
+        assert family.loc[g, "wilcoxon_stat"] == single["wilcoxon_stat"], g
+        assert family.loc[g, "p_wilcoxon"] == pytest.approx(single["p_wilcoxon"], rel=1e-12), g
+    assert family.loc[3, "p_wilcoxon"] == 1.0
+    assert family.loc[0, "p_wilcoxon"] < 0.05 or n < 30  # the planted shift is found at moderate n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.steering import (
     SteeringCondition,
     build_conditions,
+    distinct_conditions,
     generate_sweep,
     random_directions,
     scaled_vector,
@@ -129,12 +131,16 @@ def test_covariance_directions_in_activation_span():
     assert residual.norm() > 0.5  # an isotropic draw is not in that 5-dim span
 
 
-def test_alpha_zero_reproduces_baseline(sweep):
+def test_alpha_zero_reproduces_baseline(model, tokenizer, conditions, sweep):
     base = sweep[sweep.kind == "baseline"].set_index("prompt_index").continuation
     zero = sweep[(sweep.kind == "emotion") & (sweep.alpha == 0.0)]
     assert len(zero) == 2 * len(LAYERS) * len(PROMPTS)
     for _, row in zero.iterrows():
         assert row.continuation == base[row.prompt_index]
+    # The sweep copies the baseline into α = 0 rows; generating one through its hook gives the same text.
+    zero_condition = next(c for c in conditions if c.kind == "emotion" and c.alpha == 0.0 and c.layer == 2)
+    for pi, prompt in enumerate(PROMPTS):
+        assert _single(model, tokenizer, prompt, zero_condition) == base[pi]
     steered = sweep[(sweep.kind == "emotion") & (sweep.alpha != 0.0)]
     changed = [row.continuation != base[row.prompt_index] for _, row in steered.iterrows()]
     assert sum(changed) > len(changed) / 2
@@ -167,9 +173,22 @@ def test_batch_size_does_not_change_greedy_results(model, tokenizer, conditions,
     )  # fmt: skip
     expected = sweep[sweep.condition.isin([c.name for c in subset])]
     assert list(small.continuation) == list(expected.continuation)
-    total = len(subset) * len(PROMPTS)
+    total = len(set(distinct_conditions(subset))) * len(PROMPTS)  # rows generated; copies are not
+    assert total < len(subset) * len(PROMPTS)  # the subset holds the baseline and an α = 0 condition
     done = [d for d, _ in calls]  # one call per generate, batches of at most 3 rows
     assert calls[-1] == (total, total) and all(0 < b - a <= 3 for a, b in zip([0, *done], done, strict=False))
+
+
+def test_only_conditions_that_cannot_differ_are_generated_once(conditions):
+    source = distinct_conditions(conditions)
+    zero = [i for i, c in enumerate(conditions) if not c.vector.any()]
+    assert conditions[zero[0]].kind == "baseline" and len(zero) == 1 + 2 * len(LAYERS)
+    assert all(source[i] == zero[0] for i in zero)
+    assert all(source[i] == i for i in range(len(conditions)) if i not in zero)  # every steered one runs
+    first = next(c for c in conditions if c.vector.any())
+    twin = dataclasses.replace(first, name="twin", vector=first.vector.clone())
+    other_layer = dataclasses.replace(first, name="moved", layer=3 - first.layer)
+    assert distinct_conditions([first, twin, other_layer]) == [0, 0, 2]
 
 
 def test_progress_logger_logs_each_tenth_once():
