@@ -32,10 +32,9 @@ needs the block's input norm (``input_layernorm``); other attention blocks raise
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -54,14 +53,12 @@ from emotion_assets.science.heads import (
     _out_proj,
     _unit,
     head_layout,
+    head_output_gradients,
     screen_heads_by_ablation,
 )
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import (
-    _block_output,
-    _forward_kwargs,
     _hidden_from_call,
-    _StopForward,
     decoder_blocks,
 )
 
@@ -96,12 +93,10 @@ class _Pass:
 def _forward_backward(
     model: nn.Module, layout: HeadLayout, ids: Tensor, mask: Tensor, unit: Tensor, readout_boundary: int
 ) -> _Pass:
-    """One forward to the readout recording every layer's inputs and ``z``; one backward for ``dM/dz``."""
+    """One forward to the readout recording every layer's inputs and ``z``; one backward for ``dM/dz``
+    (``heads.head_output_gradients`` with the readout summed over rows)."""
     blocks = decoder_blocks(model)
-    layers = list(range(readout_boundary))
     record = _Pass({}, {}, {}, {}, {})
-    deltas: dict[int, Tensor] = {}
-    captured: dict[str, Tensor] = {}
 
     def block_pre(layer: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -119,40 +114,13 @@ def _forward_backward(
 
         return hook
 
-    def add_delta(layer: int) -> Callable[..., tuple]:
-        def hook(_module: nn.Module, args: tuple) -> tuple:
-            x = args[0]  # [rows, pos, n_heads * d_head]
-            delta = torch.zeros_like(x, requires_grad=True)
-            record.z[layer] = x.detach().reshape(*x.shape[:-1], layout.n_heads, layout.head_dim)
-            deltas[layer] = delta
-            return (x + delta, *args[1:])
+    def record_inputs(hooks: HookSet, layer: int) -> None:
+        hooks.pre(blocks[layer], block_pre(layer))
+        hooks.pre(_attention(blocks[layer]), attn_pre(layer))
 
-        return hook
-
-    def read_pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["resid"] = _hidden_from_call(args, kwargs)
-        raise _StopForward
-
-    def read_post(_module: nn.Module, _args: tuple, output: Any) -> None:
-        captured["resid"] = _block_output(output)
-        raise _StopForward
-
-    with HookSet() as hooks, torch.inference_mode(False), torch.enable_grad():
-        for layer in layers:
-            hooks.pre(blocks[layer], block_pre(layer))
-            hooks.pre(_attention(blocks[layer]), attn_pre(layer))
-            hooks.pre(_out_proj(blocks[layer]), add_delta(layer), with_kwargs=False)
-        if readout_boundary < layout.n_layers:
-            hooks.pre(blocks[readout_boundary], read_pre)
-        else:
-            hooks.post(blocks[-1], read_post)
-        with contextlib.suppress(_StopForward):
-            model(**_forward_kwargs(model, ids, mask))
-        resid = captured["resid"]  # [rows, pos, d_model]; no padding: the last token is the last position
-        metric = (resid[:, -1].float() @ unit.to(resid.device)).sum()
-        grads = torch.autograd.grad(metric, [deltas[ly] for ly in layers])
-    shape = (layout.n_heads, layout.head_dim)
-    record.grad_z = {ly: g.reshape(*g.shape[:-1], *shape) for ly, g in zip(layers, grads, strict=True)}
+    record.z, record.grad_z = head_output_gradients(
+        model, ids, mask, unit, readout_boundary, reduction="sum", extra_hooks=record_inputs
+    )
     return record
 
 

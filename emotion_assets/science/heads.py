@@ -622,13 +622,16 @@ def head_output_gradients(
     attention_mask: Int[Tensor, "batch pos"],
     direction: Float[Tensor, " d_model"],
     readout_boundary: int,
+    reduction: Literal["mean", "sum"] = "mean",
+    extra_hooks: Callable[[HookSet, int], None] | None = None,
 ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
     """``z`` of every layer before the readout and the gradient of the readout metric with respect to it.
 
-    Metric: mean over prompts of the projection of the last real token's residual at
-    ``readout_boundary`` onto the unit ``direction``. One forward and one backward; gradients are total
+    Metric: mean (or sum, ``reduction``) over prompts of the projection of the last real token's residual
+    at ``readout_boundary`` onto the unit ``direction``. One forward and one backward; gradients are total
     derivatives (through every later layer). Parameter gradients are neither computed nor stored.
-    Returns ``(z, grad)``, each ``{layer: [batch, pos, n_heads, d_head]}``.
+    ``extra_hooks(hooks, layer)`` may register more hooks per layer on the same forward (e.g. to record
+    the layer's inputs). Returns ``(z, grad)``, each ``{layer: [batch, pos, n_heads, d_head]}``.
     """
     layout = head_layout(model)
     _check_readout(layout, readout_boundary)
@@ -661,6 +664,8 @@ def head_output_gradients(
         return {}, {}
     with HookSet() as hooks, torch.inference_mode(False), torch.enable_grad():
         for layer in layers:
+            if extra_hooks is not None:
+                extra_hooks(hooks, layer)
             hooks.pre(_out_proj(blocks[layer]), add_delta(layer), with_kwargs=False)
         if readout_boundary < layout.n_layers:
             hooks.pre(blocks[readout_boundary], read_pre)
@@ -671,7 +676,8 @@ def head_output_gradients(
         resid = captured["resid"]  # [batch, pos, d_model]
         last = _last_real_index(attention_mask).to(resid.device)  # [batch]
         rows = torch.arange(resid.shape[0], device=resid.device)
-        metric = (resid[rows, last].float() @ unit.to(resid.device)).mean()
+        projection = resid[rows, last].float() @ unit.to(resid.device)  # [batch]
+        metric = projection.mean() if reduction == "mean" else projection.sum()
         grads = torch.autograd.grad(metric, [deltas[ly] for ly in layers])
     shape = (layout.n_heads, layout.head_dim)
     return zs, {ly: g.reshape(*g.shape[:-1], *shape) for ly, g in zip(layers, grads, strict=True)}
