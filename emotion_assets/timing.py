@@ -121,10 +121,11 @@ def write_timing(folder: Path, record: TimingRecord) -> Path:
     return path
 
 
-def read_timings(profile_dir: Path) -> tuple[pd.DataFrame | None, list[str]]:
-    """Every timing row of a profile, and one line per unreadable timing file (skipped, never fatal)."""
+def read_timings(profile_dir: Path, pattern: str = "*.parquet") -> tuple[pd.DataFrame | None, list[str]]:
+    """Every timing row of a profile (of the record files matching ``pattern``; the single table of earlier
+    versions is always read), and one line per unreadable timing file (skipped, never fatal)."""
     profile_dir = Path(profile_dir)
-    files = sorted((profile_dir / TIMINGS_DIR).glob("*.parquet"))
+    files = sorted((profile_dir / TIMINGS_DIR).glob(pattern))
     if (profile_dir / TIMINGS_FILE).exists():
         files.insert(0, profile_dir / TIMINGS_FILE)
     frames, problems = [], []
@@ -136,13 +137,23 @@ def read_timings(profile_dir: Path) -> tuple[pd.DataFrame | None, list[str]]:
     return (pd.concat(frames, ignore_index=True) if frames else None), problems
 
 
-def past_estimate_s(results_root: str | Path, profile: str, asset: str, model: str) -> float | None:
-    """Median ``elapsed_s`` of the earlier timing records of ``asset`` × ``model`` on ``profile``, else None.
-
-    The estimate ``python -m jobs.study --dry-run`` prints; unreadable records are skipped (a side record).
+def past_medians(
+    results_root: str | Path, profile: str, asset: str | None = None, model: str | None = None
+) -> dict[tuple[str, str], float]:
+    """Median ``elapsed_s`` of the earlier timing records per (asset, model) on ``profile``: the estimate
+    ``python -m jobs.study --dry-run`` prints. Given ``asset`` and ``model``, only their record files are read
+    (a record's file name starts ``<stamp>-<asset>-<model>-``). Unreadable records are skipped (a side record).
     """
-    timings, _ = read_timings(Path(results_root) / profile)
+    pattern = "*.parquet" if asset is None or model is None else f"*-{asset}-{model}-*.parquet"
+    timings, _ = read_timings(Path(results_root) / profile, pattern)
     if timings is None or timings.empty:
-        return None
-    rows = timings[(timings["asset"] == asset) & (timings["model"] == model)]
-    return float(rows["elapsed_s"].median()) if len(rows) else None
+        return {}
+    if asset is not None and model is not None:
+        timings = timings[(timings["asset"] == asset) & (timings["model"] == model)]
+    medians = timings.groupby(["asset", "model"])["elapsed_s"].median()
+    return {(str(a), str(m)): float(v) for (a, m), v in medians.items()}
+
+
+def past_estimate_s(results_root: str | Path, profile: str, asset: str, model: str) -> float | None:
+    """:func:`past_medians` of one asset × model, else None (no record yet)."""
+    return past_medians(results_root, profile, asset, model).get((asset, model))

@@ -17,7 +17,7 @@ import pandas as pd
 
 from emotion_assets.profiles import Profile
 from emotion_assets.registry import ModelSpec
-from emotion_assets.timing import read_timings
+from emotion_assets.timing import past_medians
 
 N_RANDOM_HEAD_SEEDS = 2  # emotion_assets.heads.N_RANDOM_SEEDS
 SCREEN_HEADS_PER_PASS = 288  # emotion_assets.heads.SCREEN_HEADS_PER_PASS
@@ -118,11 +118,7 @@ def _steering_units(profile: Profile, fit: pd.DataFrame) -> str:
 
 def estimates(results_root: Path, profile: str, model: str) -> dict[tuple[str, str], float]:
     """Median past ``elapsed_s`` per (asset, model) for ``profile`` (every model, for cross-model assets)."""
-    timings, _ = read_timings(Path(results_root) / profile)
-    if timings is None or timings.empty:
-        return {}
-    medians = timings.groupby(["asset", "model"])["elapsed_s"].median()
-    return {(str(a), str(m)): float(s) for (a, m), s in medians.items()}
+    return past_medians(results_root, profile)
 
 
 def format_seconds(seconds: float | None) -> str:
