@@ -79,17 +79,16 @@ def main() -> int:
 
     from dagster import DagsterInstance
 
-    from emotion_assets.partitions import PROFILES, REGISTRY
+    from emotion_assets.partitions import REGISTRY
     from jobs.jobs import study_plan
+    from jobs.study import target_problem
     from jobs.study_timings import asset_table, format_timings, step_rows
     from resources.models import default_cache_dir
 
     model = args.models or REGISTRY.default_model
-    if model not in REGISTRY.models:
-        print(f"error: unknown model {model!r}; registered: {', '.join(REGISTRY.names)}", file=sys.stderr)
-        return 2
-    if args.profile not in PROFILES:
-        print(f"error: unknown profile {args.profile!r}; defined: {', '.join(PROFILES)}", file=sys.stderr)
+    problem = target_problem(model, args.profile)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     plan_models = list(
         dict.fromkeys(

@@ -36,6 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def target_problem(model: str, profile: str) -> str | None:
+    """Why ``model`` on ``profile`` cannot be studied (a name the registry or profile file lacks), or None."""
+    from emotion_assets.partitions import PROFILES, REGISTRY
+
+    if model not in REGISTRY.models:
+        return f"unknown model {model!r}; registered: {', '.join(REGISTRY.names)}"
+    if profile not in PROFILES:
+        return f"unknown profile {profile!r}; defined: {', '.join(PROFILES)}"
+    return None
+
+
 def plan_study(model: str, profile: str, results_root: str) -> list:
     """Every asset the study materializes for ``model`` × ``profile``, in run order, with work and estimate."""
     from emotion_assets.definitions import defs
@@ -76,17 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     from dagster import DagsterInstance
 
     from emotion_assets.definitions import defs
-    from emotion_assets.partitions import PROFILES, REGISTRY
+    from emotion_assets.partitions import REGISTRY
     from jobs.jobs import study_plan
     from resources.storage import default_results_root
     from resources.tracking import default_tracking_uri
 
     model = args.model or REGISTRY.default_model
-    if model not in REGISTRY.models:
-        print(f"error: unknown model {model!r}; registered: {', '.join(REGISTRY.names)}", file=sys.stderr)
-        return 2
-    if args.profile not in PROFILES:
-        print(f"error: unknown profile {args.profile!r}; defined: {', '.join(PROFILES)}", file=sys.stderr)
+    problem = target_problem(model, args.profile)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     if args.dry_run:
