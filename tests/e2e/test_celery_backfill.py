@@ -191,13 +191,7 @@ def test_representation_backfill_on_two_celery_workers_matches_in_process(
     from mlflow.tracking import MlflowClient
 
     started = time.monotonic()
-    pg_env = {
-        "DAGSTER_PG_HOST": postgres.host,
-        "DAGSTER_PG_PORT": str(postgres.port),
-        "DAGSTER_PG_DB": DB_NAME,
-        "DAGSTER_PG_USERNAME": postgres.user,
-        "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
-    }
+    pg_env = postgres.dagster_env(DB_NAME)
     loads = tmp_path / "model-loads"
     cluster = {
         **pg_env,

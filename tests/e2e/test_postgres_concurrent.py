@@ -63,6 +63,16 @@ class Postgres:
     def dsn(self, db: str = "postgres") -> str:
         return f"host={self.host} port={self.port} user={self.user} dbname={db}"
 
+    def dagster_env(self, db: str) -> dict[str, str]:
+        """The variables ``docs/dagster.postgres.yaml`` reads to reach database ``db`` (trust auth)."""
+        return {
+            "DAGSTER_PG_HOST": self.host,
+            "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_DB": db,
+            "DAGSTER_PG_USERNAME": self.user,
+            "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
+        }
+
 
 def _pg_bin(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
@@ -142,13 +152,7 @@ def test_two_partitions_run_concurrently_on_a_postgres_instance(
     import dagster as dg
     import psycopg2
 
-    pg_env = {
-        "DAGSTER_PG_HOST": postgres.host,
-        "DAGSTER_PG_PORT": str(postgres.port),
-        "DAGSTER_PG_DB": DB_NAME,
-        "DAGSTER_PG_USERNAME": postgres.user,
-        "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
-    }
+    pg_env = postgres.dagster_env(DB_NAME)
     env = isolated_env(tmp_path, **pg_env)
     home = Path(env["DAGSTER_HOME"])
     shutil.copy(PROJECT / "docs" / "dagster.postgres.yaml", home / "dagster.yaml")
