@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_model_options, load_model  # noqa: E402
 from emotion_assets.common import all_emotion_words  # noqa: E402
 from emotion_assets.science.residual import (  # noqa: E402
     extract_pooled_activations,
@@ -40,7 +41,6 @@ from emotion_assets.science.residual import (  # noqa: E402
     position_ids_from_mask,
     tokenize_prompts,
 )
-from resources.models import ModelResource  # noqa: E402
 
 STRATEGIES = ("last", "mean", "emotion_tokens")
 
@@ -81,17 +81,11 @@ def plain_hf(model, enc: dict, order: torch.Tensor, batch_size: int, device) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser, repeats=3)
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward (smoke profile: 32)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    handle = ModelResource(device=args.device).get(args.model)
+    handle = load_model(args)
     model, tokenizer, device = handle.model, handle.tokenizer, handle.device
     rows = [json.loads(line) for line in (ROOT / "data/prompts/emotion_prompts.jsonl").open()]
     texts = [r["text"] for r in rows if r.get("role", "fit") == "fit"][: args.prompts]

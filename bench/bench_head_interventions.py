@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_model_options, load_model  # noqa: E402
 from emotion_assets.heads import build_generation_conditions, random_heads  # noqa: E402
 from emotion_assets.science.batched_heads import generate_conditions, generate_per_condition  # noqa: E402
 from emotion_assets.science.heads import (  # noqa: E402
@@ -42,7 +43,6 @@ from emotion_assets.science.heads import (  # noqa: E402
     mean_head_outputs,
     shared_positions,
 )
-from resources.models import ModelResource  # noqa: E402
 
 
 def load_texts(emotion: str, split: str, limit: int) -> list[str]:
@@ -55,19 +55,13 @@ def load_texts(emotion: str, split: str, limit: int) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser, repeats=3)
     parser.add_argument("--pairs", type=int, default=2, help="prompt pairs (smoke fold: 2, baseline: 12)")
     parser.add_argument("--top-n", type=int, default=3, help="top heads (smoke: 3, baseline: 6)")
     parser.add_argument("--max-new", type=int, default=8, help="new tokens (smoke: 8, baseline: 20)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (smoke: 32, baseline: 64)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    handle = ModelResource(device=args.device).get(args.model)
+    handle = load_model(args)
     model, tokenizer = handle.model, handle.tokenizer
     layout = head_layout(model)
     emotion, neutral = load_texts("gratitude", "eval", args.pairs), load_texts("neutral", "eval", args.pairs)

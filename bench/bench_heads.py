@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_model_options, load_model  # noqa: E402
 from emotion_assets.science.heads import (  # noqa: E402
     ablate_heads,
     head_layout,
@@ -40,7 +41,6 @@ from emotion_assets.science.heads import (  # noqa: E402
     screen_heads_loop,
 )
 from emotion_assets.science.residual import capture_residuals, position_ids_from_mask  # noqa: E402
-from resources.models import ModelResource  # noqa: E402
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ def time_once(fn: Callable[[], T]) -> tuple[float, T]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser, repeats=3, device=False)
     parser.add_argument("--prompts", type=int, default=4, help="eval prompts (smoke profile: 4)")
     parser.add_argument("--readout", type=int, default=None, help="readout boundary (default: n_layers)")
     parser.add_argument(
@@ -72,13 +72,8 @@ def main() -> int:
     )
     parser.add_argument("--loop-heads", type=int, default=30, help="heads the loop is timed on (0 = all)")
     parser.add_argument("--hf-heads", type=int, default=6, help="heads the full-forward HF loop is timed on")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    handle = ModelResource(device="cpu").get(args.model)
+    handle = load_model(args)
     model, tokenizer = handle.model, handle.tokenizer
     layout = head_layout(model)
     readout = layout.n_layers if args.readout is None else args.readout

@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_heads import last_token_mean, load_texts  # noqa: E402
+from bench.common import add_model_options, load_model  # noqa: E402
 from emotion_assets.science.attribution_screening import (  # noqa: E402
     attribution_estimates,
     screen_heads_atp_star,
     shortlist,
 )
 from emotion_assets.science.heads import head_layout, screen_heads_by_ablation  # noqa: E402
-from resources.models import ModelResource  # noqa: E402
 
 
 def top(heads: list[tuple[int, int]], scores: dict[tuple[int, int], float], n: int) -> set[tuple[int, int]]:
@@ -43,18 +43,13 @@ def top(heads: list[tuple[int, int]], scores: dict[tuple[int, int], float], n: i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser, repeats=1)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per emotion (a smoke half: 2)")
     parser.add_argument("--emotions", nargs="+", default=["gratitude", "anger", "apology"])
     parser.add_argument("--shortlist", type=int, default=24)
     parser.add_argument("--top", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    handle = ModelResource(device=args.device).get(args.model)
+    handle = load_model(args)
     model, tokenizer = handle.model, handle.tokenizer
     layout = head_layout(model)
     readout = layout.n_layers
