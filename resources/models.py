@@ -210,7 +210,7 @@ def load_model(
     start = time.perf_counter()
     model_dir, source = _materialize_weights(spec, registry, cache_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    geometry_from_config(config, spec, registry.file)  # before any weights are read
+    geometry = geometry_from_config(config, spec, registry.file)  # checked before any weights are read
     tokenizer = _load_tokenizer(model_dir, spec)
     source_cfg = spec.source
     if isinstance(source_cfg, RandomTwinSource):
@@ -234,7 +234,6 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     if spec.kind == "causal_lm" and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    geometry = geometry_of(model, spec, registry.file)
     return ModelHandle(
         name=spec.name,
         spec=spec,
@@ -298,11 +297,6 @@ def geometry_from_config(config: PretrainedConfig, spec: ModelSpec, registry_fil
         head_dim=head_dim,
         vocab_size=_first_attr(cfg, "vocab_size"),
     )
-
-
-def geometry_of(model: PreTrainedModel, spec: ModelSpec, registry_file: str = "") -> ModelGeometry:
-    """The geometry of a loaded model, checked against its registry entry."""
-    return geometry_from_config(model.config, spec, registry_file)
 
 
 def _first_attr(cfg: Any, *names: str) -> int:
