@@ -287,11 +287,12 @@ def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
         dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="6",
+    code_version="7",
     description="The results section of the study for one profile across models. It opens with the study's "
     "claims, each a sentence generated from the statistics with a verdict (supported / not supported / "
     "confounded / not tested) and links to its evidence; then the confound audit (surface baselines, nuisance "
-    "cosines, registers, validation sets, flags), alignment controls, corrected-effect counts, evaluator "
+    "cosines, registers, validation sets, flags), alignment controls, corrected-effect counts, what the "
+    "controls changed (survivors of an uncontrolled reading beside the controlled one), evaluator "
     "quality, the dataset's surface balance, probe accuracy, steering against baseline, random controls and "
     "the other emotions' vectors, top heads, head patching against random heads, circuits, alignment overlaps "
     "with their null band, and the slowest phases; each section's plots sit beside its table.",
@@ -359,6 +360,8 @@ def _report_sections(
                 selected, on=["model", "condition"]
             )
             specificity = others[SPECIFICITY_COLUMNS]
+    control_ledger = _stack(sorted(base.glob("patching_statistics/*/control_ledger.parquet")), "model")
+    maxima = _stack(sorted(base.glob("patching_statistics/*/headline_maxima.parquet")), "model")
     top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
     if top_heads is not None:
         top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
@@ -388,6 +391,17 @@ def _report_sections(
                 "Per model, source and comparison: comparisons declared, and how many survive BH-FDR "
                 "(q < 0.05) and Bonferroni (p < 0.05) across the model's whole family (every source × "
                 "comparison × emotion × metric × condition).")),
+        Section("control-ledger", _section("What the controls changed", control_ledger,
+                "The same generations and screening scores read twice. Uncontrolled: Student t (p = 0 for "
+                "constant shifts), isotropic and covariance-matched random directions pooled into one control, "
+                "no comparison with the other emotions' vectors, no fluency bound, top heads tested on the "
+                "prompts that chose them. Controlled: this study's family and rules. Comparison counts differ "
+                "because the controls add comparisons; the cell and head rows compare like with like.")
+                + _section("Headline maxima: grid maximum vs selected and confirmed", maxima,
+                "uncontrolled_cell / uncontrolled_shift: the largest intended shift of the target score over "
+                "the whole grid, chosen and reported on every prompt, fluent or not. controlled_cell: the best "
+                "fluent cell chosen on half A (selection_shift), confirmed_shift and its CI measured on half "
+                "B.", 3)),
         Section("evaluator-quality", _section("Evaluator quality (eval split)",
                                               _read(base / "evaluator_quality" / "quality.parquet"))),
         Section("dataset", _section("Dataset surface balance (all registers)", dataset,

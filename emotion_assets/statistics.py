@@ -9,7 +9,7 @@ import pandas as pd
 
 from emotion_assets.alignment import beyond_embeddings, subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
-from emotion_assets.heads import PATCHING_ASSET, head_patching
+from emotion_assets.heads import PATCHING_ASSET, head_patching, head_screening
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
     model_and_profile,
@@ -18,6 +18,12 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import TARGET_METRICS, residual_patching
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.control_ledger import (
+    headline_maxima,
+    ledger,
+    top_head_selection_tests,
+    uncontrolled_steering_family,
+)
 from emotion_assets.science.crossfit import heads_by_fold, split_ids
 from emotion_assets.science.statistics import (
     correct_family,
@@ -235,15 +241,17 @@ def head_comparisons(
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=STATISTICS_GROUP,
-    deps=[residual_patching, head_patching],
+    deps=[residual_patching, head_patching, head_screening],
     kinds={"scipy", "parquet"},
-    code_version="4",
+    code_version="5",
     description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores), "
     "every emotion vector vs its norm-matched random controls, isotropic and covariance-matched separately, "
     "and vs every other emotion's vector at the same layer and α (its own target score), every head "
     "ablation/patch vs the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "
     "prompts (Welch, Hedges' g). Mean difference, Cohen's d_z with a variance floor, paired t, Wilcoxon, "
-    "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power.",
+    "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power. "
+    "The control ledger counts the survivors an uncontrolled reading of the same data would report beside "
+    "the survivors of the controls.",
 )
 def patching_statistics(
     context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
@@ -256,7 +264,11 @@ def patching_statistics(
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
     scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
+    residual_dir = store.existing(profile_name, "residual_patching", model_name)
+    condition_shifts = read_table(residual_dir / "condition_shifts.parquet")
+    best_cells = read_table(residual_dir / "best_per_emotion.parquet")
     head_scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+    screening = read_table(store.existing(profile_name, "head_screening", model_name) / "screening.parquet")
     metrics, untested = metrics_to_test(scored, "residual_patching")
     head_metrics, head_untested = metrics_to_test(head_scored, PATCHING_ASSET)
     with recorded(
@@ -288,9 +300,25 @@ def patching_statistics(
         stats["survives_bh"] = stats["p_bh"] < 0.05
         rec.timing.samples = len(stats)
 
+        uncontrolled = uncontrolled_steering_family(
+            table, metrics, TARGET_METRICS, seed=stable_seed(seed, "uncontrolled"), n_boot=profile.n_bootstrap
+        )
+        head_tests = top_head_selection_tests(
+            screening, profile.heads.top_n, seed=stable_seed(seed, "top_head_selection")
+        )
+        fluent = dict(
+            zip(condition_shifts["condition"], condition_shifts["fluent"].astype(bool), strict=True)
+        )
+        control_ledger = ledger(uncontrolled, stats, fluent, TARGET_METRICS, head_tests)
+        maxima = headline_maxima(condition_shifts, best_cells)
+
         out = store.directory(profile_name, "patching_statistics", model_name)
         rec.artifacts(out)
         write_table(out / "comparisons.parquet", stats, csv=True)
+        write_table(out / "control_ledger.parquet", control_ledger, csv=True)
+        write_table(out / "uncontrolled_comparisons.parquet", uncontrolled, csv=True)
+        write_table(out / "head_selection_tests.parquet", head_tests, csv=True)
+        write_table(out / "headline_maxima.parquet", maxima, csv=True)
         paired_n = sorted(stats.loc[stats["effect_measure"] == "d_z", "n"].astype(int).unique())
         power = pd.concat([power_table(None, n) for n in paired_n], ignore_index=True)
         write_table(out / "power.parquet", power, csv=True)
@@ -333,6 +361,9 @@ def patching_statistics(
                 survivors[headline] if len(survivors) else stats.nsmallest(10, "p_t")[headline], max_rows=30
             ),
             "power": markdown_table(power),
+            # What the controls changed: survivors of an uncontrolled reading of the same data beside the study's.
+            "control_ledger": markdown_table(control_ledger.drop(columns=["rules"]), max_rows=20),
+            "headline_maxima": markdown_table(maxima, max_rows=20),
             # Specificity: does an emotion's vector move its own score more than the other emotions' vectors?
             "specificity": markdown_table(specificity_summary(stats), max_rows=30),
             **plots,
