@@ -140,9 +140,11 @@ def controlled_cells(
 
 
 def screening_effect_column(screening: pd.DataFrame) -> str:
-    """``ablation_effect`` when every head has an exact ablation effect (exhaustive screening), else
-    ``attribution`` (AtP* screens every head by attribution and ablates only a shortlist)."""
-    return "ablation_effect" if screening["ablation_effect"].notna().all() else "attribution"
+    """``ablation_effect`` when every head has an exact ablation effect (exhaustive screening); else the
+    AtP* estimate ``atp_star`` (AtP* ablates only a shortlist exactly), or plain ``attribution`` without it."""
+    if screening["ablation_effect"].notna().all():
+        return "ablation_effect"
+    return "atp_star" if "atp_star" in screening else "attribution"
 
 
 def top_head_selection_tests(

@@ -137,6 +137,10 @@ def test_screening_without_every_exact_effect_uses_attribution_and_refuses_gaps(
     screening.loc[3, "ablation_effect"] = np.nan  # an AtP* run: exact effects only on the shortlist
     tests = top_head_selection_tests(screening, top_n=2, seed=2, n_sets=200)
     assert (tests["effect_column"] == "attribution").all()
+    with_atp = screening.assign(atp_star=screening["attribution"])
+    assert (
+        top_head_selection_tests(with_atp, top_n=2, seed=2, n_sets=200)["effect_column"] == "atp_star"
+    ).all()
     screening.loc[4, "attribution"] = np.nan
     with pytest.raises(ValueError, match="every head of each half"):
         top_head_selection_tests(screening, top_n=2, seed=2, n_sets=200)
