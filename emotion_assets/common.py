@@ -251,7 +251,7 @@ def recorded(
                 f"MLflow run {run_id} was left RUNNING by a process of this host that is gone (killed or "
                 "crashed); it is now marked KILLED with a note."
             )
-        estimate_s = past_estimate_s(context.instance, asset, partition_key or "")  # earlier runs only
+        estimate_s = past_estimate_s(context.instance, asset, partition_key)  # earlier runs only
         with (
             timed(
                 phase=phase,

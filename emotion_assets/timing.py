@@ -114,13 +114,15 @@ def _seconds(record: dg.EventLogRecord) -> float | None:
     return float(value.value) if value is not None else None
 
 
-def recorded_seconds(instance: dg.DagsterInstance, asset: str, partition: str) -> list[float]:
-    """``timing_elapsed_s`` of every earlier materialization of ``asset`` in ``partition`` (newest first)."""
-    found = (_seconds(record) for record in _materializations(instance, asset, [partition]))
+def recorded_seconds(instance: dg.DagsterInstance, asset: str, partition: str | None) -> list[float]:
+    """``timing_elapsed_s`` of every earlier materialization of ``asset`` in ``partition`` (every one of an
+    unpartitioned asset: ``partition`` None), newest first."""
+    partitions = [partition] if partition is not None else None
+    found = (_seconds(record) for record in _materializations(instance, asset, partitions))
     return [seconds for seconds in found if seconds is not None]
 
 
-def past_estimate_s(instance: dg.DagsterInstance, asset: str, partition: str) -> float | None:
+def past_estimate_s(instance: dg.DagsterInstance, asset: str, partition: str | None) -> float | None:
     """The median of :func:`recorded_seconds`, else None (no record yet): the estimate ``python -m jobs.study
     --dry-run`` prints and each materialization's ``estimated_seconds``."""
     seconds = recorded_seconds(instance, asset, partition)

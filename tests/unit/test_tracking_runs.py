@@ -133,6 +133,9 @@ def test_each_dagster_run_gets_its_own_parent_and_a_resumed_parent_keeps_its_id(
     runs = [_materialize([_tracked_asset("first")], tracking, tmp_path, instance) for _ in range(2)]
     parents, _ = _runs(tracking)
     assert sorted(parents) == sorted(r.run_id for r in runs)
+    first, second = (r.asset_materializations_for_node("first")[0].metadata for r in runs)
+    assert first["estimated_seconds"].value == "no record yet"
+    assert second["estimated_seconds"].value == round(first["timing_elapsed_s"].value, 1)  # from the instance
     assert all(p.info.status == "FINISHED" for p in parents.values())
 
     # A second step process of the same Dagster run (multiprocess executor) resumes the same MLflow run.
