@@ -356,7 +356,9 @@ def test_report_opens_with_claims_whose_links_resolve_and_plots_sit_in_their_sec
     instance = dg.DagsterInstance.ephemeral()
     for partition, seconds in (("tiny|smoke", 12.5), ("tiny|baseline", 99.5)):  # the slowest phases' source
         instance.report_runless_asset_event(
-            dg.AssetMaterialization("activations", partition=partition, metadata={"timing_elapsed_s": seconds})
+            dg.AssetMaterialization(
+                "activations", partition=partition, metadata={"timing_elapsed_s": seconds}
+            )
         )
     result = dg.materialize(
         [findings_report], partition_key="smoke",
