@@ -36,7 +36,7 @@ from emotion_assets.science.claims import (
     verdict_counts,
 )
 from emotion_assets.statistics import patching_statistics, rollup_frames
-from emotion_assets.timing import read_timings
+from emotion_assets.timing import profile_timings
 from jobs.jobs import REPORT_GROUP
 from resources.storage import ArtifactStore, read_json, read_table, reader_path, write_bytes, write_table
 from resources.tracking import TrackingResource
@@ -306,7 +306,7 @@ def findings_report(
         context, tracking=tracking, store=store, phase="7-report", model="all", profile=profile,
         device="cpu", config=config, throughput_unit="sections",
     ) as rec:  # fmt: skip
-        header, sections, timing_problems = _report_sections(base, profile, context)
+        header, sections = _report_sections(base, profile, context)
         claims = study_claims(base, profile)
         counts = verdict_counts(claims)
         sections = place_figures(sections, base)
@@ -326,7 +326,6 @@ def findings_report(
             "verdicts": markdown_table(counts),
             "claims": markdown_table(claims[["verdict", "sentence"]], max_rows=60),
             "report": dg.MetadataValue.md(markdown[:20000]),
-            "timing_record_problems": dg.MetadataValue.json(timing_problems),
             **rec.metadata(),
         }
     )
@@ -334,9 +333,9 @@ def findings_report(
 
 def _report_sections(
     base: Path, profile: Profile, context: dg.AssetExecutionContext
-) -> tuple[str, list[Section], list[str]]:
-    """The report's header, its evidence sections (each with the anchor the claims link to) and the timing
-    records that could not be read."""
+) -> tuple[str, list[Section]]:
+    """The report's header and its evidence sections (each with the anchor the claims link to); the slowest
+    phases come from the instance's materialization records of the profile."""
     probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
     best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
                   if probes is not None else None)  # fmt: skip
@@ -374,11 +373,9 @@ def _report_sections(
     dataset = _read(base / "emotion_dataset" / "surface.parquet")
     if dataset is not None and "register" in dataset:
         dataset = dataset[dataset["register"] == "all"]
-    timings, timing_problems = read_timings(base)
-    for problem in timing_problems:
-        context.log.warning(f"Skipped an unreadable timing record: {problem}")
+    timings = profile_timings(context.instance, profile.name)
     slowest = None
-    if timings is not None:
+    if not timings.empty:
         slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
                    .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
     header = f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n"
@@ -454,7 +451,7 @@ def _report_sections(
         Section("k-selection", _section("k-selection", chosen_k)),
         Section("slowest-phases", _section("Slowest phases", slowest)),
     ]  # fmt: skip
-    return header, sections, timing_problems
+    return header, sections
 
 
 __all__ = ["findings_report", "patching_statistics_rollup", "safe_markdown_html", "study_claims"]
