@@ -430,9 +430,7 @@ def head_screening(
                 split.groupby(["emotion", "half"]).size().rename("pairs").reset_index()
             ),
             # The readout is the emotion vector at the final boundary: what the confound audit says of it.
-            "confound_flags": json_metadata(
-                audit_flags(audit, strategy, [n_layers])
-            ),
+            "confound_flags": json_metadata(audit_flags(audit, strategy, [n_layers])),
             "top_heads": markdown_table(
                 top[
                     [
@@ -912,7 +910,9 @@ def patching_check(scored: pd.DataFrame) -> dg.AssetCheckResult:
                 "is measured on a prompt of the half that selected it, and every prompt is measured by each "
                 "condition in exactly one fold.",
                 additional_ins={"head_screening": dg.AssetIn(head_screening.key)})  # fmt: skip
-def head_patching_crossfit(head_patching: ArtifactHandle, head_screening: ArtifactHandle) -> dg.AssetCheckResult:
+def head_patching_crossfit(
+    head_patching: ArtifactHandle, head_screening: ArtifactHandle
+) -> dg.AssetCheckResult:
     return crossfit_check(head_patching.table(GENERATIONS_FILE), head_screening.table(SPLIT_FILE))
 
 
