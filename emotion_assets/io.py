@@ -226,6 +226,8 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         keys = sorted(context.asset_partition_keys) if partitions_def is not None else [None]
         if _annotation(context) is ArtifactHandles:
             return self._many(asset, partitions_def, keys)
+        if len(keys) > 1 and context.has_partition_key and str(context.partition_key) in keys:
+            keys = [str(context.partition_key)]  # an asset check reads its asset at the run's partition
         if len(keys) != 1:
             raise TypeError(
                 f"Input {context.name!r} maps to {len(keys)} partitions of {asset!r} ({keys}); annotate the "

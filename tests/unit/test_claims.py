@@ -25,6 +25,7 @@ from emotion_assets.science.claims import (
     verdict,
     verdict_counts,
 )
+from tests.artifacts import materialize
 
 EMOTIONS = ["gratitude", "anger", "apology"]
 MODEL = "m"
@@ -354,9 +355,10 @@ def test_report_opens_with_claims_whose_links_resolve_and_plots_sit_in_their_sec
 
     root = tmp_path / "results"
     _write_upstream(root)
-    result = dg.materialize(
-        [findings_report], partition_key="smoke",
-        resources={"store": ArtifactStore(root_dir=str(root)), "tracking": TrackingResource(enabled=False)},
+    store = ArtifactStore(root_dir=str(root))
+    result = materialize(
+        [findings_report], store=store, partition_key="smoke",
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
     )  # fmt: skip
     assert result.success

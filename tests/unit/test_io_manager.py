@@ -218,3 +218,21 @@ def test_no_asset_module_opens_an_artifact_by_path():
         ):
             offenders.add(module.__name__)
     assert offenders == READS_BY_PATH
+
+
+@dg.asset_check(asset=_upstream)
+def _upstream_check(upstream: ArtifactHandle) -> dg.AssetCheckResult:
+    SEEN["check"] = upstream
+    return dg.AssetCheckResult(passed=True)
+
+
+def test_an_asset_check_reads_its_asset_at_the_run_partition(tmp_path):
+    store = ArtifactStore(root_dir=str(tmp_path))
+    for model, marker in (("a", 1.0), ("b", 2.0)):
+        _publish(store, "upstream", "p", model, marker)
+    result = dg.materialize(
+        [_upstream, _upstream_check], partition_key="b|p",  # the asset writes nothing here
+        resources={"io_manager": ArtifactIOManager(store=store)},
+    )  # fmt: skip
+    assert result.success
+    assert SEEN["check"].partition_key == "b|p" and SEEN["check"].json("s.json") == {"marker": 2.0}

@@ -33,6 +33,7 @@ from emotion_assets.science.steering_analysis import (
     steering_comparisons,
 )
 from emotion_assets.statistics import comparison_matrices
+from tests.artifacts import materialize
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
 TARGETS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
@@ -431,8 +432,9 @@ def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_
         )
         write_table(store.directory("smoke", PATCHING_ASSET, "smollm2-135m") / "generations.parquet",
                     _head_generations())  # fmt: skip
-    result = dg.materialize(
-        [patching_statistics], partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
+    result = materialize(
+        [patching_statistics], store=store,
+        partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
         resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
     )  # fmt: skip
