@@ -18,7 +18,7 @@ from emotion_assets.registry import DATA_DIR
 from emotion_assets.timing import TimingRecord, past_estimate_s, timed
 from emotion_assets.yaml_loading import load_yaml
 from resources.device import available_devices
-from resources.storage import ArtifactStore, Publication, read_table
+from resources.storage import ArtifactStore, Publication
 from resources.tracking import TrackedRun, TrackingResource
 
 EMOTION_WORDS_PATH = DATA_DIR / "emotion_words.yaml"
@@ -106,11 +106,6 @@ def check_layers_exist(boundaries_requested: list[int] | None, n_layers: int, mo
 def config_metadata(config: RunConfig | None) -> dict[str, dg.MetadataValue]:
     overrides = config.overrides() if config else {}
     return {"run_config_overrides": dg.MetadataValue.json(overrides)}
-
-
-def load_dataset(store: ArtifactStore, profile: str) -> pd.DataFrame:
-    """The validated prompt table written by ``emotion_dataset`` for ``profile``."""
-    return read_table(store.existing(profile, DATASET_ASSET) / "prompts.parquet")
 
 
 def refuse_failing_checks(asset: str, partition: str, results: dict[str, dg.AssetCheckResult]) -> None:

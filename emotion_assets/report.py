@@ -13,6 +13,7 @@ from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
 from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import evaluator_quality
 from emotion_assets.heads import emotion_circuits
+from emotion_assets.io import COMPARISONS_FILE, ArtifactHandles
 from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
 from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import markdown_table
@@ -35,7 +36,7 @@ from emotion_assets.science.claims import (
     steering_claims,
     verdict_counts,
 )
-from emotion_assets.statistics import patching_statistics, rollup_frames
+from emotion_assets.statistics import patching_statistics
 from emotion_assets.timing import profile_timings
 from jobs.jobs import REPORT_GROUP
 from resources.storage import ArtifactStore, read_json, read_table, reader_path, write_bytes, write_table
@@ -71,17 +72,23 @@ VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_fina
 @dg.asset(
     partitions_def=profile_partitions,
     group_name=REPORT_GROUP,
-    deps=[dg.AssetDep(patching_statistics, partition_mapping=profile_to_model_profile)],
+    ins={"statistics": dg.AssetIn(patching_statistics.key, partition_mapping=profile_to_model_profile)},
     kinds={"pandas"},
     code_version="3",
     description="Every model's patching statistics for the profile in one table, with per-model counts of "
     "effects that survive correction.",
 )
 def patching_statistics_rollup(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    statistics: ArtifactHandles,
 ) -> dg.MaterializeResult:
+    """Every model's published ``patching_statistics`` of the profile, stacked in model order."""
     profile = effective_profile(context.partition_key, config)
-    stats = rollup_frames(Path(store.root), profile.name)
+    frames = [statistics[model].table(COMPARISONS_FILE) for model in statistics]
+    stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if stats.empty:
         raise FileNotFoundError(
             f"No patching_statistics found under {store.root}/{profile.name}/. Materialize "

@@ -24,6 +24,7 @@ from emotion_assets.science.claims import (
     verdict,
     verdict_counts,
 )
+from tests.artifacts import materialize
 
 EMOTIONS = ["gratitude", "anger", "apology"]
 MODEL = "m"
@@ -360,9 +361,10 @@ def test_report_opens_with_claims_whose_links_resolve_and_plots_sit_in_their_sec
                 "activations", partition=partition, metadata={"timing_elapsed_s": seconds}
             )
         )
-    result = dg.materialize(
-        [findings_report], partition_key="smoke",
-        resources={"store": ArtifactStore(root_dir=str(root)), "tracking": TrackingResource(enabled=False)},
+    store = ArtifactStore(root_dir=str(root))
+    result = materialize(
+        [findings_report], store=store, partition_key="smoke",
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=instance,
     )  # fmt: skip
     assert result.success

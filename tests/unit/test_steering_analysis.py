@@ -33,6 +33,7 @@ from emotion_assets.science.steering_analysis import (
     steering_comparisons,
 )
 from emotion_assets.statistics import comparison_matrices
+from tests.artifacts import materialize
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
 TARGETS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
@@ -441,8 +442,9 @@ def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_
                     pd.DataFrame([{"emotion": "gratitude", "half": half, "layer": layer, "head": head,
                                    "ablation_effect": float(layer - head), "attribution": 0.0}
                                   for half in "AB" for layer in range(2) for head in range(4)]))  # fmt: skip
-    result = dg.materialize(
-        [patching_statistics], partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
+    result = materialize(
+        [patching_statistics], store=store,
+        partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
         resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
     )  # fmt: skip

@@ -30,6 +30,7 @@ from resources.storage import (
     write_tensors,
 )
 from resources.tracking import TrackingResource
+from tests.artifacts import materialize
 
 
 def _publish(store: ArtifactStore, value: int, partition: str | None = "m") -> Path:
@@ -163,10 +164,12 @@ def _toy_asset(fail: bool):
 
 
 def _materialize(asset, root: Path) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
+    store = ArtifactStore(root_dir=str(root))
+    return materialize(
         [asset],
+        store=store,
         partition_key="smoke",
-        resources={"store": ArtifactStore(root_dir=str(root)), "tracking": TrackingResource(enabled=False)},
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
