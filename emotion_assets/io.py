@@ -147,6 +147,76 @@ class ArtifactHandles(Mapping[str, ArtifactHandle]):
         return len(self.published)
 
 
+@dataclass(frozen=True)
+class ProfileArtifacts:
+    """The declared inputs of a profile-wide asset (a report), by asset and partition.
+
+    ``by_asset[asset][name]``: the handle of one published partition, ``name`` being the model or pair of a
+    fan-in input, or the profile of a per-profile input. Readers stack a file over an asset's partitions or
+    read a per-profile file; a partition that lacks the file (an older version) is left out, never read
+    from elsewhere.
+    """
+
+    by_asset: Mapping[str, Mapping[str, ArtifactHandle]]
+
+    @classmethod
+    def of(cls, inputs: Mapping[str, ArtifactHandle | ArtifactHandles]) -> ProfileArtifacts:
+        """From the handles an asset received (keyed by upstream asset name, whatever the parameter name)."""
+        by_asset: dict[str, dict[str, ArtifactHandle]] = {}
+        for value in inputs.values():
+            if isinstance(value, ArtifactHandle):
+                by_asset.setdefault(value.asset, {})[value.partition or value.profile] = value
+            else:
+                by_asset.setdefault(value.asset, {}).update({name: value[name] for name in value})
+        return cls(by_asset)
+
+    @classmethod
+    def published(
+        cls, store: ArtifactStore, profile: str, assets: Mapping[str, dg.PartitionsDefinition]
+    ) -> ProfileArtifacts:
+        """Every published partition of ``assets`` (name → partitions definition) for ``profile``, as the
+        IO manager would hand them to a profile-wide asset; for notebooks and tools outside a run."""
+        by_asset: dict[str, dict[str, ArtifactHandle]] = {}
+        for asset, partitions_def in assets.items():
+            for key in partitions_def.get_partition_keys():
+                owner, partition = split_partition_key(partitions_def, key)
+                if owner != profile:
+                    continue
+                with contextlib.suppress(ArtifactMissingError):
+                    by_asset.setdefault(asset, {})[partition or profile] = open_artifact(
+                        store, asset, partitions_def, key
+                    )
+        return cls(by_asset)
+
+    def partitions(self, asset: str) -> Mapping[str, ArtifactHandle]:
+        return self.by_asset.get(asset, {})
+
+    def read(self, asset: str, name: str) -> pd.DataFrame | None:
+        """File ``name`` of a per-profile input, or None when it is not published (or lacks the file)."""
+        handles = [h for h in self.partitions(asset).values() if h.has(name)]
+        if len(handles) > 1:
+            raise ValueError(f"{asset!r} has {len(handles)} partitions here; stack them with .stack().")
+        return handles[0].table(name) if handles else None
+
+    def stack(self, asset: str, name: str, key: str) -> pd.DataFrame | None:
+        """File ``name`` of every published partition of ``asset`` that has it, with column ``key`` naming
+        the partition, in partition order; None when none has it."""
+        frames = [h.table(name).assign(**{key: part}) for part, h in sorted(self.partitions(asset).items())
+                  if h.has(name)]  # fmt: skip
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    def figures(self) -> list[tuple[str, Path, str]]:
+        """Every published PNG: (asset, checked path, label ``asset/partition/file``), in label order."""
+        found = []
+        for asset, handles in self.by_asset.items():
+            for part, handle in handles.items():
+                for name in handle.files or sorted(p.name for p in handle.directory.glob("*.png")):
+                    if name.endswith(".png"):
+                        label = f"{asset}/{name}" if handle.partition is None else f"{asset}/{part}/{name}"
+                        found.append((asset, handle.path(name), label))
+        return sorted(found, key=lambda item: item[2])
+
+
 def materialize_hint(asset: str, partition_key: str | None) -> str:
     command = MATERIALIZE_HINT.format(
         asset=asset, partition=f" --partition '{partition_key}'" if partition_key else ""

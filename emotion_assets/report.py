@@ -1,21 +1,22 @@
 """Per-profile roll-up across models and the findings report (Markdown + self-contained HTML)."""
 
 import html
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import dagster as dg
 import pandas as pd
 
+from emotion_assets.activations import activations
 from emotion_assets.alignment import subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.confounds import ASSET as CONFOUND_ASSET
 from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
 from emotion_assets.confounds import confound_audit
-from emotion_assets.dataset import evaluator_quality
-from emotion_assets.heads import emotion_circuits
-from emotion_assets.io import COMPARISONS_FILE, ArtifactHandles
+from emotion_assets.dataset import emotion_dataset, evaluator_quality
+from emotion_assets.heads import emotion_circuits, head_patching, head_screening
+from emotion_assets.io import COMPARISONS_FILE, ArtifactHandle, ArtifactHandles, ProfileArtifacts
 from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
-from emotion_assets.patching import TARGET_METRICS
+from emotion_assets.patching import TARGET_METRICS, residual_patching
 from emotion_assets.plots import markdown_table
 from emotion_assets.profiles import Profile
 from emotion_assets.registry import TwinSource
@@ -36,10 +37,11 @@ from emotion_assets.science.claims import (
     steering_claims,
     verdict_counts,
 )
-from emotion_assets.statistics import patching_statistics
+from emotion_assets.statistics import k_selection, patching_statistics
 from emotion_assets.timing import profile_timings
+from emotion_assets.vectors import emotion_subspaces, emotion_vectors
 from jobs.jobs import REPORT_GROUP
-from resources.storage import ArtifactStore, read_json, read_table, reader_path, write_bytes, write_table
+from resources.storage import ArtifactStore, reader_path, write_bytes, write_table
 from resources.tracking import TrackingResource
 
 ROLLUP_COLUMNS = ["model", "source", "comparison", "metric", "emotion", "other_emotion", "condition", "layer",
@@ -55,10 +57,6 @@ STEERING_COLUMNS = ["model", "emotion", "metric", "status", "selection", "layer"
                     "perplexity_ratio", "n_cells_excluded"]  # fmt: skip
 HEAD_TABLE_COLUMNS = ["model", "comparison", "emotion", "condition", "heads", "n", "mean_diff", "effect_size",
                       "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
-# The headline pair beside its negative (random-weight twin) and positive (rotated twin) controls.
-ALIGNMENT_CONTROLS = [("headline", "smollm2-135m__minilm-l6"),
-                      ("negative control: random-weight twin", "smollm2-135m-random__minilm-l6"),
-                      ("positive control: rotated twin", "smollm2-135m__smollm2-135m-rotated")]  # fmt: skip
 ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "span_ceiling",
                      "null_p95", "chance", "margin", "beats_null", "specificity", "specificity_lo", "specific",
                      "headline_beats_null", "r2_heldout"]  # fmt: skip
@@ -146,14 +144,19 @@ def _section(title: str, frame: pd.DataFrame | None, note: str = "", level: int 
     return f"{heading} {title}\n\n{note}\n\n{table}\n"
 
 
-def _confound_tables(base: Path) -> dict[str, pd.DataFrame | None]:
+def _audits(inputs: ProfileArtifacts) -> list[tuple[str, ArtifactHandle]]:
+    """Every model's published confound audit that has a summary, in model order."""
+    return [(model, handle) for model, handle in sorted(inputs.partitions(CONFOUND_ASSET).items())
+            if handle.has(CONFOUND_SUMMARY)]  # fmt: skip
+
+
+def _confound_tables(inputs: ProfileArtifacts) -> dict[str, pd.DataFrame | None]:
     """The confound audit of every model of the profile, at each model's focus (steering) boundaries."""
     baselines, vectors, validation, flags = [], [], [], []
-    for path in sorted(base.glob(f"{CONFOUND_ASSET}/*/{CONFOUND_SUMMARY}")):
-        folder, model = path.parent, path.parent.name
-        focus = read_json(path)["focus_boundaries"]
-        surface = read_table(folder / "surface_baselines.parquet")
-        probe = read_table(folder / "probe_by_register.parquet")
+    for model, folder in _audits(inputs):
+        focus = folder.json(CONFOUND_SUMMARY)["focus_boundaries"]
+        surface = folder.table("surface_baselines.parquet")
+        probe = folder.table("probe_by_register.parquet")
         probe = probe[probe["boundary"].isin(focus)].assign(
             baseline=lambda f: "probe (" + f["strategy"] + ", boundary " + f["boundary"].astype(str) + ")"
         )
@@ -162,11 +165,11 @@ def _confound_tables(base: Path) -> dict[str, pd.DataFrame | None]:
         table = pd.DataFrame({"model": model, "method": wide.index, "accuracy": wide.get("all")})
         table["accuracy_implicit"] = wide["implicit"].to_numpy() if "implicit" in wide else float("nan")
         baselines.append(table.reset_index(drop=True))
-        audit = read_table(folder / "vector_audit.parquet").assign(model=model)
+        audit = folder.table("vector_audit.parquet").assign(model=model)
         audit = audit[audit["boundary"].isin(focus)]
         vectors.append(audit[[c for c in VECTOR_CONFOUND_COLUMNS if c in audit]])
         flags.append(audit.loc[audit["flagged"], ["model", "strategy", "boundary", "emotion", "reason"]])
-        scores = read_table(folder / "validation_scores.parquet").assign(model=model)
+        scores = folder.table("validation_scores.parquet").assign(model=model)
         scores = scores[scores["boundary"].isin(focus) | (scores["scorer"] == "evaluator")]
         validation.append(scores[["model", "validation_set", "scorer", "strategy", "boundary", "accuracy",
                                   "macro_f1", "n", "note"]])  # fmt: skip
@@ -178,9 +181,9 @@ def _confound_tables(base: Path) -> dict[str, pd.DataFrame | None]:
             "flags": stacked(flags)}  # fmt: skip
 
 
-def _confound_sections(base: Path) -> list[Section]:
+def _confound_sections(inputs: ProfileArtifacts) -> list[Section]:
     """The confound audit: an introduction, then one anchored section per table."""
-    tables = _confound_tables(base)
+    tables = _confound_tables(inputs)
     flags = tables["flags"]
     no_flags = flags is not None and flags.empty
     return [
@@ -203,15 +206,45 @@ def _confound_sections(base: Path) -> list[Section]:
     ]  # fmt: skip
 
 
-def _confounds_markdown(base: Path) -> str:
-    return "\n".join(s.markdown for s in _confound_sections(base))
+def _confounds_markdown(inputs: ProfileArtifacts) -> str:
+    return "\n".join(s.markdown for s in _confound_sections(inputs))
 
 
-def _alignment_controls(base: Path) -> pd.DataFrame:
+def alignment_controls(
+    pairs: Sequence[tuple[str, str]], twins: Mapping[str, tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """(role, pair key) of the headline pair (the registry's first pair) and of its registered controls:
+    the pair with one side replaced by that model's twin, and a headline model against its own twin.
+    Random-weight twins are negative controls (should sit at the null), rotated twins positive ones
+    (should align near 1)."""
+    if not pairs:
+        return []
+    head_a, head_b = pairs[0]
+    roles = [("headline", f"{head_a}__{head_b}")]
+    kinds = {
+        "random_twin": "negative control: random-weight twin",
+        "rotated_twin": "positive control: rotated twin",
+    }
+    for a, b in pairs[1:]:
+        kind_a, of_a = twins.get(a, (None, None))
+        kind_b, of_b = twins.get(b, (None, None))
+        if of_a == head_a and b == head_b:
+            roles.append((f"{kinds.get(kind_a, kind_a)} (A side)", f"{a}__{b}"))
+        elif of_b == head_b and a == head_a:
+            roles.append((f"{kinds.get(kind_b, kind_b)} (B side)", f"{a}__{b}"))
+        elif a in (head_a, head_b) and of_b == a:
+            roles.append((f"{kinds.get(kind_b, kind_b)} of {a}", f"{a}__{b}"))
+    return roles
+
+
+def _alignment_controls(inputs: ProfileArtifacts) -> pd.DataFrame:
     """The headline pair beside its controls; a pair without a summary is listed as not materialized."""
     rows = []
-    for role, pair in ALIGNMENT_CONTROLS:
-        summary = _read(base / "subspace_alignment" / pair / "summary.parquet")
+    for role, pair in alignment_controls(REGISTRY.pairs, _twins()):
+        handle = inputs.partitions("subspace_alignment").get(pair)
+        summary = (
+            handle.table("summary.parquet") if handle is not None and handle.has("summary.parquet") else None
+        )
         if summary is None:
             rows.append(pd.DataFrame([{"role": role, "pair": pair, "status": "not materialized"}]))
             continue
@@ -223,27 +256,23 @@ def _alignment_controls(base: Path) -> pd.DataFrame:
     ]
 
 
-def _read(path: Path) -> pd.DataFrame | None:
-    return read_table(path) if path.exists() else None
+def _twins() -> dict[str, tuple[str, str]]:
+    """Twin model → (twin kind, the model it is a twin of)."""
+    return {name: (spec.source.type, spec.source.of) for name, spec in REGISTRY.models.items()
+            if isinstance(spec.source, TwinSource)}  # fmt: skip
 
 
-def _stack(paths: list[Path], key: str) -> pd.DataFrame | None:
-    frames = [read_table(p).assign(**{key: p.parent.name}) for p in paths]
-    return pd.concat(frames, ignore_index=True) if frames else None
-
-
-def _audit_inputs(base: Path) -> dict[str, object]:
+def _audit_inputs(inputs: ProfileArtifacts) -> dict[str, object]:
     """Every model's confound audit, stacked: vector verdicts (all boundaries), probes by register, surface
     baselines, and what each audit looked at (:class:`AuditScope`)."""
     audit, probes, surface, scopes = [], [], [], {}
-    for path in sorted(base.glob(f"{CONFOUND_ASSET}/*/{CONFOUND_SUMMARY}")):
-        folder, model = path.parent, path.parent.name
-        summary = read_json(path)
+    for model, folder in _audits(inputs):
+        summary = folder.json(CONFOUND_SUMMARY)
         scopes[model] = AuditScope(summary["first_strategy"], tuple(int(b) for b in summary["focus_boundaries"]),
                                    float(summary["baseline_margin"]))  # fmt: skip
-        audit.append(read_table(folder / "vector_audit.parquet").assign(model=model))
-        probes.append(read_table(folder / "probe_by_register.parquet").assign(model=model))
-        surface.append(read_table(folder / "surface_baselines.parquet").assign(model=model))
+        audit.append(folder.table("vector_audit.parquet").assign(model=model))
+        probes.append(folder.table("probe_by_register.parquet").assign(model=model))
+        surface.append(folder.table("surface_baselines.parquet").assign(model=model))
 
     def stacked(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
         return pd.concat(frames, ignore_index=True) if frames else None
@@ -251,34 +280,33 @@ def _audit_inputs(base: Path) -> dict[str, object]:
     return {"audit": stacked(audit), "probes": stacked(probes), "surface": stacked(surface), "scopes": scopes}
 
 
-def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
-    """Every claim of the study for one profile (``science.claims``), from the artifacts under ``base``.
+def study_claims(inputs: ProfileArtifacts, profile: Profile) -> pd.DataFrame:
+    """Every claim of the study for one profile (``science.claims``), from the report's inputs.
 
     Expected subjects come from the registry and what was materialized: steering and head claims for each
     causal model (twins excepted) with any artifact under the profile, representation claims for each model
     with activations or an audit, alignment claims for every registered pair. Missing evidence is a
     ``not tested`` claim."""
-    twins = {name: (spec.source.type, spec.source.of) for name, spec in REGISTRY.models.items()
-             if isinstance(spec.source, TwinSource)}  # fmt: skip
-    present = {p.name for folder in ("activations", CONFOUND_ASSET, "residual_patching", "head_patching",
-                                     "patching_statistics") for p in (base / folder).glob("*") if p.is_dir()}  # fmt: skip
+    twins = _twins()
+    present = {model for asset in ("activations", CONFOUND_ASSET, "residual_patching", "head_patching",
+                                   "patching_statistics") for model in inputs.partitions(asset)}  # fmt: skip
     causal = [m for m in sorted(present) if m in REGISTRY.models and REGISTRY.models[m].can_generate
               and m not in twins]  # fmt: skip
     emotions = list(TARGET_METRICS)
     strategy = profile.pooling[0]
-    inputs = _audit_inputs(base)
-    audit = inputs["audit"]
-    best = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
-    statistics = _read(base / "patching_statistics_rollup" / "rollup.parquet")
-    summaries = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
-    scopes = {m: inputs["scopes"].get(m) for m in sorted(present | set(inputs["scopes"]))}  # type: ignore[union-attr]
+    audits = _audit_inputs(inputs)
+    audit = audits["audit"]
+    best = inputs.stack("residual_patching", "best_per_emotion.parquet", "model")
+    statistics = inputs.read("patching_statistics_rollup", "rollup.parquet")
+    summaries = inputs.stack("subspace_alignment", "summary.parquet", "pair")
+    scopes = {m: audits["scopes"].get(m) for m in sorted(present | set(audits["scopes"]))}  # type: ignore[union-attr]
     return pd.concat([
         steering_claims(best, statistics, audit, models=causal, emotions=emotions, strategy=strategy),
         head_claims(statistics, audit, models=causal, emotions=emotions, strategy=strategy,
                     readout_boundary={m: REGISTRY.models[m].layers for m in causal}),
         alignment_claims(summaries, audit, pairs=REGISTRY.pairs, emotions=emotions, twins=twins,
                          strategy=strategy),
-        representation_claims(inputs["probes"], inputs["surface"], audit, scopes=scopes, emotions=emotions,
+        representation_claims(audits["probes"], audits["surface"], audit, scopes=scopes, emotions=emotions,
                               twins=twins),
     ], ignore_index=True)  # fmt: skip
 
@@ -286,15 +314,29 @@ def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
 @dg.asset(
     partitions_def=profile_partitions,
     group_name=REPORT_GROUP,
-    deps=[
-        patching_statistics_rollup,
-        evaluator_quality,
-        dg.AssetDep(subspace_alignment, partition_mapping=profile_to_model_profile),
-        dg.AssetDep(emotion_circuits, partition_mapping=profile_to_model_profile),
-        dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
-    ],
+    ins={
+        "rollup": dg.AssetIn(patching_statistics_rollup.key),
+        "quality": dg.AssetIn(evaluator_quality.key),
+        "dataset": dg.AssetIn(emotion_dataset.key),
+        **{
+            name: dg.AssetIn(asset.key, partition_mapping=profile_to_model_profile)
+            for name, asset in (
+                ("activations", activations),
+                ("subspaces", emotion_subspaces),
+                ("vectors", emotion_vectors),
+                ("audits", confound_audit),
+                ("steering", residual_patching),
+                ("statistics", patching_statistics),
+                ("screening", head_screening),
+                ("head_patches", head_patching),
+                ("circuits", emotion_circuits),
+                ("alignments", subspace_alignment),
+                ("k_selections", k_selection),
+            )
+        },
+    },
     kinds={"markdown", "html"},
-    code_version="7",
+    code_version="8",
     description="The results section of the study for one profile across models. It opens with the study's "
     "claims, each a sentence generated from the statistics with a verdict (supported / not supported / "
     "confounded / not tested) and links to its evidence; then the confound audit (surface baselines, nuisance "
@@ -305,21 +347,45 @@ def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
     "with their null band, and the slowest phases; each section's plots sit beside its table.",
 )
 def findings_report(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    rollup: ArtifactHandles,  # per-profile inputs too: a section whose input is not published says so
+    quality: ArtifactHandles,
+    dataset: ArtifactHandles,
+    activations: ArtifactHandles,
+    subspaces: ArtifactHandles,
+    vectors: ArtifactHandles,
+    audits: ArtifactHandles,
+    steering: ArtifactHandles,
+    statistics: ArtifactHandles,
+    screening: ArtifactHandles,
+    head_patches: ArtifactHandles,
+    circuits: ArtifactHandles,
+    alignments: ArtifactHandles,
+    k_selections: ArtifactHandles,
 ) -> dg.MaterializeResult:
+    """The report of one profile, read only from its declared inputs (every model and pair partition of the
+    profile that is published)."""
     profile = effective_profile(context.partition_key, config)
-    base = Path(store.root) / profile.name
+    inputs = ProfileArtifacts.of({
+        "rollup": rollup, "quality": quality, "dataset": dataset, "activations": activations,
+        "subspaces": subspaces, "vectors": vectors, "audits": audits, "steering": steering,
+        "statistics": statistics, "screening": screening, "head_patches": head_patches, "circuits": circuits,
+        "alignments": alignments, "k_selections": k_selections,
+    })  # fmt: skip
     with recorded(
         context, tracking=tracking, store=store, phase="7-report", model="all", profile=profile,
         device="cpu", config=config, throughput_unit="sections",
     ) as rec:  # fmt: skip
-        header, sections = _report_sections(base, profile, context)
-        claims = study_claims(base, profile)
+        header, sections = _report_sections(inputs, profile, context)
+        claims = study_claims(inputs, profile)
         counts = verdict_counts(claims)
-        sections = place_figures(sections, base)
+        sections = place_figures(sections, inputs.figures())
         known = {"claims", *(s.anchor for s in sections)}
         markdown = page_markdown(header, claims_markdown(claims, counts), sections)
-        page = page_html(header, claims_html(claims, counts, known), sections, base)
+        page = page_html(header, claims_html(claims, counts, known), sections)
         rec.timing.samples = len(sections) + 1
         out = store.directory(profile.name, "findings_report")
         rec.artifacts(out)
@@ -339,21 +405,21 @@ def findings_report(
 
 
 def _report_sections(
-    base: Path, profile: Profile, context: dg.AssetExecutionContext
+    inputs: ProfileArtifacts, profile: Profile, context: dg.AssetExecutionContext
 ) -> tuple[str, list[Section]]:
     """The report's header and its evidence sections (each with the anchor the claims link to); the slowest
     phases come from the instance's materialization records of the profile."""
-    probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
+    probes = inputs.stack("emotion_vectors", "probe_accuracy.parquet", "model")
     best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
                   if probes is not None else None)  # fmt: skip
-    steering = _stack(sorted(base.glob("residual_patching/*/best_per_emotion.parquet")), "model")
+    steering = inputs.stack("residual_patching", "best_per_emotion.parquet", "model")
     selected = None
     if steering is not None and "condition" in steering:
         # Emotions without a confirmed cell (no fluent cell on half A) have no condition to look up.
         selected = steering.loc[steering["condition"].notna(), ["model", "condition"]].astype(str)
     steering = steering.reindex(columns=STEERING_COLUMNS) if steering is not None else None
-    rollup = _read(base / "patching_statistics_rollup" / "rollup.parquet")
-    by_model = _read(base / "patching_statistics_rollup" / "by_model.parquet")
+    rollup = inputs.read("patching_statistics_rollup", "rollup.parquet")
+    by_model = inputs.read("patching_statistics_rollup", "by_model.parquet")
     survivors = head_effects = specificity = None
     if rollup is not None:
         survivors = rollup[(rollup["p_bh"] < 0.05) & rollup["comparison"].isin(RANDOM_COMPARISONS)]
@@ -366,18 +432,18 @@ def _report_sections(
                 selected, on=["model", "condition"]
             )
             specificity = others[SPECIFICITY_COLUMNS]
-    control_ledger = _stack(sorted(base.glob("patching_statistics/*/control_ledger.parquet")), "model")
-    maxima = _stack(sorted(base.glob("patching_statistics/*/headline_maxima.parquet")), "model")
-    top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
+    control_ledger = inputs.stack("patching_statistics", "control_ledger.parquet", "model")
+    maxima = inputs.stack("patching_statistics", "headline_maxima.parquet", "model")
+    top_heads = inputs.stack("head_screening", "top_heads.parquet", "model")
     if top_heads is not None:
         top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
                      .sort_values(["model", "emotion", "selected_on", "rank"])
                      [["model", "emotion", "label", "rank", "layer", "head", "selection_effect",
                        "held_out_effect", "held_out_ci_low", "held_out_ci_high", "n_held_out"]])  # fmt: skip
-    circuits = _stack(sorted(base.glob("emotion_circuits/*/summary.parquet")), "model")
-    alignment = _stack(sorted(base.glob("subspace_alignment/*/summary.parquet")), "pair")
-    chosen_k = _stack(sorted(base.glob("k_selection/*/chosen_k.parquet")), "pair")
-    dataset = _read(base / "emotion_dataset" / "surface.parquet")
+    circuits = inputs.stack("emotion_circuits", "summary.parquet", "model")
+    alignment = inputs.stack("subspace_alignment", "summary.parquet", "pair")
+    chosen_k = inputs.stack("k_selection", "chosen_k.parquet", "pair")
+    dataset = inputs.read("emotion_dataset", "surface.parquet")
     if dataset is not None and "register" in dataset:
         dataset = dataset[dataset["register"] == "all"]
     timings = profile_timings(context.instance, profile.name)
@@ -387,8 +453,8 @@ def _report_sections(
                    .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
     header = f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n"
     sections = [
-        *_confound_sections(base),
-        Section("alignment-controls", _section("Alignment controls", _alignment_controls(base),
+        *_confound_sections(inputs),
+        Section("alignment-controls", _section("Alignment controls", _alignment_controls(inputs),
                 "The headline pair beside its random-weight twin (negative control: same pair position, "
                 "should sit at the null) and the rotated twin (positive control: should align near 1).")),
         Section("corrected-effects", _section("Corrected effects at a glance", by_model,
@@ -407,7 +473,7 @@ def _report_sections(
                 "fluent cell chosen on half A (selection_shift), confirmed_shift and its CI measured on half "
                 "B.", 3)),
         Section("evaluator-quality", _section("Evaluator quality (eval split)",
-                                              _read(base / "evaluator_quality" / "quality.parquet"))),
+                                              inputs.read("evaluator_quality", "quality.parquet"))),
         Section("dataset", _section("Dataset surface balance (all registers)", dataset,
                 "Per class: share of prompts with each surface feature; the dataset check refuses an "
                 "imbalance beyond the profile's thresholds.")),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-#: Which section shows the plots of each asset (by the asset folder under results/<profile>/).
+#: Which section shows the plots of each asset.
 FIGURE_SECTIONS = {
     "emotion_dataset": "dataset",
     "evaluator_quality": "evaluator-quality",
@@ -40,35 +40,42 @@ STYLE = (
 )
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A published plot: its checked file and its label (``asset/partition/file.png``)."""
+
+    path: Path
+    label: str
+
+
 @dataclass
 class Section:
     """One report section: its anchor (``id`` in HTML, an ``<a id>`` in Markdown), its Markdown (heading,
-    note, table) and the plots shown beside the table (paths relative to the profile folder)."""
+    note, table) and the plots shown beside the table."""
 
     anchor: str
     markdown: str
-    figures: list[Path] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not _ANCHOR.match(self.anchor):
             raise ValueError(f"Section anchor {self.anchor!r} must be lower-case letters, digits and '-'.")
 
 
-def place_figures(sections: Sequence[Section], base: Path) -> list[Section]:
-    """Each PNG under ``base`` (``<asset>/*.png`` or ``<asset>/<partition>/*.png``) attached to the section
-    of :data:`FIGURE_SECTIONS`; plots of other assets go to a closing section that names them."""
+def place_figures(sections: Sequence[Section], figures: Sequence[tuple[str, Path, str]]) -> list[Section]:
+    """Each plot ``(asset, path, label)`` attached to the section of :data:`FIGURE_SECTIONS`; plots of
+    other assets go to a closing section that names them."""
     by_anchor = {s.anchor: s for s in sections}
     unplaced = []
-    for png in sorted(base.glob("*/*.png")) + sorted(base.glob("*/*/*.png")):
-        relative = png.relative_to(base)
-        anchor = FIGURE_SECTIONS.get(relative.parts[0])
+    for asset, path, label in figures:
+        anchor = FIGURE_SECTIONS.get(asset)
         if anchor in by_anchor:
-            by_anchor[anchor].figures.append(relative)
+            by_anchor[anchor].figures.append(Figure(path, label))
         else:
-            unplaced.append(relative)
+            unplaced.append(Figure(path, label))
     if not unplaced:
         return list(sections)
-    names = ", ".join(sorted({p.parts[0] for p in unplaced}))
+    names = ", ".join(sorted({f.label.split("/")[0] for f in unplaced}))
     note = f"## Plots of assets without a section\n\nAssets: {html.escape(names)}.\n"
     return [*sections, Section(UNPLACED, note, unplaced)]
 
@@ -137,24 +144,24 @@ def page_markdown(header: str, claims: str, sections: Sequence[Section]) -> str:
     parts = [header, claims]
     for s in sections:
         heading, _, rest = s.markdown.partition("\n")
-        plots = "".join(f"\n- plot: `{p.as_posix()}`" for p in s.figures)
+        plots = "".join(f"\n- plot: `{f.label}`" for f in s.figures)
         parts.append(f'{heading}\n<a id="{s.anchor}"></a>\n{rest}{plots}\n')
     return "\n".join(parts)
 
 
-def _figure(base: Path, relative: Path) -> str:
-    data = base64.b64encode((base / relative).read_bytes()).decode("ascii")
-    caption = html.escape(relative.as_posix())
+def _figure(figure: Figure) -> str:
+    data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
+    caption = html.escape(figure.label)
     return f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
-def page_html(header: str, claims: str, sections: Sequence[Section], base: Path) -> str:
+def page_html(header: str, claims: str, sections: Sequence[Section]) -> str:
     """One self-contained page: ``header`` (Markdown), ``claims`` (HTML), then each section as
     ``<section id=anchor>`` with its table and its plots inlined right after it."""
     convert = safe_markdown_html
     body = [convert(header), claims]
     for s in sections:
-        figures = "".join(_figure(base, p) for p in s.figures)
+        figures = "".join(_figure(f) for f in s.figures)
         body.append(f'<section id="{s.anchor}">{convert(s.markdown)}{figures}</section>')
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Findings</title><style>{STYLE}</style>"
             f"</head><body>{''.join(body)}</body></html>")  # fmt: skip

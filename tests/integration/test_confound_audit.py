@@ -83,15 +83,22 @@ def test_confound_audit_tables_summary_and_check(audited):
 
 
 def test_findings_report_confound_section(audited):
+    from emotion_assets.alignment import subspace_alignment
+    from emotion_assets.confounds import confound_audit
+    from emotion_assets.io import ProfileArtifacts
     from emotion_assets.report import _alignment_controls, _confounds_markdown
+    from resources.storage import ArtifactStore
 
     root, _ = audited
-    base = root / "smoke"
-    markdown = _confounds_markdown(base)
+    inputs = ProfileArtifacts.published(
+        ArtifactStore(root_dir=str(root)), "smoke",
+        {"confound_audit": confound_audit.partitions_def, "subspace_alignment": subspace_alignment.partitions_def},
+    )  # fmt: skip
+    markdown = _confounds_markdown(inputs)
     assert markdown.startswith("## Confounds")
     assert MODEL in markdown and "probe (last, boundary 12)" in markdown and "emotion_validation" in markdown
-    controls = _alignment_controls(base)
-    assert len(controls) == 3 and (controls["status"] == "not materialized").all()
+    controls = _alignment_controls(inputs)
+    assert len(controls) == 5 and (controls["status"] == "not materialized").all()
 
 
 def test_representation_job_runs_the_audit():

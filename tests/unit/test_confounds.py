@@ -335,18 +335,28 @@ def test_validation_set_near_duplicate_of_dataset_is_refused(tmp_path):
 
 
 def test_report_escapes_text_and_lists_missing_alignment_controls(tmp_path):
+    from emotion_assets.alignment import subspace_alignment
+    from emotion_assets.io import ProfileArtifacts
     from emotion_assets.report import _alignment_controls, _section
+    from resources.storage import ArtifactStore, write_table
 
-    headline = tmp_path / "subspace_alignment" / "smollm2-135m__minilm-l6"
-    headline.mkdir(parents=True)
-    pd.DataFrame(
-        {"method": ["ridge"], "emotion": ["<b>anger</b>"], "overlap": [0.4], "chance": [0.01]}
-    ).to_parquet(headline / "summary.parquet")
-    controls = _alignment_controls(tmp_path)
+    store = ArtifactStore(root_dir=str(tmp_path))
+    with store.publishing():
+        write_table(
+            store.directory("smoke", "subspace_alignment", "smollm2-135m__gemma3-270m") / "summary.parquet",
+            pd.DataFrame(
+                {"method": ["ridge"], "emotion": ["<b>anger</b>"], "overlap": [0.4], "chance": [0.01]}
+            ),
+        )
+    inputs = ProfileArtifacts.published(
+        store, "smoke", {"subspace_alignment": subspace_alignment.partitions_def}
+    )
+    controls = _alignment_controls(inputs)
     status = controls.set_index("pair")["status"]
-    assert status["smollm2-135m__minilm-l6"] == "materialized"
-    assert status["smollm2-135m-random__minilm-l6"] == "not materialized"
-    assert status["smollm2-135m__smollm2-135m-rotated"] == "not materialized"
+    assert status["smollm2-135m__gemma3-270m"] == "materialized"
+    assert controls.set_index("pair").loc["smollm2-135m__gemma3-270m", "role"] == "headline"
+    assert status["smollm2-135m-random__gemma3-270m"] == "not materialized"
+    assert status["smollm2-135m__gemma3-270m-random"] == "not materialized"
     markdown = _section("Alignment controls", controls)
     assert "&lt;b&gt;anger&lt;/b&gt;" in markdown and "<b>" not in markdown
 
