@@ -10,7 +10,7 @@ from typing import Any
 
 import dagster as dg
 
-from emotion_assets.science.text_scoring import EvaluatorSuite, build_suite
+from emotion_assets.science.scoring import EvaluatorSuite, build_suite
 from resources.device import resolve_device
 
 _SUITES: dict[tuple[str, str, str], EvaluatorSuite] = {}

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from emotion_assets.science.scoring import MARKER_COLUMN, binary_auroc, classification_quality
 from emotion_assets.science.surface import surface_features
-from emotion_assets.science.text_scoring import MARKER_COLUMN, binary_auroc, classification_quality
 
 CLASSIFIER = "emotions (embedded classifier)"
 POLITENESS = "politeness (strategies, without gratitude/apology keywords)"
