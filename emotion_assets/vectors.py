@@ -22,14 +22,13 @@ from emotion_assets.science.directions import (
 from emotion_assets.science.directions import (
     emotion_vectors as mean_difference_vectors,
 )
-from emotion_assets.science.prompts import fitting_mask
+from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
 
 VECTORS_FILE = "vectors.safetensors"
 SUBSPACES_FILE = "subspaces.safetensors"
-NEUTRAL = "neutral"
 
 
 def vector_key(strategy: str, emotion: str) -> str:

@@ -25,7 +25,7 @@ from emotion_assets.science.attention_families import (
     output_projection,
     read_call,
 )
-from emotion_assets.science.heads.layout import HeadLayout, head_layout
+from emotion_assets.science.heads.layout import HeadGeometry, HeadLayout, head_layout
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import _forward_kwargs, _StopForward, decoder_blocks
 
@@ -39,6 +39,16 @@ def z_hook(layout: HeadLayout, edit: Callable[[Tensor], Tensor]) -> Callable[...
         return (edit(z).reshape(x.shape), *args[1:])
 
     return hook
+
+
+def layers_to_capture(layout: HeadGeometry, layers: Sequence[int]) -> list[int]:
+    """``layers`` sorted without repeats; an error unless they are a non-empty subset of the model's layers."""
+    wanted = sorted(set(int(layer) for layer in layers))
+    if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
+        raise ValueError(
+            f"layers must be a non-empty subset of 0..{layout.n_layers - 1}, got {list(layers)}."
+        )
+    return wanted
 
 
 def run_stopped(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> None:
@@ -59,11 +69,7 @@ def capture_head_outputs(
     """
     layout = head_layout(model)
     blocks = decoder_blocks(model)
-    wanted = sorted(set(int(layer) for layer in layers))
-    if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
-        raise ValueError(
-            f"layers must be a non-empty subset of 0..{layout.n_layers - 1}, got {list(layers)}."
-        )
+    wanted = layers_to_capture(layout, layers)
     captured: dict[int, Tensor] = {}
 
     def record(layer: int) -> Callable[..., None]:
@@ -102,11 +108,7 @@ def capture_attention(
     """
     layout = head_layout(model)
     blocks = decoder_blocks(model)
-    wanted = sorted(set(int(layer) for layer in layers))
-    if not wanted or not all(0 <= ly < layout.n_layers for ly in wanted):
-        raise ValueError(
-            f"layers must be a non-empty subset of 0..{layout.n_layers - 1}, got {list(layers)}."
-        )
+    wanted = layers_to_capture(layout, layers)
     patterns: dict[int, Tensor] = {}
     values: dict[int, Tensor] = {}
 

@@ -35,6 +35,16 @@ class TextScorer(Protocol):
     def score(self, texts: list[str]) -> pd.DataFrame: ...
 
 
+class ProbabilityColumns:
+    """For scorers whose every column is a rate or probability in [0, 1]."""
+
+    metric_names: list[str]
+
+    @property
+    def metric_ranges(self) -> dict[str, tuple[float, float]]:
+        return dict.fromkeys(self.metric_names, (0.0, 1.0))
+
+
 def normalize_label(label: str) -> str:
     """Lowercase a class label and replace whitespace and dashes with underscores."""
     return re.sub(r"[\s\-]+", "_", str(label).strip().lower())

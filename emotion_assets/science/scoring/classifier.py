@@ -13,6 +13,7 @@ from jaxtyping import Float
 
 from emotion_assets.science.scoring.base import (
     EvaluatorUnavailable,
+    ProbabilityColumns,
     neutral_class_scores,
     normalize_label,
     tokenized_batches,
@@ -72,7 +73,7 @@ class MiniLmEmbedder:
         return out
 
 
-class EmbeddingEmotionClassifier:
+class EmbeddingEmotionClassifier(ProbabilityColumns):
     """Multinomial logistic regression on standardized sentence embeddings.
 
     ``fit`` learns the classes present in the labels (e.g. gratitude/anger/apology/neutral); ``score``
@@ -93,10 +94,6 @@ class EmbeddingEmotionClassifier:
     @property
     def metric_names(self) -> list[str]:
         return [f"emotion_{label}" for label in self.classes]
-
-    @property
-    def metric_ranges(self) -> dict[str, tuple[float, float]]:
-        return dict.fromkeys(self.metric_names, (0.0, 1.0))
 
     @property
     def neutral_scores(self) -> dict[str, float]:

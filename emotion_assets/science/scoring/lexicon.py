@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from emotion_assets.science.scoring.base import EvaluatorUnavailable, words
+from emotion_assets.science.scoring.base import EvaluatorUnavailable, ProbabilityColumns, words
 from emotion_assets.science.scoring.labels import nrc_affects
 from resources.packages import installed_package_dir
 
@@ -40,7 +40,7 @@ def nrc_lexicon_path() -> Path:
     return path
 
 
-class NrcLexiconEmotions:
+class NrcLexiconEmotions(ProbabilityColumns):
     """NRC Emotion Lexicon (Mohammad & Turney 2013) affect rates.
 
     ``nrc_<affect>`` is the fraction of word tokens tagged with that affect, in [0, 1]. Tokens are lowercase
@@ -65,10 +65,6 @@ class NrcLexiconEmotions:
     @property
     def metric_names(self) -> list[str]:
         return [f"nrc_{a}" for a in self.affect_names]
-
-    @property
-    def metric_ranges(self) -> dict[str, tuple[float, float]]:
-        return dict.fromkeys(self.metric_names, (0.0, 1.0))
 
     @property
     def neutral_scores(self) -> dict[str, float]:

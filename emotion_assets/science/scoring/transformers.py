@@ -11,6 +11,7 @@ from jaxtyping import Float
 
 from emotion_assets.science.scoring.base import (
     EvaluatorUnavailable,
+    ProbabilityColumns,
     neutral_class_scores,
     normalize_label,
     tokenized_batches,
@@ -28,7 +29,7 @@ def unavailable_message(model_id: str, err: BaseException | None = None) -> str:
     )
 
 
-class TransformerClassifier:
+class TransformerClassifier(ProbabilityColumns):
     """A Hugging Face sequence classifier loaded from a local directory or the local HF cache.
 
     Multi-label models (``config.problem_type == "multi_label_classification"``) get an independent sigmoid
@@ -88,10 +89,6 @@ class TransformerClassifier:
     @property
     def metric_names(self) -> list[str]:
         return [f"{self.prefix}{label}" for label in self.labels]
-
-    @property
-    def metric_ranges(self) -> dict[str, tuple[float, float]]:
-        return dict.fromkeys(self.metric_names, (0.0, 1.0))
 
     @property
     def neutral_scores(self) -> dict[str, float]:
