@@ -4,8 +4,8 @@ The same plan as ``python -m jobs.study --profile P --model M`` (run as that com
 with DAGSTER_HOME, the results folder and the MLflow store (tracking URI and artifacts) inside a temporary
 folder that is deleted afterwards (``--keep`` keeps it). The model cache stays ``$EMOTION_MODEL_CACHE``.
 
-Printed: per asset the Dagster step time summed over its partitions, the asset's own timing records, its
-share; the total; the study's wall time. The one-off conversion of each embedded GGUF model of the plan is
+Printed: per asset the Dagster step time summed over its partitions, the seconds its materializations
+recorded in their metadata, its share; the total; the study's wall time. The one-off conversion of each embedded GGUF model of the plan is
 measured separately: a cold ``ModelResource(cache_dir=<empty temp>).get(name)`` minus a warm reload from
 that folder. Whether the study itself paid it is printed beside it (it did not when the model cache was
 already warm). ``--conversion skip`` leaves the measurement out.
@@ -80,6 +80,7 @@ def main() -> int:
     from dagster import DagsterInstance
 
     from emotion_assets.partitions import REGISTRY
+    from emotion_assets.timing import run_records
     from jobs.jobs import study_plan
     from jobs.study import target_problem
     from jobs.study_timings import asset_table, format_timings, step_rows
@@ -130,7 +131,8 @@ def main() -> int:
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     with DagsterInstance.get() as instance:
         steps = step_rows(instance)
-    table = asset_table(steps, tmp / "results", args.profile)
+        recorded = run_records(instance)
+    table = asset_table(steps, recorded)
     title = f"Study {model} × {args.profile} on {os.cpu_count()} CPU cores"
     print(format_timings(table, wall_s=wall, conversion=conversion, title=title))
     if args.keep:

@@ -1,7 +1,6 @@
 """Phase 2: pooled residual-stream activations at every block boundary, per prompt."""
 
 import dagster as dg
-import pandas as pd
 import torch
 
 from emotion_assets.common import (
@@ -10,11 +9,19 @@ from emotion_assets.common import (
     check_layers_exist,
     effective_profile,
     limit_for_run,
-    load_dataset,
     recorded,
     refuse_failing_checks,
 )
 from emotion_assets.dataset import emotion_dataset
+from emotion_assets.io import (
+    ACTIVATIONS_FILE,
+    INDEX_FILE,
+    RESIDUAL_NORMS_FILE,
+    SINKS_FILE,
+    ArtifactHandle,
+    activations_of,
+    prompts_of,
+)
 from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import line_plot, markdown_table, save_figure
 from emotion_assets.profiles import Profile, ProfileError, profiles_path
@@ -22,12 +29,8 @@ from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
 from emotion_assets.science.residual import PooledActivations, residual_norm_table, sink_exclusion_table
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
-from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
+from resources.storage import ArtifactStore, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
-
-ACTIVATIONS_FILE = "activations.safetensors"
-INDEX_FILE = "index.parquet"
-SINKS_FILE = "sinks.safetensors"  # sink_excluded, token_norm: [n_prompts, n_boundaries]
 
 
 def capture_boundaries(profile: Profile, handle: ModelHandle) -> list[int]:
@@ -82,33 +85,10 @@ def extract_for_profile(
     )
 
 
-def load_activations(
-    store: ArtifactStore, profile: str, model: str
-) -> tuple[dict[str, torch.Tensor], pd.DataFrame, list[int]]:
-    """``({strategy: [n, n_boundaries, d_model]}, index, boundaries)`` written by ``activations``."""
-    folder = store.existing(profile, "activations", model)
-    tensors = read_tensors(folder / ACTIVATIONS_FILE)
-    boundaries = tensors.pop("boundaries").tolist()
-    return tensors, read_table(folder / INDEX_FILE), boundaries
-
-
-def load_token_norms(store: ArtifactStore, profile: str, model: str) -> torch.Tensor:
-    """``token_norm`` ``[n, n_boundaries]`` written by ``activations``: mean ‖resid‖ over each prompt's real
-    non-sink tokens, rows and boundaries as in ``load_activations``."""
-    folder = store.existing(profile, "activations", model)
-    path = folder / SINKS_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing (activations written before sink exclusion); re-materialize activations "
-            f"for {model}|{profile}."
-        )
-    return read_tensors(path)["token_norm"]
-
-
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,
-    deps=[dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile)],
+    ins={"dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile)},
     kinds={"pytorch", "safetensors"},
     code_version="2",
     pool="model",
@@ -123,6 +103,7 @@ def activations(
     models: ModelResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
@@ -130,7 +111,7 @@ def activations(
     check_layers_exist(config.layers, handle.geometry.n_layers, model_name)
     if config.n_jobs > 1:
         torch.set_num_threads(config.n_jobs)
-    prompts = limit_for_run(load_dataset(store, profile_name), profile)
+    prompts = limit_for_run(prompts_of(dataset), profile)
     boundaries = capture_boundaries(profile, handle)
     with recorded(
         context,
@@ -193,7 +174,7 @@ def activations(
         write_table(out / "sink_exclusions.parquet", sinks, csv=True)
         reference_rows = (index["split"] == "train").to_numpy() & fitting_mask(index)
         norms = residual_norm_table(result, reference_rows, profile.pooling[0])
-        write_table(out / "residual_norms.parquet", norms)
+        write_table(out / RESIDUAL_NORMS_FILE, norms)
         plot = save_figure(
             line_plot(
                 norms.melt("boundary", ["mean_residual_norm", "pooled_vector_norm"], "norm", "value"),
@@ -237,9 +218,8 @@ def activations(
     blocking=True,
     description="Every pooled activation is finite and the index matches the tensors row for row.",
 )
-def activations_finite(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    tensors, index, boundaries = load_activations(store, profile_name, model_name)
+def activations_finite(activations: ArtifactHandle) -> dg.AssetCheckResult:
+    tensors, index, boundaries = activations_of(activations)
     return finite_check(tensors, len(index), len(boundaries))
 
 

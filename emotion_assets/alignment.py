@@ -4,9 +4,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from emotion_assets.activations import activations, load_activations
+from emotion_assets.activations import activations
 from emotion_assets.common import RunConfig, effective_profile, json_metadata, recorded
-from emotion_assets.confounds import audit_flags, confound_audit
+from emotion_assets.confounds import confound_audit
+from emotion_assets.io import SWEEP_FILE, ArtifactHandle, ArtifactHandles, activations_of, audit_flags
 from emotion_assets.partitions import REGISTRY, pair_and_profile, pair_profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.alignment import (
@@ -17,7 +18,7 @@ from emotion_assets.science.alignment import (
 )
 from emotion_assets.science.prompts import NEUTRAL
 from jobs.jobs import ALIGNMENT_GROUP
-from resources.storage import ArtifactStore, read_table, reader_path, write_table
+from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
 
@@ -83,10 +84,10 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
 @dg.asset(
     partitions_def=pair_profile_partitions,
     group_name=ALIGNMENT_GROUP,
-    deps=[
-        dg.AssetDep(activations, partition_mapping=_pair_mapping()),
-        dg.AssetDep(confound_audit, partition_mapping=_pair_mapping()),
-    ],
+    ins={
+        "activations": dg.AssetIn(activations.key, partition_mapping=_pair_mapping()),
+        "audits": dg.AssetIn(confound_audit.key, partition_mapping=_pair_mapping()),
+    },
     kinds={"numpy"},
     code_version="3",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
@@ -96,12 +97,17 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
     "bootstrap CI. A headline row must beat the null AND be emotion-specific.",
 )
 def subspace_alignment(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    activations: ArtifactHandles,
+    audits: ArtifactHandles,
 ) -> dg.MaterializeResult:
     model_a, model_b, profile_name = pair_and_profile(context)
     profile = effective_profile(profile_name, config)
-    pooled_a, index_a, bounds_a = load_activations(store, profile_name, model_a)
-    pooled_b, index_b, bounds_b = load_activations(store, profile_name, model_b)
+    pooled_a, index_a, bounds_a = activations_of(activations[model_a])
+    pooled_b, index_b, bounds_b = activations_of(activations[model_b])
     strategy = profile.pooling[0]
     row_a, row_b, joined = paired_rows(index_a, index_b)
     settings = profile.alignment
@@ -157,7 +163,7 @@ def subspace_alignment(
 
         out = store.directory(profile_name, "subspace_alignment", f"{model_a}__{model_b}")
         rec.artifacts(out)
-        write_table(out / "alignment_sweep.parquet", sweep, csv=True)
+        write_table(out / SWEEP_FILE, sweep, csv=True)
         write_table(out / "specificity_matrix.parquet", matrix, csv=True)
         write_table(out / "specificity.parquet", specificity, csv=True)
         write_table(out / "cka_matrix.parquet", cka_table, csv=True)
@@ -195,7 +201,7 @@ def subspace_alignment(
         n_headline = int(sweep["headline_beats_null"].sum())
         # The audit's word on each side's emotion vectors at the shown layer pair.
         flags = {
-            model: audit_flags(store, profile_name, model, strategy, [int(shown[column])])
+            model: audit_flags(audits[model], strategy, [int(shown[column])])
             for model, column in ((model_a, "layer_a"), (model_b, "layer_b"))
         }
         best_metrics = (
@@ -324,14 +330,10 @@ def _overlap_vs_k(sweep: pd.DataFrame, layer_a: int, model_a: str, model_b: str)
     description="Overlaps and chance levels lie in [0, 1]; the emotion × emotion matrix's diagonal equals the "
     "per-emotion overlap; every specificity lies in [−1, 1] with lo ≤ hi.",
 )
-def subspace_alignment_ranges(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
-    folder = store.existing(keys["profile"], "subspace_alignment", keys["model_pair"])
-    sweep = read_table(folder / "alignment_sweep.parquet")
-    matrix = read_table(folder / "specificity_matrix.parquet")
-    specificity = read_table(folder / "specificity.parquet")
+def subspace_alignment_ranges(subspace_alignment: ArtifactHandle) -> dg.AssetCheckResult:
+    sweep = subspace_alignment.table(SWEEP_FILE)
+    matrix = subspace_alignment.table("specificity_matrix.parquet")
+    specificity = subspace_alignment.table("specificity.parquet")
     columns = ["overlap", "chance", "null_mean", "null_p95"]
     bad = int(((sweep[columns] < -1e-9) | (sweep[columns] > 1 + 1e-9)).sum().sum())
     cells = matrix[["overlap", "overlap_crossfit"]]

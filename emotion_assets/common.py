@@ -18,7 +18,7 @@ from emotion_assets.registry import DATA_DIR
 from emotion_assets.timing import TimingRecord, past_estimate_s, timed
 from emotion_assets.yaml_loading import load_yaml
 from resources.device import available_devices
-from resources.storage import ArtifactStore, Publication, read_table
+from resources.storage import ArtifactStore, Publication
 from resources.tracking import TrackedRun, TrackingResource
 
 EMOTION_WORDS_PATH = DATA_DIR / "emotion_words.yaml"
@@ -108,11 +108,6 @@ def config_metadata(config: RunConfig | None) -> dict[str, dg.MetadataValue]:
     return {"run_config_overrides": dg.MetadataValue.json(overrides)}
 
 
-def load_dataset(store: ArtifactStore, profile: str) -> pd.DataFrame:
-    """The validated prompt table written by ``emotion_dataset`` for ``profile``."""
-    return read_table(store.existing(profile, DATASET_ASSET) / "prompts.parquet")
-
-
 def refuse_failing_checks(asset: str, partition: str, results: dict[str, dg.AssetCheckResult]) -> None:
     """Raise inside a ``recorded`` block when a check fails, so the staged version is never published and
     the last good version stays in place."""
@@ -185,13 +180,13 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 @dataclass
 class Recorder:
-    """Timing record + MLflow run of one materialization; ``metadata()`` is merged into the result."""
+    """Timing + MLflow run of one materialization; ``metadata()`` is merged into the result."""
 
     timing: TimingRecord
     tracked: TrackedRun
     config: RunConfig | None
     publication: Publication | None = None
-    estimate_s: float | None = None  # median of this asset's earlier runs here (model × profile)
+    estimate_s: float | None = None  # median of this asset's earlier materializations of the partition
 
     def metrics(self, **values: Any) -> None:
         self.tracked.log_metrics(values)
@@ -228,7 +223,8 @@ def recorded(
     config: RunConfig | None,
     throughput_unit: str = "samples",
 ) -> Iterator[Recorder]:
-    """Time the body, record its timing, and log params / metrics / artifacts to one MLflow run.
+    """Time the body into the materialization's metadata, and log params / metrics / artifacts to one MLflow
+    run nested under the Dagster run's MLflow run.
 
     The folders the body gets from ``store.directory(...)`` are new versions, published together when the
     body succeeds (manifest, then an atomic pointer swap) and discarded when it raises; the published
@@ -243,35 +239,34 @@ def recorded(
         **flatten("config", config.overrides() if config else {}),
         **flatten("profile", profile.model_dump(exclude={"name", "description"})),
     }
+    partition_key = str(context.partition_key) if context.has_partition_key else None
     with tracking.track(context, asset, params=params) as tracked:
         for run_id in tracked.orphans_ended:
             context.log.warning(
                 f"MLflow run {run_id} was left RUNNING by a process of this host that is gone (killed or "
                 "crashed); it is now marked KILLED with a note."
             )
-        estimate_s = past_estimate_s(store.root, profile.name, asset, model)  # before this run's record
-        with timed(
-            store.root,
-            phase=phase,
-            asset=asset,
-            model=model,
-            profile=profile.name,
-            device=device,
-            run_id=context.run_id,
-            throughput_unit=throughput_unit,
-        ) as timing:
-            partition_key = str(context.partition_key) if context.has_partition_key else None
-            with store.publishing(partition_key=partition_key) as publication:
-                recorder = Recorder(
-                    timing=timing,
-                    tracked=tracked,
-                    config=config,
-                    publication=publication,
-                    estimate_s=estimate_s,
-                )
-                yield recorder
-        if timing.problem:
-            context.log.warning(timing.problem)
+        estimate_s = past_estimate_s(context.instance, asset, partition_key)  # earlier runs only
+        with (
+            timed(
+                phase=phase,
+                asset=asset,
+                model=model,
+                profile=profile.name,
+                device=device,
+                run_id=context.run_id,
+                throughput_unit=throughput_unit,
+            ) as timing,
+            store.publishing(partition_key=partition_key) as publication,
+        ):
+            recorder = Recorder(
+                timing=timing,
+                tracked=tracked,
+                config=config,
+                publication=publication,
+                estimate_s=estimate_s,
+            )
+            yield recorder
         if publication.digest:
             context.set_data_version(context.asset_key, dg.DataVersion(publication.digest))
         tracked.log_metrics(

@@ -8,16 +8,16 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from emotion_assets.activations import activations, extract_for_profile, load_activations
+from emotion_assets.activations import activations, extract_for_profile
 from emotion_assets.common import (
     RunConfig,
     effective_profile,
     emotion_words,
-    load_dataset,
     recorded,
 )
-from emotion_assets.dataset import EMOTION_COLUMNS, evaluator_suite_for
-from emotion_assets.partitions import model_and_profile, model_profile_partitions
+from emotion_assets.dataset import EMOTION_COLUMNS, emotion_dataset, evaluator_suite_for
+from emotion_assets.io import VECTOR_AUDIT_FILE, ArtifactHandle, activations_of, prompts_of, vectors_of
+from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.profiles import Profile
 from emotion_assets.science.confounds import (
@@ -28,14 +28,12 @@ from emotion_assets.science.confounds import (
     load_validation_set,
 )
 from emotion_assets.science.prompts import fitting_mask
-from emotion_assets.vectors import emotion_vectors, load_vectors
+from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import (
     ArtifactStore,
-    read_json,
-    read_table,
     reader_path,
     write_json,
     write_table,
@@ -45,7 +43,6 @@ from resources.tracking import TrackingResource
 
 ASSET = "confound_audit"
 SUMMARY_FILE = "summary.json"
-VECTOR_AUDIT_FILE = "vector_audit.parquet"
 TABLES = {  # ConfoundAudit field → file stem (parquet + CSV)
     "surface_baselines": "surface_baselines",
     "nuisance_summary": "nuisance_directions",
@@ -123,29 +120,14 @@ def key_numbers(audit: ConfoundAudit, focus: list[int], first_strategy: str) -> 
     }
 
 
-def audit_flags(
-    store: ArtifactStore, profile: str, model: str, strategy: str, boundaries: list[int]
-) -> list[dict[str, Any]]:
-    """The confound audit's flagged vectors of one pooling at ``boundaries`` (what a downstream result
-    that uses those vectors must be read with): emotion, boundary, worst nuisance, its cosine, reason."""
-    audit = read_table(store.existing(profile, "confound_audit", model) / VECTOR_AUDIT_FILE)
-    rows = audit[(audit["strategy"] == strategy) & audit["boundary"].isin(boundaries) & audit["flagged"]]
-    return [
-        {
-            "emotion": str(r.emotion),
-            "boundary": int(r.boundary),
-            "worst_nuisance": str(r.worst_nuisance),
-            "max_abs_cosine": _finite(r.max_abs_cosine),
-            "reason": str(r.reason),
-        }
-        for r in rows.itertuples()
-    ]
-
-
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,
-    deps=[activations, emotion_vectors],
+    ins={
+        "activations": dg.AssetIn(activations.key),
+        "vectors": dg.AssetIn(emotion_vectors.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    },
     kinds={"pytorch", "sklearn"},
     code_version="1",
     pool="model",
@@ -161,21 +143,24 @@ def confound_audit(
     evaluators: EvaluatorResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    activations: ArtifactHandle,
+    vectors: ArtifactHandle,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
-    pooled, index, boundaries = load_activations(store, profile_name, model_name)
-    stored, vector_boundaries = load_vectors(store, profile_name, model_name)
+    pooled, index, boundaries = activations_of(activations)
+    stored, vector_boundaries = vectors_of(vectors)
     if vector_boundaries != boundaries:
         raise ValueError(
             f"emotion_vectors of {model_name}|{profile_name} were read at boundaries {vector_boundaries}, the "
             f"activations at {boundaries}. Re-materialize emotion_vectors for this partition."
         )
-    vectors: dict[str, dict[str, torch.Tensor]] = {}
+    by_strategy: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in stored.items():
         strategy, emotion = key.split("/", 1)
-        vectors.setdefault(strategy, {})[emotion] = value
-    frame = _with_texts(index, load_dataset(store, profile_name), model_name, profile_name)
+        by_strategy.setdefault(strategy, {})[emotion] = value
+    frame = _with_texts(index, prompts_of(dataset), model_name, profile_name)
     fitting = fitting_mask(frame)
     handle = models.get(model_name, device=config.device)
     words = emotion_words()
@@ -186,7 +171,7 @@ def confound_audit(
     ) as rec:  # fmt: skip
         suite = evaluator_suite_for(evaluators, profile, frame[fitting]) if validation else None
         audit = audit_confounds(
-            pooled, frame, boundaries, vectors, fitting=fitting, emotion_words=words, seed=profile.seed,
+            pooled, frame, boundaries, by_strategy, fitting=fitting, emotion_words=words, seed=profile.seed,
             extract=lambda texts: extract_for_profile(
                 handle, texts, profile, boundaries, list(pooled), purpose="counterfactual edits"
             ).pooled,
@@ -283,13 +268,9 @@ def _cosine_heatmap(
     description="Warns when any emotion vector is flagged as confounded: |cos| with a nuisance direction at or "
     "above the threshold, or a surface baseline as accurate as the probe.",
 )
-def emotion_vectors_unconfounded(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    folder = store.existing(profile_name, ASSET, model_name)
-    table = read_table(folder / VECTOR_AUDIT_FILE)
-    summary = read_json(folder / SUMMARY_FILE)
+def emotion_vectors_unconfounded(confound_audit: ArtifactHandle) -> dg.AssetCheckResult:
+    table = confound_audit.table(VECTOR_AUDIT_FILE)
+    summary = confound_audit.json(SUMMARY_FILE)
     flagged = table[table["flagged"]].sort_values("max_abs_cosine", ascending=False)
     named = [f"{r.strategy}/{r.emotion} @ {r.boundary}: {r.reason}" for r in flagged.head(20).itertuples()]
     return dg.AssetCheckResult(

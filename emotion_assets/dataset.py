@@ -9,10 +9,10 @@ from emotion_assets.common import (
     all_emotion_words,
     effective_profile,
     json_metadata,
-    load_dataset,
     recorded,
     refuse_failing_checks,
 )
+from emotion_assets.io import PROMPTS_FILE, ArtifactHandle, prompts_of
 from emotion_assets.partitions import profile_partitions
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.profiles import Profile
@@ -93,7 +93,7 @@ def emotion_dataset(
         columns = ["id", "text", "emotion", "lang", "register", "split", "role", "n_words"]
         # The blocking checks' logic runs on the staged table: a failing dataset is never published.
         refuse_failing_checks("emotion_dataset", profile.name, dataset_gates(frame[columns], profile))
-        write_table(out / "prompts.parquet", frame[columns], csv=True)
+        write_table(out / PROMPTS_FILE, frame[columns], csv=True)
         source_sha = tree_sha256(source)
         write_json(
             out / "summary.json",
@@ -127,7 +127,7 @@ def emotion_dataset(
         counts = counts.reset_index()
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(reader_path(out / "prompts.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / PROMPTS_FILE)),
             "dg.row_count": dg.MetadataValue.int(len(frame)),
             "source": dg.MetadataValue.path(str(source)),
             "source_sha256": dg.MetadataValue.text(source_sha),
@@ -162,10 +162,10 @@ def emotion_dataset(
     "and the largest class is at most max_imbalance_ratio times the smallest (fitting prompts).",
 )
 def emotion_dataset_balance(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+    context: dg.AssetCheckExecutionContext, emotion_dataset: ArtifactHandle
 ) -> dg.AssetCheckResult:
     profile = effective_profile(context.partition_key, None)
-    return balance_check(load_dataset(store, profile.name), profile)
+    return balance_check(prompts_of(emotion_dataset), profile)
 
 
 def balance_check(frame: pd.DataFrame, profile: Profile) -> dg.AssetCheckResult:
@@ -190,10 +190,8 @@ def balance_check(frame: pd.DataFrame, profile: Profile) -> dg.AssetCheckResult:
     blocking=True,
     description="No two prompts are equal after normalisation (statistics count unique prompts).",
 )
-def emotion_dataset_unique(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    return uniqueness_check(load_dataset(store, context.partition_key))
+def emotion_dataset_unique(emotion_dataset: ArtifactHandle) -> dg.AssetCheckResult:
+    return uniqueness_check(prompts_of(emotion_dataset))
 
 
 def uniqueness_check(frame: pd.DataFrame) -> dg.AssetCheckResult:
@@ -218,10 +216,10 @@ def uniqueness_check(frame: pd.DataFrame) -> dg.AssetCheckResult:
     "most dataset.surface_balance.max_share_difference, and mean lengths by at most max_length_ratio.",
 )
 def emotion_dataset_surface_balance(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+    context: dg.AssetCheckExecutionContext, emotion_dataset: ArtifactHandle
 ) -> dg.AssetCheckResult:
     profile = effective_profile(context.partition_key, None)
-    return surface_balance_check(load_dataset(store, profile.name), profile)
+    return surface_balance_check(prompts_of(emotion_dataset), profile)
 
 
 def surface_balance_check(frame: pd.DataFrame, profile: Profile) -> dg.AssetCheckResult:
@@ -274,7 +272,7 @@ def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFr
 @dg.asset(
     partitions_def=profile_partitions,
     group_name=DATASET_GROUP,
-    deps=[emotion_dataset],
+    ins={"dataset": dg.AssetIn(emotion_dataset.key)},
     kinds={"sklearn"},
     code_version="3",
     description="How well each evaluator recovers the labels of the eval split's fitting prompts (the "
@@ -288,9 +286,10 @@ def evaluator_quality(
     store: ArtifactStore,
     evaluators: EvaluatorResource,
     tracking: TrackingResource,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     profile = effective_profile(context.partition_key, config)
-    frame = load_dataset(store, profile.name)
+    frame = prompts_of(dataset)
     evaluation = frame[(frame["split"] == "eval").to_numpy() & fitting_mask(frame)].reset_index(drop=True)
     with recorded(
         context,

@@ -14,13 +14,14 @@ from emotion_assets import (
     statistics,
     vectors,
 )
+from emotion_assets.io import ArtifactIOManager
 from jobs.executors import executor_from_env
 from jobs.jobs import ALL_JOBS
 from jobs.schedules import backfill_schedules
 from jobs.sensors import config_change_sensor
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
-from resources.storage import ArtifactStore, NoPickleIOManager
+from resources.storage import ArtifactStore
 from resources.tracking import TrackingResource
 
 ASSET_MODULES = [
@@ -48,6 +49,6 @@ defs = dg.Definitions(
         "evaluators": EvaluatorResource(),
         "store": ArtifactStore(),
         "tracking": TrackingResource(),
-        "io_manager": NoPickleIOManager(),
+        "io_manager": ArtifactIOManager(store=ArtifactStore()),
     },
 )

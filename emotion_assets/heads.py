@@ -29,12 +29,20 @@ from emotion_assets.common import (
     effective_profile,
     json_metadata,
     limit_for_run,
-    load_dataset,
     recorded,
     refuse_failing_checks,
 )
-from emotion_assets.confounds import audit_flags, confound_audit
+from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
+from emotion_assets.io import (
+    GENERATIONS_FILE,
+    SCREENING_FILE,
+    SPLIT_FILE,
+    ArtifactHandle,
+    audit_flags,
+    prompts_of,
+    vectors_of,
+)
 from emotion_assets.partitions import (
     REGISTRY,
     causal_model_profile_partitions,
@@ -84,11 +92,11 @@ from emotion_assets.science.heads import (
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from emotion_assets.science.residual import tokenize_prompts
 from emotion_assets.science.statistics import stable_seed
-from emotion_assets.vectors import emotion_vectors, load_vectors
+from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelHandle, ModelResource
-from resources.storage import ArtifactStore, read_table, reader_path, write_table
+from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
 SENTIMENT = "sentiment_compound"
@@ -176,10 +184,6 @@ def crossfit_split(pair: PromptPair, emotion: str, profile_seed: int) -> pd.Data
     return split_table(emotion, pair.emotion["id"].tolist(), pair.neutral["id"].tolist(), seed)
 
 
-def load_split(store: ArtifactStore, profile: str, model: str) -> pd.DataFrame:
-    return read_table(store.existing(profile, SCREENING_ASSET, model) / "split.parquet")
-
-
 def trimmed(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(input_ids, attention_mask)`` without the leading columns that are padding in every row."""
     mask = batch["attention_mask"]
@@ -204,10 +208,6 @@ def final_direction(
             "re-materialize activations and emotion_vectors."
         )
     return vectors[f"{strategy}/{emotion}"][boundaries.index(n_layers)]
-
-
-def load_screening(store: ArtifactStore, profile: str, model: str) -> pd.DataFrame:
-    return read_table(store.existing(profile, SCREENING_ASSET, model) / "screening.parquet")
 
 
 def random_heads(n_layers: int, n_heads: int, exclude: Sequence[Head], n: int, seed: int) -> list[Head]:
@@ -288,11 +288,11 @@ def screen_pairs(
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
-    deps=[
-        emotion_vectors,
-        confound_audit,
-        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
-    ],
+    ins={
+        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
+        "audit": dg.AssetIn(confound_audit.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    },
     kinds={"pytorch", "parquet"},
     code_version="4",
     description="Every attention head scored per emotion on each half of a seeded split of the eval prompt "
@@ -305,6 +305,9 @@ def head_screening(
     models: ModelResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    emotion_vectors: ArtifactHandle,
+    audit: ArtifactHandle,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     """Ablation screening and attribution for every ``(layer, head)``, on each half of the prompts.
 
@@ -329,8 +332,8 @@ def head_screening(
     handle = models.get(model_name, device=config.device)
     if config.n_jobs > 1:
         torch.set_num_threads(config.n_jobs)
-    frame = limit_for_run(load_dataset(store, profile_name), profile)
-    vectors, boundaries = load_vectors(store, profile_name, model_name)
+    frame = limit_for_run(prompts_of(dataset), profile)
+    vectors, boundaries = vectors_of(emotion_vectors)
     strategy = profile.pooling[0]
     layout = head_layout(handle.model)
     n_layers = layout.n_layers
@@ -426,9 +429,7 @@ def head_screening(
                 split.groupby(["emotion", "half"]).size().rename("pairs").reset_index()
             ),
             # The readout is the emotion vector at the final boundary: what the confound audit says of it.
-            "confound_flags": json_metadata(
-                audit_flags(store, profile_name, model_name, strategy, [n_layers])
-            ),
+            "confound_flags": json_metadata(audit_flags(audit, strategy, [n_layers])),
             "top_heads": markdown_table(
                 top[
                     [
@@ -457,12 +458,12 @@ def head_screening(
                 "scored for every emotion on both halves of its prompt pairs, every score is finite, and the "
                 "halves are disjoint.")  # fmt: skip
 def head_screening_complete(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+    context: dg.AssetCheckExecutionContext, head_screening: ArtifactHandle
 ) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
+    model_name, _ = model_and_profile(context)
     spec = REGISTRY.get(model_name)
-    screening = load_screening(store, profile_name, model_name)
-    split = load_split(store, profile_name, model_name)
+    screening = head_screening.table(SCREENING_FILE)
+    split = head_screening.table(SPLIT_FILE)
     return screening_check(screening, split, spec.layers, spec.heads)
 
 
@@ -720,11 +721,11 @@ def _fold_generations(
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
-    deps=[
-        head_screening,
-        emotion_vectors,
-        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
-    ],
+    ins={
+        "head_screening": dg.AssetIn(head_screening.key),
+        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    },
     kinds={"pytorch", "parquet"},
     code_version="3",
     pool="model",
@@ -739,6 +740,9 @@ def head_patching(
     evaluators: EvaluatorResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    head_screening: ArtifactHandle,
+    emotion_vectors: ArtifactHandle,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     """Does removing or transplanting an emotion's top heads change what the model writes?
 
@@ -772,10 +776,10 @@ def head_patching(
     handle = models.get(model_name, device=config.device)
     if config.n_jobs > 1:
         torch.set_num_threads(config.n_jobs)
-    frame = limit_for_run(load_dataset(store, profile_name), profile)
-    screening = load_screening(store, profile_name, model_name)
-    splits = load_split(store, profile_name, model_name)
-    vectors, _ = load_vectors(store, profile_name, model_name)
+    frame = limit_for_run(prompts_of(dataset), profile)
+    screening = head_screening.table(SCREENING_FILE)
+    splits = head_screening.table(SPLIT_FILE)
+    vectors, _ = vectors_of(emotion_vectors)
     emotions = [e for e in emotions_of(vectors, profile.pooling[0]) if e in set(screening["emotion"])]
     layout = head_layout(handle.model)
     top_n = profile.heads.top_n
@@ -870,11 +874,8 @@ def head_patching(
 
 @dg.asset_check(asset=head_patching, blocking=True, description="Every condition of every emotion has a "
                 "continuation for every prompt of its prompt set, exactly once.")  # fmt: skip
-def head_patching_complete(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+def head_patching_complete(head_patching: ArtifactHandle) -> dg.AssetCheckResult:
+    scored = head_patching.table(GENERATIONS_FILE)
     return patching_check(scored)
 
 
@@ -906,13 +907,12 @@ def patching_check(scored: pd.DataFrame) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=head_patching, blocking=True, description="Cross-fitting holds row by row: no head set "
                 "is measured on a prompt of the half that selected it, and every prompt is measured by each "
-                "condition in exactly one fold.")  # fmt: skip
+                "condition in exactly one fold.",
+                additional_ins={"head_screening": dg.AssetIn(head_screening.key)})  # fmt: skip
 def head_patching_crossfit(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
+    head_patching: ArtifactHandle, head_screening: ArtifactHandle
 ) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
-    return crossfit_check(scored, load_split(store, profile_name, model_name))
+    return crossfit_check(head_patching.table(GENERATIONS_FILE), head_screening.table(SPLIT_FILE))
 
 
 def crossfit_check(scored: pd.DataFrame, split: pd.DataFrame) -> dg.AssetCheckResult:
@@ -1160,11 +1160,11 @@ def pooled_circuit_effects(effects: pd.DataFrame) -> pd.DataFrame:
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=HEADS_GROUP,
-    deps=[
-        head_screening,
-        emotion_vectors,
-        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
-    ],
+    ins={
+        "head_screening": dg.AssetIn(head_screening.key),
+        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    },
     kinds={"pytorch", "parquet"},
     code_version="3",
     pool="model",
@@ -1179,6 +1179,9 @@ def emotion_circuits(
     models: ModelResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    head_screening: ArtifactHandle,
+    emotion_vectors: ArtifactHandle,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     """OV, QK, roles and circuit effects of each emotion's top-N heads, per cross-fitted fold.
 
@@ -1202,10 +1205,10 @@ def emotion_circuits(
     handle = models.get(model_name, device=config.device)
     if config.n_jobs > 1:
         torch.set_num_threads(config.n_jobs)
-    frame = limit_for_run(load_dataset(store, profile_name), profile)
-    screening = load_screening(store, profile_name, model_name)
-    splits = load_split(store, profile_name, model_name)
-    vectors, boundaries = load_vectors(store, profile_name, model_name)
+    frame = limit_for_run(prompts_of(dataset), profile)
+    screening = head_screening.table(SCREENING_FILE)
+    splits = head_screening.table(SPLIT_FILE)
+    vectors, boundaries = vectors_of(emotion_vectors)
     strategy = profile.pooling[0]
     emotions = [e for e in emotions_of(vectors, strategy) if e in set(screening["emotion"])]
     n_layers = head_layout(handle.model).n_layers

@@ -6,19 +6,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from emotion_assets.activations import check_steering_layers, load_activations
+from emotion_assets.activations import activations, check_steering_layers
 from emotion_assets.common import (
     RunConfig,
     effective_profile,
     json_metadata,
     limit_for_run,
-    load_dataset,
     progress_logger,
     recorded,
     refuse_failing_checks,
 )
-from emotion_assets.confounds import audit_flags, confound_audit
+from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
+from emotion_assets.io import (
+    GENERATIONS_FILE,
+    RESIDUAL_NORMS_FILE,
+    ArtifactHandle,
+    activations_of,
+    audit_flags,
+    prompts_of,
+    vectors_of,
+)
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
     model_and_profile,
@@ -40,11 +48,11 @@ from emotion_assets.science.steering_analysis import (
     shift_table,
     split_halves,
 )
-from emotion_assets.vectors import emotion_vectors, load_vectors
+from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import STEERING_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
-from resources.storage import ArtifactStore, read_table, reader_path, write_table
+from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
 # The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
@@ -67,11 +75,12 @@ def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.D
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=STEERING_GROUP,
-    deps=[
-        emotion_vectors,
-        confound_audit,
-        dg.AssetDep(emotion_dataset, partition_mapping=profile_to_model_profile),
-    ],
+    ins={
+        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
+        "activations": dg.AssetIn(activations.key),
+        "audit": dg.AssetIn(confound_audit.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    },
     kinds={"pytorch", "parquet"},
     code_version="3",
     pool="model",
@@ -91,15 +100,19 @@ def residual_patching(
     evaluators: EvaluatorResource,
     store: ArtifactStore,
     tracking: TrackingResource,
+    emotion_vectors: ArtifactHandle,
+    activations: ArtifactHandle,
+    audit: ArtifactHandle,
+    dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
     handle = models.get(model_name, device=config.device)
-    frame = limit_for_run(load_dataset(store, profile_name), profile)
+    frame = limit_for_run(prompts_of(dataset), profile)
     prompts, prompts_role = steering_prompts(frame, profile.steering.max_prompts)
     strategy = profile.pooling[0]
-    vectors, boundaries = load_vectors(store, profile_name, model_name)
-    pooled, index, act_bounds = load_activations(store, profile_name, model_name)
+    vectors, boundaries = vectors_of(emotion_vectors)
+    pooled, index, act_bounds = activations_of(activations)
     check_steering_layers(profile, model_name, handle.geometry.n_layers)  # the right advice comes first
     layers = profile.steering.blocks(handle.geometry.n_layers)
     missing = [layer for layer in layers if layer not in boundaries]
@@ -110,7 +123,7 @@ def residual_patching(
         )
     emotions = sorted({key.split("/")[1] for key in vectors if key.startswith(f"{strategy}/")})
     per_emotion = {e: {L: vectors[f"{strategy}/{e}"][boundaries.index(L)] for L in layers} for e in emotions}
-    norms = read_table(store.existing(profile_name, "activations", model_name) / "residual_norms.parquet")
+    norms = activations.table(RESIDUAL_NORMS_FILE)
     resid_norms = {L: float(norms.loc[norms["boundary"] == L, "mean_residual_norm"].iloc[0]) for L in layers}
     neutral_train = torch.as_tensor(
         ((index["split"] == "train") & (index["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(index)
@@ -210,7 +223,7 @@ def residual_patching(
             "n_prompts": dg.MetadataValue.int(len(prompts)),
             "steering_prompts_role": dg.MetadataValue.text(prompts_role),
             # What the confound audit says of the steered vectors: read every shift with it.
-            "confound_flags": json_metadata(audit_flags(store, profile_name, model_name, strategy, layers)),
+            "confound_flags": json_metadata(audit_flags(audit, strategy, layers)),
             "n_conditions": dg.MetadataValue.int(len(conditions)),
             "generated_tokens_per_s": dg.MetadataValue.float(round(rec.timing.throughput_per_s, 1)),
             "selection": dg.MetadataValue.text(
@@ -279,11 +292,8 @@ def _examples(scored: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
 
 @dg.asset_check(asset=residual_patching, blocking=True, description="α = 0 rows reproduce the unsteered "
                 "baseline continuation for every prompt (greedy decoding).")  # fmt: skip
-def residual_patching_alpha_zero(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
+def residual_patching_alpha_zero(residual_patching: ArtifactHandle) -> dg.AssetCheckResult:
+    scored = residual_patching.table(GENERATIONS_FILE)
     return alpha_zero_check(scored)
 
 

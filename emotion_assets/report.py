@@ -13,6 +13,7 @@ from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
 from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import evaluator_quality
 from emotion_assets.heads import emotion_circuits
+from emotion_assets.io import COMPARISONS_FILE, ArtifactHandles
 from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
 from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import markdown_table
@@ -35,8 +36,8 @@ from emotion_assets.science.claims import (
     steering_claims,
     verdict_counts,
 )
-from emotion_assets.statistics import patching_statistics, rollup_frames
-from emotion_assets.timing import read_timings
+from emotion_assets.statistics import patching_statistics
+from emotion_assets.timing import profile_timings
 from jobs.jobs import REPORT_GROUP
 from resources.storage import ArtifactStore, read_json, read_table, reader_path, write_bytes, write_table
 from resources.tracking import TrackingResource
@@ -71,17 +72,23 @@ VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_fina
 @dg.asset(
     partitions_def=profile_partitions,
     group_name=REPORT_GROUP,
-    deps=[dg.AssetDep(patching_statistics, partition_mapping=profile_to_model_profile)],
+    ins={"statistics": dg.AssetIn(patching_statistics.key, partition_mapping=profile_to_model_profile)},
     kinds={"pandas"},
     code_version="3",
     description="Every model's patching statistics for the profile in one table, with per-model counts of "
     "effects that survive correction.",
 )
 def patching_statistics_rollup(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    statistics: ArtifactHandles,
 ) -> dg.MaterializeResult:
+    """Every model's published ``patching_statistics`` of the profile, stacked in model order."""
     profile = effective_profile(context.partition_key, config)
-    stats = rollup_frames(Path(store.root), profile.name)
+    frames = [statistics[model].table(COMPARISONS_FILE) for model in statistics]
+    stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if stats.empty:
         raise FileNotFoundError(
             f"No patching_statistics found under {store.root}/{profile.name}/. Materialize "
@@ -287,11 +294,12 @@ def study_claims(base: Path, profile: Profile) -> pd.DataFrame:
         dg.AssetDep(confound_audit, partition_mapping=profile_to_model_profile),
     ],
     kinds={"markdown", "html"},
-    code_version="6",
+    code_version="7",
     description="The results section of the study for one profile across models. It opens with the study's "
     "claims, each a sentence generated from the statistics with a verdict (supported / not supported / "
     "confounded / not tested) and links to its evidence; then the confound audit (surface baselines, nuisance "
-    "cosines, registers, validation sets, flags), alignment controls, corrected-effect counts, evaluator "
+    "cosines, registers, validation sets, flags), alignment controls, corrected-effect counts, what the "
+    "controls changed (survivors of an uncontrolled reading beside the controlled one), evaluator "
     "quality, the dataset's surface balance, probe accuracy, steering against baseline, random controls and "
     "the other emotions' vectors, top heads, head patching against random heads, circuits, alignment overlaps "
     "with their null band, and the slowest phases; each section's plots sit beside its table.",
@@ -305,7 +313,7 @@ def findings_report(
         context, tracking=tracking, store=store, phase="7-report", model="all", profile=profile,
         device="cpu", config=config, throughput_unit="sections",
     ) as rec:  # fmt: skip
-        header, sections, timing_problems = _report_sections(base, profile, context)
+        header, sections = _report_sections(base, profile, context)
         claims = study_claims(base, profile)
         counts = verdict_counts(claims)
         sections = place_figures(sections, base)
@@ -325,7 +333,6 @@ def findings_report(
             "verdicts": markdown_table(counts),
             "claims": markdown_table(claims[["verdict", "sentence"]], max_rows=60),
             "report": dg.MetadataValue.md(markdown[:20000]),
-            "timing_record_problems": dg.MetadataValue.json(timing_problems),
             **rec.metadata(),
         }
     )
@@ -333,9 +340,9 @@ def findings_report(
 
 def _report_sections(
     base: Path, profile: Profile, context: dg.AssetExecutionContext
-) -> tuple[str, list[Section], list[str]]:
-    """The report's header, its evidence sections (each with the anchor the claims link to) and the timing
-    records that could not be read."""
+) -> tuple[str, list[Section]]:
+    """The report's header and its evidence sections (each with the anchor the claims link to); the slowest
+    phases come from the instance's materialization records of the profile."""
     probes = _stack(sorted(base.glob("emotion_vectors/*/probe_accuracy.parquet")), "model")
     best_probe = (probes.sort_values("accuracy", ascending=False).groupby("model", as_index=False).first()
                   if probes is not None else None)  # fmt: skip
@@ -359,6 +366,8 @@ def _report_sections(
                 selected, on=["model", "condition"]
             )
             specificity = others[SPECIFICITY_COLUMNS]
+    control_ledger = _stack(sorted(base.glob("patching_statistics/*/control_ledger.parquet")), "model")
+    maxima = _stack(sorted(base.glob("patching_statistics/*/headline_maxima.parquet")), "model")
     top_heads = _stack(sorted(base.glob("head_screening/*/top_heads.parquet")), "model")
     if top_heads is not None:
         top_heads = (top_heads[top_heads["rank"] <= TOP_HEADS_SHOWN]
@@ -371,11 +380,9 @@ def _report_sections(
     dataset = _read(base / "emotion_dataset" / "surface.parquet")
     if dataset is not None and "register" in dataset:
         dataset = dataset[dataset["register"] == "all"]
-    timings, timing_problems = read_timings(base)
-    for problem in timing_problems:
-        context.log.warning(f"Skipped an unreadable timing record: {problem}")
+    timings = profile_timings(context.instance, profile.name)
     slowest = None
-    if timings is not None:
+    if not timings.empty:
         slowest = (timings.groupby(["model", "asset"], as_index=False)["elapsed_s"].max()
                    .sort_values("elapsed_s", ascending=False).head(10))  # fmt: skip
     header = f"# Findings — profile `{profile.name}`\n\n{html.escape(profile.description)}\n"
@@ -388,6 +395,17 @@ def _report_sections(
                 "Per model, source and comparison: comparisons declared, and how many survive BH-FDR "
                 "(q < 0.05) and Bonferroni (p < 0.05) across the model's whole family (every source × "
                 "comparison × emotion × metric × condition).")),
+        Section("control-ledger", _section("What the controls changed", control_ledger,
+                "The same generations and screening scores read twice. Uncontrolled: Student t (p = 0 for "
+                "constant shifts), isotropic and covariance-matched random directions pooled into one control, "
+                "no comparison with the other emotions' vectors, no fluency bound, top heads tested on the "
+                "prompts that chose them. Controlled: this study's family and rules. Comparison counts differ "
+                "because the controls add comparisons; the cell and head rows compare like with like.")
+                + _section("Headline maxima: grid maximum vs selected and confirmed", maxima,
+                "uncontrolled_cell / uncontrolled_shift: the largest intended shift of the target score over "
+                "the whole grid, chosen and reported on every prompt, fluent or not. controlled_cell: the best "
+                "fluent cell chosen on half A (selection_shift), confirmed_shift and its CI measured on half "
+                "B.", 3)),
         Section("evaluator-quality", _section("Evaluator quality (eval split)",
                                               _read(base / "evaluator_quality" / "quality.parquet"))),
         Section("dataset", _section("Dataset surface balance (all registers)", dataset,
@@ -440,7 +458,7 @@ def _report_sections(
         Section("k-selection", _section("k-selection", chosen_k)),
         Section("slowest-phases", _section("Slowest phases", slowest)),
     ]  # fmt: skip
-    return header, sections, timing_problems
+    return header, sections
 
 
 __all__ = ["findings_report", "patching_statistics_rollup", "safe_markdown_html", "study_claims"]

@@ -1,7 +1,5 @@
 """Phase 7: effect sizes, corrected tests and power for the patching results; k-selection for alignment."""
 
-from pathlib import Path
-
 import dagster as dg
 import matplotlib.pyplot as plt
 import numpy as np
@@ -9,7 +7,8 @@ import pandas as pd
 
 from emotion_assets.alignment import beyond_embeddings, subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
-from emotion_assets.heads import PATCHING_ASSET, head_patching
+from emotion_assets.heads import PATCHING_ASSET, head_patching, head_screening
+from emotion_assets.io import COMPARISONS_FILE, GENERATIONS_FILE, SCREENING_FILE, SWEEP_FILE, ArtifactHandle
 from emotion_assets.partitions import (
     causal_model_profile_partitions,
     model_and_profile,
@@ -18,6 +17,12 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import TARGET_METRICS, residual_patching
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.control_ledger import (
+    headline_maxima,
+    ledger,
+    top_head_selection_tests,
+    uncontrolled_steering_family,
+)
 from emotion_assets.science.crossfit import heads_by_fold, split_ids
 from emotion_assets.science.statistics import (
     correct_family,
@@ -31,7 +36,7 @@ from emotion_assets.science.statistics import (
 )
 from emotion_assets.science.steering_analysis import specificity_summary, steering_comparisons
 from jobs.jobs import ALIGNMENT_GROUP, STATISTICS_GROUP
-from resources.storage import ArtifactStore, read_table, reader_path, write_table
+from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
 # Scores tested for every condition: the three emotion probabilities, sentiment and politeness.
@@ -235,18 +240,30 @@ def head_comparisons(
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
     group_name=STATISTICS_GROUP,
-    deps=[residual_patching, head_patching],
+    ins={
+        "residual_patching": dg.AssetIn(residual_patching.key),
+        "head_patching": dg.AssetIn(head_patching.key),
+        "head_screening": dg.AssetIn(head_screening.key),
+    },
     kinds={"scipy", "parquet"},
-    code_version="4",
+    code_version="5",
     description="Per unique prompt, paired: every steered condition vs the unsteered baseline (all scores), "
     "every emotion vector vs its norm-matched random controls, isotropic and covariance-matched separately, "
     "and vs every other emotion's vector at the same layer and α (its own target score), every head "
     "ablation/patch vs the unintervened continuation and the top heads vs random-head controls; unpaired emotion vs neutral "
     "prompts (Welch, Hedges' g). Mean difference, Cohen's d_z with a variance floor, paired t, Wilcoxon, "
-    "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power.",
+    "seeded bootstrap CIs, BH-FDR and Bonferroni across the whole declared family, exact noncentral-t power. "
+    "The control ledger counts the survivors an uncontrolled reading of the same data would report beside "
+    "the survivors of the controls.",
 )
 def patching_statistics(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    residual_patching: ArtifactHandle,
+    head_patching: ArtifactHandle,
+    head_screening: ArtifactHandle,
 ) -> dg.MaterializeResult:
     """Effect sizes, tests and corrections for ``residual_patching`` and ``head_patching`` of one model.
 
@@ -255,8 +272,11 @@ def patching_statistics(
     """
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
-    scored = read_table(store.existing(profile_name, "residual_patching", model_name) / "generations.parquet")
-    head_scored = read_table(store.existing(profile_name, PATCHING_ASSET, model_name) / "generations.parquet")
+    scored = residual_patching.table(GENERATIONS_FILE)
+    condition_shifts = residual_patching.table("condition_shifts.parquet")
+    best_cells = residual_patching.table("best_per_emotion.parquet")
+    head_scored = head_patching.table(GENERATIONS_FILE)
+    screening = head_screening.table(SCREENING_FILE)
     metrics, untested = metrics_to_test(scored, "residual_patching")
     head_metrics, head_untested = metrics_to_test(head_scored, PATCHING_ASSET)
     with recorded(
@@ -288,9 +308,25 @@ def patching_statistics(
         stats["survives_bh"] = stats["p_bh"] < 0.05
         rec.timing.samples = len(stats)
 
+        uncontrolled = uncontrolled_steering_family(
+            table, metrics, TARGET_METRICS, seed=stable_seed(seed, "uncontrolled"), n_boot=profile.n_bootstrap
+        )
+        head_tests = top_head_selection_tests(
+            screening, profile.heads.top_n, seed=stable_seed(seed, "top_head_selection")
+        )
+        fluent = dict(
+            zip(condition_shifts["condition"], condition_shifts["fluent"].astype(bool), strict=True)
+        )
+        control_ledger = ledger(uncontrolled, stats, fluent, TARGET_METRICS, head_tests)
+        maxima = headline_maxima(condition_shifts, best_cells)
+
         out = store.directory(profile_name, "patching_statistics", model_name)
         rec.artifacts(out)
-        write_table(out / "comparisons.parquet", stats, csv=True)
+        write_table(out / COMPARISONS_FILE, stats, csv=True)
+        write_table(out / "control_ledger.parquet", control_ledger, csv=True)
+        write_table(out / "uncontrolled_comparisons.parquet", uncontrolled, csv=True)
+        write_table(out / "head_selection_tests.parquet", head_tests, csv=True)
+        write_table(out / "headline_maxima.parquet", maxima, csv=True)
         paired_n = sorted(stats.loc[stats["effect_measure"] == "d_z", "n"].astype(int).unique())
         power = pd.concat([power_table(None, n) for n in paired_n], ignore_index=True)
         write_table(out / "power.parquet", power, csv=True)
@@ -321,7 +357,7 @@ def patching_statistics(
     ).reset_index()  # fmt: skip
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(reader_path(out / "comparisons.parquet")),
+            "path": dg.MetadataValue.path(reader_path(out / COMPARISONS_FILE)),
             "dg.row_count": dg.MetadataValue.int(len(stats)),
             "n_unique_prompts": dg.MetadataValue.json({k: int(v) for k, v in n_by_source.items()}),
             "family": dg.MetadataValue.text(str(stats["family_t"].iloc[0])),
@@ -333,6 +369,9 @@ def patching_statistics(
                 survivors[headline] if len(survivors) else stats.nsmallest(10, "p_t")[headline], max_rows=30
             ),
             "power": markdown_table(power),
+            # What the controls changed: survivors of an uncontrolled reading of the same data beside the study's.
+            "control_ledger": markdown_table(control_ledger.drop(columns=["rules"]), max_rows=20),
+            "headline_maxima": markdown_table(maxima, max_rows=20),
             # Specificity: does an emotion's vector move its own score more than the other emotions' vectors?
             "specificity": markdown_table(specificity_summary(stats), max_rows=30),
             **plots,
@@ -366,13 +405,8 @@ def _p_histogram(stats: pd.DataFrame) -> plt.Figure:
 
 @dg.asset_check(asset=patching_statistics, description="Every p lies in [0, 1], corrected p ≥ raw p, and "
                 "every effect size (d_z or Hedges' g) is finite.")  # fmt: skip
-def patching_statistics_sane(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    stats = read_table(
-        store.existing(profile_name, "patching_statistics", model_name) / "comparisons.parquet"
-    )
+def patching_statistics_sane(patching_statistics: ArtifactHandle) -> dg.AssetCheckResult:
+    stats = patching_statistics.table(COMPARISONS_FILE)
     p_ok = bool(stats["p_t"].between(0, 1).all() and (stats["p_bh"] >= stats["p_t"] - 1e-12).all())
     d_ok = bool(np.isfinite(stats["effect_size"]).all())
     return dg.AssetCheckResult(
@@ -383,7 +417,7 @@ def patching_statistics_sane(
 @dg.asset(
     partitions_def=pair_profile_partitions,
     group_name=ALIGNMENT_GROUP,
-    deps=[subspace_alignment],
+    ins={"subspace_alignment": dg.AssetIn(subspace_alignment.key)},
     kinds={"pandas"},
     code_version="1",
     description="Per method and emotion at the best-aligned layer of model A past the token embeddings (largest "
@@ -391,12 +425,16 @@ def patching_statistics_sane(
     "overlap over prompts compared with the null band.",
 )
 def k_selection(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    subspace_alignment: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_a, model_b, profile_name = pair_and_profile(context)
     profile = effective_profile(profile_name, config)
     pair = f"{model_a}__{model_b}"
-    sweep = read_table(store.existing(profile_name, "subspace_alignment", pair) / "alignment_sweep.parquet")
+    sweep = subspace_alignment.table(SWEEP_FILE)
     with recorded(
         context, tracking=tracking, store=store, phase="7-statistics", model=pair, profile=profile,
         device="cpu", config=config, throughput_unit="selections",
@@ -432,9 +470,3 @@ def k_selection(
             **rec.metadata(),
         }
     )
-
-
-def rollup_frames(root: Path, profile: str) -> pd.DataFrame:
-    """Every model's patching statistics for ``profile`` that exist on disk, stacked."""
-    files = sorted((root / profile / "patching_statistics").glob("*/comparisons.parquet"))
-    return pd.concat([read_table(f) for f in files], ignore_index=True) if files else pd.DataFrame()

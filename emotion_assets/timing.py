@@ -1,38 +1,29 @@
-"""Per-materialization timing records: metadata on the asset plus one timing file per run and asset.
+"""Per-materialization timing: measured around the asset's body, kept in its Dagster metadata.
 
-Each materialization writes its own row to ``<root>/<profile>/run_timings/<...>.parquet`` (no shared file
-to rewrite, lock or corrupt); :func:`read_timings` gathers them (and a ``run_timings.parquet`` written
-before per-run files). Timing is a side record: a problem writing or reading it is reported as a warning
-and in metadata, never fatal to the run.
+:func:`timed` measures the body (wall seconds, samples and throughput, peak memory) and the asset puts
+:meth:`TimingRecord.metadata` on its materialization; Dagster's event log is then the one store of timings.
+:func:`recorded_seconds` reads ``timing_elapsed_s`` back from an instance's materialization records, and
+:func:`past_estimate_s` is the median the dry run and the next materialization's metadata show.
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
-import uuid
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import torch
 
-from resources.storage import (
-    STALE_TMP_GRACE_S,
-    ArtifactError,
-    atomic_path,
-    clean_stale_temporaries,
-    read_table,
-)
-
-TIMINGS_FILE = "run_timings.parquet"  # the single table of earlier versions, still read
-TIMINGS_DIR = "run_timings"
+ELAPSED_KEY = "timing_elapsed_s"  # the materialization metadata key of the body's seconds
+PAGE = 1000  # materialization records fetched per query
+RECORD_COLUMNS = ["run_id", "asset", "partition", "recorded_s"]
 
 
 @dataclass
@@ -50,13 +41,10 @@ class TimingRecord:
     throughput_unit: str = "samples"
     peak_memory_mb: float = 0.0
     memory_kind: str = "process_peak_rss"
-    problem: str = ""
 
     def metadata(self) -> dict[str, dg.MetadataValue]:
-        extra = {"timing_record_problem": dg.MetadataValue.text(self.problem)} if self.problem else {}
         return {
-            **extra,
-            "timing_elapsed_s": dg.MetadataValue.float(round(self.elapsed_s, 3)),
+            ELAPSED_KEY: dg.MetadataValue.float(round(self.elapsed_s, 3)),
             "timing_samples": dg.MetadataValue.int(self.samples),
             f"timing_{self.throughput_unit}_per_s": dg.MetadataValue.float(round(self.throughput_per_s, 2)),
             "timing_peak_memory_mb": dg.MetadataValue.float(round(self.peak_memory_mb, 1)),
@@ -74,7 +62,6 @@ def _peak_memory_mb(device: str) -> tuple[float, str]:
 
 @contextmanager
 def timed(
-    results_root: str | Path,
     *,
     phase: str,
     asset: str,
@@ -84,7 +71,7 @@ def timed(
     run_id: str = "",
     throughput_unit: str = "samples",
 ) -> Iterator[TimingRecord]:
-    """Time the body; the caller sets ``record.samples``. Writes ``<root>/<profile>/run_timings/*.parquet``."""
+    """Time the body; the caller sets ``record.samples``. The record goes into the asset's metadata."""
     record = TimingRecord(
         phase=phase,
         asset=asset,
@@ -102,58 +89,96 @@ def timed(
     record.elapsed_s = time.perf_counter() - start
     record.throughput_per_s = record.samples / record.elapsed_s if record.elapsed_s > 0 else 0.0
     record.peak_memory_mb, record.memory_kind = _peak_memory_mb(device)
-    try:
-        write_timing(Path(results_root) / profile / TIMINGS_DIR, record)
-    except Exception as exc:  # a side record: report it, never fail the materialization over it
-        record.problem = f"timing record not written: {type(exc).__name__}: {exc}"
-        warnings.warn(record.problem, stacklevel=2)
 
 
-def write_timing(folder: Path, record: TimingRecord) -> Path:
-    """One small parquet file per materialization; stale temporaries of killed writers are removed."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    run = "".join(c for c in record.run_id if c.isalnum())[:8] or "norun"
-    path = folder / f"{stamp}-{record.asset}-{record.model}-{run}-{uuid.uuid4().hex[:6]}.parquet"
-    row = {k: v for k, v in asdict(record).items() if k != "problem"}
-    with atomic_path(path) as tmp:
-        pd.DataFrame([row]).to_parquet(tmp, index=False)
-    clean_stale_temporaries(folder, time.time() - STALE_TMP_GRACE_S)
-    return path
+def _materializations(
+    instance: dg.DagsterInstance, asset: str, partitions: list[str] | None = None
+) -> Iterator[dg.EventLogRecord]:
+    """Every materialization record of ``asset`` (of ``partitions`` only, when given), newest first."""
+    records_filter = dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey.from_user_string(asset), asset_partitions=partitions
+    )
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(records_filter, limit=PAGE, cursor=cursor)
+        yield from page.records
+        if not page.has_more:
+            return
+        cursor = page.cursor
 
 
-def read_timings(profile_dir: Path, pattern: str = "*.parquet") -> tuple[pd.DataFrame | None, list[str]]:
-    """Every timing row of a profile (of the record files matching ``pattern``; the single table of earlier
-    versions is always read), and one line per unreadable timing file (skipped, never fatal)."""
-    profile_dir = Path(profile_dir)
-    files = sorted((profile_dir / TIMINGS_DIR).glob(pattern))
-    if (profile_dir / TIMINGS_FILE).exists():
-        files.insert(0, profile_dir / TIMINGS_FILE)
-    frames, problems = [], []
-    for path in files:
-        try:
-            frames.append(read_table(path))
-        except (ArtifactError, OSError) as exc:
-            problems.append(f"{path}: {exc}. Delete the file; it only records how long a run took.")
-    return (pd.concat(frames, ignore_index=True) if frames else None), problems
+def _seconds(record: dg.EventLogRecord) -> float | None:
+    """The ``timing_elapsed_s`` of a materialization record, or None when it carries none."""
+    materialization = record.asset_materialization
+    value = materialization.metadata.get(ELAPSED_KEY) if materialization is not None else None
+    return float(value.value) if value is not None else None
 
 
-def past_medians(
-    results_root: str | Path, profile: str, asset: str | None = None, model: str | None = None
-) -> dict[tuple[str, str], float]:
-    """Median ``elapsed_s`` of the earlier timing records per (asset, model) on ``profile``: the estimate
-    ``python -m jobs.study --dry-run`` prints. Given ``asset`` and ``model``, only their record files are read
-    (a record's file name starts ``<stamp>-<asset>-<model>-``). Unreadable records are skipped (a side record).
-    """
-    pattern = "*.parquet" if asset is None or model is None else f"*-{asset}-{model}-*.parquet"
-    timings, _ = read_timings(Path(results_root) / profile, pattern)
-    if timings is None or timings.empty:
-        return {}
-    if asset is not None and model is not None:
-        timings = timings[(timings["asset"] == asset) & (timings["model"] == model)]
-    medians = timings.groupby(["asset", "model"])["elapsed_s"].median()
-    return {(str(a), str(m)): float(v) for (a, m), v in medians.items()}
+def recorded_seconds(instance: dg.DagsterInstance, asset: str, partition: str | None) -> list[float]:
+    """``timing_elapsed_s`` of every earlier materialization of ``asset`` in ``partition`` (every one of an
+    unpartitioned asset: ``partition`` None), newest first."""
+    partitions = [partition] if partition is not None else None
+    found = (_seconds(record) for record in _materializations(instance, asset, partitions))
+    return [seconds for seconds in found if seconds is not None]
 
 
-def past_estimate_s(results_root: str | Path, profile: str, asset: str, model: str) -> float | None:
-    """:func:`past_medians` of one asset × model, else None (no record yet)."""
-    return past_medians(results_root, profile, asset, model).get((asset, model))
+def past_estimate_s(instance: dg.DagsterInstance, asset: str, partition: str | None) -> float | None:
+    """The median of :func:`recorded_seconds`, else None (no record yet): the estimate ``python -m jobs.study
+    --dry-run`` prints and each materialization's ``estimated_seconds``."""
+    seconds = recorded_seconds(instance, asset, partition)
+    return float(statistics.median(seconds)) if seconds else None
+
+
+def partition_profile(partition: str) -> str:
+    """The profile of a partition key (``model|profile``, ``a__b|profile`` or ``profile``)."""
+    return partition.rsplit("|", 1)[-1]
+
+
+def partition_subject(partition: str) -> str:
+    """The model (or model pair) of a partition key; ``all`` for a profile-only partition."""
+    return partition.split("|", 1)[0] if "|" in partition else "all"
+
+
+def run_records(instance: dg.DagsterInstance, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """One row per materialization carrying a timing, of the given runs (default: every run), in
+    ``RECORD_COLUMNS``; read from each run's event records."""
+    ids = list(run_ids) if run_ids is not None else [run.run_id for run in instance.get_runs()]
+    rows = []
+    for run_id in ids:
+        events = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        for record in events.records:
+            seconds = _seconds(record)
+            if seconds is None:
+                continue
+            materialization = record.asset_materialization
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "asset": materialization.asset_key.to_user_string(),
+                    "partition": materialization.partition or "",
+                    "recorded_s": seconds,
+                }
+            )
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
+
+
+def profile_timings(instance: dg.DagsterInstance, profile: str) -> pd.DataFrame:
+    """Every timed materialization of ``profile``'s partitions: columns ``model`` (the partition's model,
+    pair or ``all``), ``asset``, ``partition`` and ``elapsed_s``."""
+    rows = []
+    for key in instance.get_asset_keys():
+        asset = key.to_user_string()
+        for record in _materializations(instance, asset):
+            partition = record.partition_key or ""
+            seconds = _seconds(record)
+            if seconds is None or partition_profile(partition) != profile:
+                continue
+            rows.append(
+                {
+                    "model": partition_subject(partition),
+                    "asset": asset,
+                    "partition": partition,
+                    "elapsed_s": seconds,
+                }
+            )
+    return pd.DataFrame(rows, columns=["model", "asset", "partition", "elapsed_s"])

@@ -1,16 +1,25 @@
 """Phase 3: emotion directions (mean difference), held-out linear probes and k-dim PCA subspaces."""
 
 import math
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import torch
 
-from emotion_assets.activations import activations, load_activations, load_token_norms
+from emotion_assets.activations import activations
 from emotion_assets.common import RunConfig, effective_profile, recorded, refuse_failing_checks
-from emotion_assets.partitions import REGISTRY, model_and_profile, model_profile_partitions
+from emotion_assets.io import (
+    PROBE_FILE,
+    SUBSPACES_FILE,
+    VECTORS_FILE,
+    ArtifactHandle,
+    activations_of,
+    subspaces_of,
+    token_norms_of,
+    vectors_of,
+)
+from emotion_assets.partitions import model_and_profile, model_profile_partitions
 from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
 from emotion_assets.science.directions import (
     cosine_matrix,
@@ -24,55 +33,34 @@ from emotion_assets.science.directions import (
 )
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from jobs.jobs import REPRESENTATION_GROUP
-from resources.storage import ArtifactStore, read_table, read_tensors, reader_path, write_table, write_tensors
+from resources.storage import ArtifactStore, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
-
-VECTORS_FILE = "vectors.safetensors"
-SUBSPACES_FILE = "subspaces.safetensors"
 
 
 def vector_key(strategy: str, emotion: str) -> str:
     return f"{strategy}/{emotion}"
 
 
-def load_vectors(store: ArtifactStore, profile: str, model: str) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """``({"strategy/emotion": [n_boundaries, d_model]}, boundaries)`` written by ``emotion_vectors``."""
-    tensors = read_tensors(store.existing(profile, "emotion_vectors", model) / VECTORS_FILE)
-    return tensors, tensors.pop("boundaries").tolist()
-
-
-def load_subspaces(
-    store: ArtifactStore, profile: str, model: str
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """``({"strategy/emotion/basis": [n_b, k, d], ".../explained_variance_ratio": [n_b, k]}, boundaries)``."""
-    tensors = read_tensors(store.existing(profile, "emotion_subspaces", model) / SUBSPACES_FILE)
-    return tensors, tensors.pop("boundaries").tolist()
-
-
-def twin_of(model: str) -> str | None:
-    """The random-weight twin registered for ``model`` (its chance curve), if any."""
-    for name, spec in REGISTRY.models.items():
-        if spec.source.type == "random_twin" and spec.source.of == model:
-            return name
-    return None
-
-
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,
-    deps=[activations],
+    ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch", "sklearn"},
     code_version="2",
     description="Per emotion × boundary × pooling: mean(train emotion) − mean(train neutral); norms relative "
     "to the residual norm, the cosine matrix between emotions, and a held-out linear probe per layer.",
 )
 def emotion_vectors(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    activations: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
-    pooled, index, boundaries = load_activations(store, profile_name, model_name)
-    token_norm = load_token_norms(store, profile_name, model_name)  # [n, n_boundaries]
+    pooled, index, boundaries = activations_of(activations)
+    token_norm = token_norms_of(activations)  # [n, n_boundaries]
     labels = index["emotion"].tolist()
     fitting = fitting_mask(index)  # steering-only prompts never fit a vector or a probe
     train = (index["split"] == "train").to_numpy() & fitting
@@ -134,27 +122,13 @@ def emotion_vectors(
         tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
         write_tensors(out / VECTORS_FILE, tensors)
         write_table(out / "vector_norms.parquet", report, csv=True)
-        write_table(out / "probe_accuracy.parquet", probe_table, csv=True)
+        write_table(out / PROBE_FILE, probe_table, csv=True)
         write_table(out / "cosine_matrix.parquet", cosine_table, csv=True)
 
         first = profile.pooling[0]
         curves = probe_table[probe_table["strategy"] == first][["boundary", "accuracy"]].assign(
             model=model_name
         )
-        twin = twin_of(model_name)
-        twin_probe_file = (
-            Path(store.root) / profile_name / "emotion_vectors" / str(twin) / "probe_accuracy.parquet"
-        )
-        if twin is not None and twin_probe_file.exists():
-            twin_probe = read_table(twin_probe_file)
-            curves = pd.concat(
-                [
-                    curves,
-                    twin_probe[twin_probe["strategy"] == first][["boundary", "accuracy"]].assign(
-                        model=f"{twin} (random twin)"
-                    ),
-                ]
-            )
         chance = float(probe_table["chance"].iloc[0])
         fig = line_plot(
             curves, "boundary", "accuracy", "model", f"Held-out probe accuracy ({first} pooling)", "accuracy"
@@ -201,11 +175,8 @@ def emotion_vectors(
     "is allowed and reported: there a pooled vector is a function of the token identities alone, so "
     "classes that end in the same tokens (matched punctuation, `last` pooling) have exactly equal means.",
 )
-def emotion_vectors_nonzero(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    vectors, boundaries = load_vectors(store, profile_name, model_name)
+def emotion_vectors_nonzero(emotion_vectors: ArtifactHandle) -> dg.AssetCheckResult:
+    vectors, boundaries = vectors_of(emotion_vectors)
     return nonzero_check(vectors, boundaries)
 
 
@@ -239,18 +210,22 @@ def nonzero_check(vectors: dict[str, torch.Tensor], boundaries: list[int]) -> dg
 @dg.asset(
     partitions_def=model_profile_partitions,
     group_name=REPRESENTATION_GROUP,
-    deps=[activations],
+    ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch"},
     code_version="2",
     description="Per emotion × boundary × pooling: top-k right singular vectors of (train emotion "
     "activations − train neutral mean), explained variance over the total; plus the neutral PCA subspace.",
 )
 def emotion_subspaces(
-    context: dg.AssetExecutionContext, config: RunConfig, store: ArtifactStore, tracking: TrackingResource
+    context: dg.AssetExecutionContext,
+    config: RunConfig,
+    store: ArtifactStore,
+    tracking: TrackingResource,
+    activations: ArtifactHandle,
 ) -> dg.MaterializeResult:
     model_name, profile_name = model_and_profile(context)
     profile = effective_profile(profile_name, config)
-    pooled, index, boundaries = load_activations(store, profile_name, model_name)
+    pooled, index, boundaries = activations_of(activations)
     labels = index["emotion"].to_numpy()
     train = (index["split"] == "train").to_numpy() & fitting_mask(index)
     with recorded(
@@ -342,11 +317,8 @@ def emotion_subspaces(
     description="Every basis is orthonormal (B Bᵀ = I) "
     "and the variance ratios lie in [0, 1] and sum to at most 1.",
 )
-def emotion_subspaces_orthonormal(
-    context: dg.AssetCheckExecutionContext, store: ArtifactStore
-) -> dg.AssetCheckResult:
-    model_name, profile_name = model_and_profile(context)
-    tensors, _ = load_subspaces(store, profile_name, model_name)
+def emotion_subspaces_orthonormal(emotion_subspaces: ArtifactHandle) -> dg.AssetCheckResult:
+    tensors, _ = subspaces_of(emotion_subspaces)
     return orthonormal_check(tensors)
 
 

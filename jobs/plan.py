@@ -2,8 +2,8 @@
 
 ``python -m jobs.study --dry-run`` prints :func:`format_plan`. Work units are counted from the profile, the
 prompt file (split and capped as ``emotion_dataset`` does) and the model registry, without loading a model.
-The estimate of an asset is the median ``elapsed_s`` of its past timing records for the same model and
-profile on this machine (``results/<profile>/run_timings``), else "no record yet".
+The estimate of an asset is the median ``timing_elapsed_s`` of its earlier materializations of the same
+partition (model × profile) in the Dagster instance, else "no record yet".
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from emotion_assets.profiles import Profile
 from emotion_assets.registry import ModelSpec
-from emotion_assets.timing import past_medians
+from emotion_assets.timing import past_estimate_s
 
 N_RANDOM_HEAD_SEEDS = 2  # emotion_assets.heads.N_RANDOM_SEEDS
 SCREEN_HEADS_PER_PASS = 288  # emotion_assets.heads.SCREEN_HEADS_PER_PASS
@@ -116,9 +117,11 @@ def _steering_units(profile: Profile, fit: pd.DataFrame) -> str:
     )
 
 
-def estimates(results_root: Path, profile: str, model: str) -> dict[tuple[str, str], float]:
-    """Median past ``elapsed_s`` per (asset, model) for ``profile`` (every model, for cross-model assets)."""
-    return past_medians(results_root, profile)
+def estimates(instance: Any, planned: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """Median past seconds per (asset, partition) of ``planned``, from ``instance`` (a ``DagsterInstance``);
+    pairs without a record are left out."""
+    found = {(asset, partition): past_estimate_s(instance, asset, partition) for asset, partition in planned}
+    return {key: seconds for key, seconds in found.items() if seconds is not None}
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -144,6 +147,7 @@ def format_plan(planned: list[PlannedAsset], model: str, profile: str) -> str:
     lines.append(
         f"Estimated total: {total} for {len(known)} of {len(planned)} assets with a record"
         + (f" ({missing} without one)" if missing else "")
-        + "; medians of this machine's past runs, model conversion and loading included where they happened."
+        + "; medians of the Dagster instance's earlier materializations, model conversion and loading included "
+        "where they happened."
     )
     return "\n".join(lines)

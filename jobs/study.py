@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="Print the jobs and partitions in order, each asset's work units and its estimated time from "
-        "this machine's past timing records, and exit without running anything.",
+        "the Dagster instance's earlier materializations, and exit without running anything.",
     )
     return parser
 
@@ -47,8 +47,9 @@ def target_problem(model: str, profile: str) -> str | None:
     return None
 
 
-def plan_study(model: str, profile: str, results_root: str) -> list:
-    """Every asset the study materializes for ``model`` × ``profile``, in run order, with work and estimate."""
+def plan_study(model: str, profile: str, instance) -> list:
+    """Every asset the study materializes for ``model`` × ``profile``, in run order, with work and the
+    estimate from ``instance``'s earlier materializations (a ``DagsterInstance``)."""
     from emotion_assets.definitions import defs
     from emotion_assets.partitions import PROFILES, REGISTRY
     from jobs.jobs import ALL_JOBS, study_plan
@@ -58,25 +59,19 @@ def plan_study(model: str, profile: str, results_root: str) -> list:
     order = graph.toposorted_asset_keys
     selections = {job.name: job.selection.resolve(graph) for job in ALL_JOBS}
     frame = prompt_frame(PROFILES[profile])
-    past = estimates(results_root, profile, model)
+    runs = [
+        (job, partition, key.to_user_string())
+        for job, partition in study_plan(model, profile)
+        for key in order
+        if key in selections[job]
+    ]
+    past = estimates(instance, [(asset, partition) for _, partition, asset in runs])
     planned = []
-    for job, partition in study_plan(model, profile):
+    for job, partition, asset in runs:
         subject = partition.split("|")[0] if "|" in partition else model
         spec = REGISTRY.get(subject) if subject in REGISTRY.models else REGISTRY.get(model)
-        for key in (k for k in order if k in selections[job]):
-            asset = key.to_user_string()
-            seconds = past.get((asset, subject))
-            if seconds is None:  # profile-only assets are recorded under the model that ran them
-                seconds = (
-                    next((s for (a, _), s in past.items() if a == asset), None)
-                    if "|" not in partition
-                    else None
-                )
-            planned.append(
-                PlannedAsset(
-                    job, partition, asset, work_units(asset, PROFILES[profile], spec, frame), seconds
-                )
-            )
+        work = work_units(asset, PROFILES[profile], spec, frame)
+        planned.append(PlannedAsset(job, partition, asset, work, past.get((asset, partition))))
     return planned
 
 
@@ -101,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from jobs.plan import format_plan
 
-        print(format_plan(plan_study(model, args.profile, default_results_root()), model, args.profile))
+        with DagsterInstance.get() as instance:
+            print(format_plan(plan_study(model, args.profile, instance), model, args.profile))
         return 0
 
     instance = DagsterInstance.get()

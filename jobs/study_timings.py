@@ -1,20 +1,19 @@
-"""Where a study run spent its time: seconds per asset from Dagster step events and timing records.
+"""Where a study run spent its time: seconds per asset from the Dagster instance's records.
 
 ``bench/bench_study.py`` runs a study in a throw-away instance and prints :func:`format_timings` of
-:func:`asset_table`. Two sources per asset: the Dagster step (``step_s``: the whole op, model loading and
-storage included) and the asset's own timing records (``recorded_s``: ``results/<profile>/run_timings``,
-the body inside ``timed(...)``). Shares are of the summed step time; the study's wall time is given
+:func:`asset_table`. Two sources per asset, both Dagster's: the step (``step_s``: the whole op, model loading
+and storage included, from the run's step stats) and the materialization's metadata (``recorded_s``: its
+``timing_elapsed_s``, the body inside ``timed(...)``). Shares are of the summed step time; the study's wall time is given
 separately, so what lies between steps (run start-up, Dagster bookkeeping) is shown, not hidden.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from emotion_assets.timing import read_timings
+from emotion_assets.timing import RECORD_COLUMNS
 
 STEP_COLUMNS = ["run_id", "job", "partition", "asset", "step_s"]
 
@@ -39,29 +38,33 @@ def step_rows(instance: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=STEP_COLUMNS)
 
 
-def asset_table(steps: pd.DataFrame, results_root: str | Path, profile: str) -> pd.DataFrame:
+def asset_table(steps: pd.DataFrame, recorded: pd.DataFrame) -> pd.DataFrame:
     """Seconds per asset, summed over its partitions, largest first.
 
     Columns: ``asset``, ``runs`` (materializations), ``step_s`` (Dagster step time; NaN when no step was
-    seen), ``recorded_s`` (sum of ``elapsed_s`` in the profile's timing records; NaN when the asset keeps
-    none) and ``share`` (``step_s`` over the summed step time, else ``recorded_s`` over the summed records).
+    seen), ``recorded_s`` (sum of the ``recorded`` rows' seconds, :func:`emotion_assets.timing.run_records`;
+    NaN when the asset has none) and ``share`` (``step_s`` over the summed step time, else ``recorded_s``
+    over the summed records).
     """
     missing = set(STEP_COLUMNS) - set(steps.columns)
     if missing:
         raise ValueError(
             f"step rows lack the columns {sorted(missing)}; build them with step_rows(instance)."
         )
-    by_step = steps.groupby("asset").agg(runs=("step_s", "size"), step_s=("step_s", "sum"))
-    timings, problems = read_timings(Path(results_root) / profile)
-    if problems:
-        raise ValueError("Unreadable timing records: " + "; ".join(problems))
-    if timings is not None and not timings.empty:
-        recorded = timings.groupby("asset").agg(
-            recorded_runs=("elapsed_s", "size"), recorded_s=("elapsed_s", "sum")
+    lacking = set(RECORD_COLUMNS) - set(recorded.columns)
+    if lacking:
+        raise ValueError(
+            f"recorded rows lack the columns {sorted(lacking)}; build them with "
+            "emotion_assets.timing.run_records(instance)."
         )
+    by_step = steps.groupby("asset").agg(runs=("step_s", "size"), step_s=("step_s", "sum"))
+    if recorded.empty:
+        by_record = pd.DataFrame(columns=["recorded_runs", "recorded_s"], dtype=float)
     else:
-        recorded = pd.DataFrame(columns=["recorded_runs", "recorded_s"], dtype=float)
-    table = by_step.join(recorded, how="outer")
+        by_record = recorded.groupby("asset").agg(
+            recorded_runs=("recorded_s", "size"), recorded_s=("recorded_s", "sum")
+        )
+    table = by_step.join(by_record, how="outer")
     table["runs"] = table["runs"].fillna(table["recorded_runs"]).astype(int)
     basis = table["step_s"] if table["step_s"].notna().any() else table["recorded_s"]
     table["share"] = basis / basis.sum()

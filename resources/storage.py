@@ -689,24 +689,3 @@ class ArtifactStore(dg.ConfigurableResource):
                 f"has no manifest, so its files cannot be checked. Re-materialize {asset} for this partition."
             )
         return real
-
-
-class NoPickleIOManager(dg.ConfigurableIOManager):
-    """Assets here write their own files and return ``MaterializeResult``; nothing is ever pickled.
-
-    Replaces Dagster's default pickling IO manager so an asset that accidentally returns a Python object
-    fails loudly instead of writing a pickle.
-    """
-
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is not None:
-            raise TypeError(
-                f"Asset {context.asset_key.to_user_string()} returned a {type(obj).__name__}; assets must "
-                "write artifacts through ArtifactStore and return MaterializeResult (no pickling)."
-            )
-
-    def load_input(self, context: dg.InputContext) -> Any:
-        raise TypeError(
-            f"Input {context.name!r} cannot be loaded in memory: declare it with `deps=` and read its "
-            "artifact files through ArtifactStore."
-        )

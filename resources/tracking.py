@@ -1,9 +1,12 @@
-"""MLflow tracking: one MLflow run per asset materialization, always ended FINISHED, FAILED or KILLED.
+"""MLflow tracking through dagster-mlflow: the Dagster run is the parent MLflow run, each materialization a
+nested child run; every run ends FINISHED, FAILED or KILLED.
 
-dagster-mlflow's ``mlflow_tracking`` resource keeps a single process-global active run per Dagster run;
-here several partitions and assets share a process, so runs are created and ended explicitly through
-``MlflowClient`` with their own ids, and the ``finally`` of :meth:`TrackingResource.track` guarantees a
-terminal status whether the materialization came from the UI, a job, a schedule or a test.
+The parent run comes from ``dagster_mlflow.mlflow_tracking`` (it starts the run, or resumes the one tagged
+with this Dagster run id when another step process of the same run opened it first). :class:`TrackingResource`
+opens it when Dagster initializes the resource and ends it at teardown: FAILED when a step of the Dagster run
+failed (read from the instance's step records, so a failure outside any tracked block counts too) or a
+tracked block raised, else FINISHED. Under the multiprocess executor each step process resumes the parent and
+ends it again; a failure stays visible because it is read from the run's records, not from the process.
 
 A process killed outright (SIGKILL, out-of-memory killer, power loss) runs no ``finally``. Every run
 therefore records the host and process id that own it, and each new tracked run first ends the runs of
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from emotion_assets.registry import PROJECT_ROOT
 
@@ -35,6 +40,7 @@ HOST_TAG = "emotion.host"
 PID_TAG = "emotion.pid"
 NOTE_TAG = "mlflow.note.content"  # shown as the run's description in the MLflow UI
 ORPHAN_TAG = "emotion.orphaned"
+PARENT_KEY_TAG = "dagster_run_id"  # the tag dagster-mlflow finds a Dagster run's MLflow run by
 
 
 def default_tracking_uri() -> str:
@@ -130,8 +136,27 @@ def end_orphaned_runs(client, experiment_id: str, noticed_by: str) -> list[str]:
     return ended
 
 
+@dataclass
+class ParentRun:
+    """The MLflow run of one Dagster run, open in this process; ``failed`` once a tracked block raised."""
+
+    run_id: str
+    dagster_run_id: str
+    experiment_id: str
+    failed: bool = False
+
+
+def step_failures(instance: dg.DagsterInstance | None, dagster_run_id: str) -> int:
+    """How many steps of the Dagster run have failed so far, from the instance's event records."""
+    if instance is None:
+        return 0
+    records = instance.get_records_for_run(dagster_run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    return len(records.records)
+
+
 class TrackingResource(dg.ConfigurableResource):
-    """Logs params, key metrics and artifact files of each materialization to MLflow."""
+    """The Dagster run's MLflow run (through dagster-mlflow) and one nested run per materialization, with
+    its params, key metrics and artifact files."""
 
     tracking_uri: str = Field(
         default="", description="MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite in the project."
@@ -142,6 +167,8 @@ class TrackingResource(dg.ConfigurableResource):
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `mlflow ui` serves, for links.")
     enabled: bool = Field(default=True, description="Set false to skip MLflow entirely.")
     experiment: str = Field(default=EXPERIMENT, description="MLflow experiment name.")
+
+    _parent: ParentRun | None = PrivateAttr(default=None)
 
     def uri(self) -> str:
         return self.tracking_uri or default_tracking_uri()
@@ -176,22 +203,138 @@ class TrackingResource(dg.ConfigurableResource):
             return client.get_experiment_by_name(self.experiment).experiment_id
 
     @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[TrackingResource]:
+        """Hold the Dagster run's MLflow run open while Dagster uses this resource (the whole run in process,
+        one step under the multiprocess executor)."""
+        run = context.dagster_run
+        if not self.enabled or run is None:
+            yield self
+            return
+        partition = run.tags.get("dagster/partition", "")
+        with self.parent_run(
+            run.run_id, job=run.job_name, partition=partition, log=context.log, instance=context.instance
+        ):
+            yield self
+
+    @contextlib.contextmanager
+    def parent_run(
+        self,
+        dagster_run_id: str,
+        *,
+        job: str,
+        partition: str = "",
+        log: Any = None,
+        instance: dg.DagsterInstance | None = None,
+    ) -> Iterator[ParentRun]:
+        """Start (or resume) the MLflow run of Dagster run ``dagster_run_id`` through dagster-mlflow's
+        ``mlflow_tracking`` and end it on exit: FAILED if a tracked block raised, the body raised or a step of
+        the run failed (``instance``'s records), else FINISHED.
+
+        ``mlflow_tracking`` is a function-style resource that is not used as is, for three reasons:
+        its config is fixed when the Definitions load, while the tracking URI and artifact folder are read
+        when the run starts (tests and ``bench_study`` point them elsewhere); it creates a missing experiment
+        without our artifact location; and it never ends the run itself on success (only a job hook on the
+        job's last op does, which UI materializations, asset subsets and partitioned asset jobs do not
+        guarantee), nor on a failed step (Dagster catches the step's exception before the resource's
+        teardown sees it: the MLflow run stayed RUNNING). So it is called here with the init context built
+        from this resource's settings, and the parent run is ended below.
+        """
+        import mlflow
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            from dagster_mlflow import mlflow_tracking
+
+        if self._parent is not None:
+            raise RuntimeError(
+                f"MLflow run {self._parent.run_id} of Dagster run {self._parent.dagster_run_id} is still open "
+                f"in this resource; Dagster run {dagster_run_id} cannot open another. Use one "
+                "TrackingResource per Dagster run."
+            )
+        active = mlflow.active_run()
+        if active is not None:
+            raise RuntimeError(
+                f"An MLflow run ({active.info.run_id}) is already active in this process, so the Dagster run "
+                f"{dagster_run_id} would log into it. End it first (mlflow.end_run())."
+            )
+        client = self._client()  # creates the store's schema under a lock
+        experiment_id = self._experiment_id(client)  # with this project's artifact location
+        tags = {
+            "dagster.run_id": dagster_run_id,
+            "dagster.job": job,
+            "dagster.partition": partition,
+            HOST_TAG: host_name(),
+            PID_TAG: str(os.getpid()),
+        }
+        init = _MlflowInitContext(
+            log=log or logging.getLogger(__name__),
+            run_id=dagster_run_id,
+            dagster_run=_JobName(job),
+            resource_config={
+                "experiment_name": self.experiment,
+                "mlflow_tracking_uri": self.uri(),
+                "extra_tags": tags,
+            },
+        )
+        with warnings.catch_warnings():  # dagster-mlflow marks itself beta; chosen knowingly, said once here
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            lifecycle = mlflow_tracking.resource_fn(init)
+            next(lifecycle)  # starts or resumes the run tagged dagster_run_id=<Dagster run id>
+        parent = ParentRun(mlflow.active_run().info.run_id, dagster_run_id, experiment_id)
+        self._parent = parent
+        raised = True
+        try:
+            yield parent
+            raised = False
+        finally:
+            self._parent = None
+            try:
+                failed = raised or parent.failed or step_failures(instance, dagster_run_id) > 0
+                while (current := mlflow.active_run()) is not None and current.info.run_id != parent.run_id:
+                    mlflow.end_run(status="FAILED")  # a child left open by an interrupted block
+                if current is not None:
+                    mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            finally:
+                lifecycle.close()
+
+    @contextlib.contextmanager
     def track(
         self, context: dg.AssetExecutionContext, asset: str, params: Mapping[str, Any] | None = None
     ) -> Iterator[TrackedRun]:
-        """Open an MLflow run for this materialization; log and end it (FINISHED / FAILED) on exit."""
+        """A nested MLflow run for this materialization under the Dagster run's run; logged and ended
+        (FINISHED / FAILED) on exit. Outside Dagster's resource set-up (a direct call), the parent run is
+        opened here for this one materialization."""
         tracked = TrackedRun(params=dict(params or {}))
         if not self.enabled:
             yield tracked
             return
-        client = self._client()
-        experiment_id = self._experiment_id(client)
         partition = context.partition_key if context.has_partition_key else ""
+        if self._parent is None:
+            with (
+                self.parent_run(context.run_id, job=context.job_name or "", partition=partition),
+                self._child(context, asset, partition, tracked),
+            ):
+                yield tracked
+            return
+        with self._child(context, asset, partition, tracked):
+            yield tracked
+
+    @contextlib.contextmanager
+    def _child(
+        self, context: dg.AssetExecutionContext, asset: str, partition: str, tracked: TrackedRun
+    ) -> Iterator[None]:
+        import mlflow
+
+        parent = self._parent
+        assert parent is not None
+        client = self._client()
         run_name = f"{asset}[{partition}]" if partition else asset
-        tracked.orphans_ended = end_orphaned_runs(client, experiment_id, noticed_by=run_name)
-        run = client.create_run(
-            experiment_id,
+        tracked.orphans_ended = end_orphaned_runs(client, parent.experiment_id, noticed_by=run_name)
+        run = mlflow.start_run(
+            experiment_id=parent.experiment_id,
             run_name=run_name,
+            nested=True,
+            parent_run_id=parent.run_id,
             tags={
                 "dagster.run_id": context.run_id,
                 "dagster.asset": asset,
@@ -202,16 +345,17 @@ class TrackingResource(dg.ConfigurableResource):
             },
         )
         tracked.run_id = run.info.run_id
-        tracked.url = f"{self.ui_url}/#/experiments/{experiment_id}/runs/{tracked.run_id}"
+        tracked.url = f"{self.ui_url}/#/experiments/{parent.experiment_id}/runs/{tracked.run_id}"
         status = "FAILED"
         try:
-            yield tracked
+            yield
             status = "FINISHED"
         finally:
+            parent.failed = parent.failed or status == "FAILED"
             try:
                 self._flush(client, tracked)
             finally:
-                client.set_terminated(tracked.run_id, status=status)
+                mlflow.end_run(status=status)
 
     @staticmethod
     def _flush(client, tracked: TrackedRun) -> None:
@@ -229,3 +373,18 @@ class TrackingResource(dg.ConfigurableResource):
                 client.log_artifacts(tracked.run_id, str(path))
             elif path.is_file():
                 client.log_artifact(tracked.run_id, str(path))
+
+
+@dataclass(frozen=True)
+class _JobName:
+    job_name: str
+
+
+@dataclass(frozen=True)
+class _MlflowInitContext:
+    """The parts of an ``InitResourceContext`` that dagster-mlflow's ``MlFlow`` reads."""
+
+    log: Any
+    run_id: str
+    dagster_run: _JobName
+    resource_config: dict[str, Any]

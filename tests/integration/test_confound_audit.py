@@ -31,16 +31,18 @@ def audited(tmp_path_factory: pytest.TempPathFactory):
     from resources.models import ModelResource
     from resources.storage import ArtifactStore
     from resources.tracking import TrackingResource
+    from tests.artifacts import materialize
 
-    resources = {"store": ArtifactStore(), "tracking": TrackingResource(), "models": ModelResource(),
+    store = ArtifactStore()
+    resources = {"store": store, "tracking": TrackingResource(), "models": ModelResource(),
                  "evaluators": EvaluatorResource()}  # fmt: skip
     instance = dg.DagsterInstance.ephemeral()
-    assert dg.materialize(
-        [emotion_dataset], partition_key="smoke", instance=instance, resources=resources
+    assert materialize(
+        [emotion_dataset], store=store, partition_key="smoke", instance=instance, resources=resources
     ).success
     # The representation assets the audit reads, then the audit and its check, as representation_job runs them.
-    result = dg.materialize(
-        [activations, emotion_vectors, confound_audit, emotion_vectors_unconfounded],
+    result = materialize(
+        [activations, emotion_vectors, confound_audit, emotion_vectors_unconfounded], store=store,
         partition_key=PARTITION, run_config=FEW, instance=instance, resources=resources,
     )  # fmt: skip
     assert result.success

@@ -26,6 +26,7 @@ from emotion_assets.science.alignment import (
     subspace_overlap_after_map,
 )
 from emotion_assets.science.directions import principal_angle_overlap
+from tests.artifacts import materialize
 
 EMOTIONS = ("anger", "apology", "gratitude")
 K_MAX = 3
@@ -431,9 +432,10 @@ def test_asset_writes_specificity_and_ignores_steering_rows(tmp_path):
     for corrupt in (False, True):
         root = tmp_path / f"corrupt_{corrupt}"
         _write_fake_activations(root, corrupt)
-        result = dg.materialize(
-            [subspace_alignment, subspace_alignment_ranges], partition_key=key,
-            resources={"store": ArtifactStore(root_dir=str(root)), "tracking": TrackingResource(enabled=False)},
+        store = ArtifactStore(root_dir=str(root))
+        result = materialize(
+            [subspace_alignment, subspace_alignment_ranges], store=store, partition_key=key,
+            resources={"store": store, "tracking": TrackingResource(enabled=False)},
             instance=dg.DagsterInstance.ephemeral(),
         )  # fmt: skip
         assert all(check.passed for check in result.get_asset_check_evaluations())

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from resources.storage import ArtifactStore, read_tensors, write_table
+from tests.artifacts import materialize
 
 PROJECT = Path(__file__).resolve().parents[2]
 MODEL, PROFILE = "smollm2-135m", "smoke"  # partition keys that exist; the model is a tiny Llama here
@@ -87,8 +88,8 @@ def study(tmp_path, tiny_llama_dir, monkeypatch):
     }
 
     def run(assets: list) -> dg.ExecuteInProcessResult:
-        return dg.materialize(
-            assets, partition_key=KEY, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+        return materialize(
+            assets, store=store, partition_key=KEY, resources=resources, instance=dg.DagsterInstance.ephemeral(),
             raise_on_error=False,
         )  # fmt: skip
 

@@ -33,6 +33,7 @@ from emotion_assets.science.steering_analysis import (
     steering_comparisons,
 )
 from emotion_assets.statistics import comparison_matrices
+from tests.artifacts import materialize
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
 TARGETS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
@@ -431,8 +432,19 @@ def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_
         )
         write_table(store.directory("smoke", PATCHING_ASSET, "smollm2-135m") / "generations.parquet",
                     _head_generations())  # fmt: skip
-    result = dg.materialize(
-        [patching_statistics], partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
+        residual_dir = store.directory("smoke", "residual_patching", "smollm2-135m")
+        write_table(residual_dir / "condition_shifts.parquet",
+                    shift_table(residual, METRICS, TARGETS).assign(fluent=True))  # fmt: skip
+        write_table(residual_dir / "best_per_emotion.parquet", pd.DataFrame([{
+            "emotion": "gratitude", "condition": "gratitude|L1|a+0.2", "selection_shift": 0.2, "target_shift": 0.2,
+            "shift_ci_low": 0.1, "shift_ci_high": 0.3, "status": "confirmed"}]))  # fmt: skip
+        write_table(store.directory("smoke", "head_screening", "smollm2-135m") / "screening.parquet",
+                    pd.DataFrame([{"emotion": "gratitude", "half": half, "layer": layer, "head": head,
+                                   "ablation_effect": float(layer - head), "attribution": 0.0}
+                                  for half in "AB" for layer in range(2) for head in range(4)]))  # fmt: skip
+    result = materialize(
+        [patching_statistics], store=store,
+        partition_key=dg.MultiPartitionKey({"model": "smollm2-135m", "profile": "smoke"}),
         resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
     )  # fmt: skip
@@ -454,3 +466,10 @@ def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_
     assert (
         "gratitude" in metadata["specificity"].value and "vs_other_emotion" in metadata["by_comparison"].value
     )
+    out = tmp_path / "smoke" / "patching_statistics" / "smollm2-135m"
+    book = pd.read_parquet(out / "control_ledger.parquet")
+    assert {"uncontrolled", "controlled"} == set(book["reading"]) and "uncontrolled" in metadata[
+        "control_ledger"
+    ].value
+    maxima = pd.read_parquet(out / "headline_maxima.parquet").set_index("emotion")
+    assert maxima.loc["gratitude", "controlled_cell"] == "gratitude|L1|a+0.2"

@@ -102,7 +102,7 @@ def _run_child(root: Path, kill_at: int, steps_file: Path) -> int | None:
 
 
 def _leftovers(root: Path) -> list[str]:
-    """Anything in the tree that is neither a published version nor a pointer nor a timing record."""
+    """Anything in the tree that is neither a published version nor a pointer."""
     found = []
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()

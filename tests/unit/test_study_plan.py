@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from emotion_assets.timing import TimingRecord, write_timing
+import dagster as dg
+
+from emotion_assets.timing import ELAPSED_KEY
 from jobs import study
 from jobs.plan import format_plan
 
 
 def test_dry_run_on_smoke_lists_jobs_work_and_estimates(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EMOTION_RESULTS_DIR", str(tmp_path))
-    record = TimingRecord("6-heads", "head_patching", "smollm2-135m", "smoke", "cpu", elapsed_s=42.0)
-    write_timing(tmp_path / "smoke" / "run_timings", record)
-    write_timing(tmp_path / "smoke" / "run_timings", TimingRecord(**{**record.__dict__, "elapsed_s": 50.0}))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    with dg.DagsterInstance.get() as instance:  # two earlier materializations of one asset × partition
+        for seconds in (42.0, 50.0):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    "head_patching", partition="smollm2-135m|smoke", metadata={ELAPSED_KEY: seconds}
+                )
+            )
 
     assert study.main(["--profile", "smoke", "--model", "smollm2-135m", "--dry-run"]) == 0
     out = capsys.readouterr().out

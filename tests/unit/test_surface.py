@@ -22,6 +22,7 @@ from emotion_assets.science.surface import (
     surface_features,
     surface_table,
 )
+from tests.artifacts import materialize
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = ROOT / "data" / "prompts" / "emotion_prompts.jsonl"
@@ -231,10 +232,12 @@ def _materialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: Path)
     profiles.write_text(yaml.safe_dump({"version": 1, "profiles": {"smoke": smoke}}), encoding="utf-8")
     monkeypatch.setenv("EMOTION_PROFILES", str(profiles))
     monkeypatch.setenv("EMOTION_RESULTS_DIR", str(tmp_path / "results"))
-    return dg.materialize(
+    store = ArtifactStore()
+    return materialize(
         [emotion_dataset, emotion_dataset_surface_balance],
+        store=store,
         partition_key="smoke",
-        resources={"store": ArtifactStore(), "tracking": TrackingResource(enabled=False)},
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )

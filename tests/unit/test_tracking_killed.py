@@ -1,5 +1,6 @@
-"""A materialization killed with SIGKILL runs no ``finally``: its MLflow run stays RUNNING until the next
-tracked run of this host notices that the owning process is gone and ends it as KILLED, with a note.
+"""A materialization killed with SIGKILL runs no ``finally``: its MLflow run and the Dagster run's parent MLflow
+run stay RUNNING until the next tracked run of this host notices that the owning process is gone and ends
+both as KILLED, with a note.
 
 Four owners are planted: a child process killed mid-run and a run whose process id was reused (both
 gone: ended), a live process and a process of another host (both left RUNNING).
@@ -38,9 +39,11 @@ from resources.tracking import TrackingResource
 uri, artifacts, run_file = sys.argv[1:4]
 context = SimpleNamespace(run_id="dagster-run-killed", job_name="representation_job",
                           partition_key="{partition}", has_partition_key=True)
-with TrackingResource(tracking_uri=uri, artifact_root=artifacts).track(context, "{asset}") as tracked:
-    Path(run_file).write_text(tracked.run_id)
-    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would: no finally runs
+tracking = TrackingResource(tracking_uri=uri, artifact_root=artifacts)
+with tracking.parent_run(context.run_id, job=context.job_name, partition="{partition}") as parent:
+    with tracking.track(context, "{asset}") as tracked:
+        Path(run_file).write_text(tracked.run_id + " " + parent.run_id)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would: no finally runs
 """
 
 
@@ -61,12 +64,14 @@ def test_runs_of_killed_processes_are_ended_as_killed_with_a_note(tmp_path):
         timeout=300,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
-    killed = run_file.read_text()
+    killed, killed_parent = run_file.read_text().split()
 
     client = tracking._client()
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     left = client.get_run(killed)
     assert left.info.status == "RUNNING"  # what a killed run leaves behind
+    assert client.get_run(killed_parent).info.status == "RUNNING"
+    assert left.data.tags["mlflow.parentRunId"] == killed_parent
     assert left.data.tags[HOST_TAG] == host_name() and left.data.tags[PID_TAG] != str(os.getpid())
     assert process_is_gone(int(left.data.tags[PID_TAG]), left.info.start_time)
     assert not process_is_gone(os.getpid(), left.info.start_time)
@@ -87,17 +92,20 @@ def test_runs_of_killed_processes_are_ended_as_killed_with_a_note(tmp_path):
 
     with tracking.track(_context("dagster-run-next"), ASSET) as tracked:
         tracked.log_metrics({"x": 1.0})
-    assert sorted(tracked.orphans_ended) == sorted([killed, ids["reused_pid"]])
+    assert sorted(tracked.orphans_ended) == sorted([killed, killed_parent, ids["reused_pid"]])
     assert client.get_run(tracked.run_id).info.status == "FINISHED"
+    next_parent = client.get_run(client.get_run(tracked.run_id).data.tags["mlflow.parentRunId"])
+    assert next_parent.info.status == "FINISHED"  # opened for this one materialization (no Dagster set-up)
     assert tracked.metadata()["mlflow_orphans_ended"].value == tracked.orphans_ended
 
-    for run_id in (killed, ids["reused_pid"]):
+    for run_id in (killed, killed_parent, ids["reused_pid"]):
         run = client.get_run(run_id)
         note = run.data.tags[NOTE_TAG]
         assert run.info.status == "KILLED" and run.info.end_time is not None
         assert f"Process {run.data.tags[PID_TAG]} on {host_name()} ended without closing this run" in note
         assert f"{ASSET}[{PARTITION}]" in note
-    assert "dagster-run-killed" in client.get_run(killed).data.tags[NOTE_TAG]
+    for run_id in (killed, killed_parent):
+        assert "dagster-run-killed" in client.get_run(run_id).data.tags[NOTE_TAG]
     for name in ("alive", "other_host"):
         assert client.get_run(ids[name]).info.status == "RUNNING", name
 

@@ -16,6 +16,7 @@ import yaml
 
 from emotion_assets.science.prompts import EMOTIONS, DatasetError, assign_splits, load_prompts
 from emotion_assets.science.residual import PromptTooLongError, tokenize_prompts
+from tests.artifacts import materialize
 from tests.tiny_models import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,10 +84,10 @@ def test_dataset_asset_reports_given_and_assigned_splits(tmp_path, monkeypatch):
     profiles.write_text(yaml.safe_dump({"version": 1, "profiles": {"smoke": smoke}}), encoding="utf-8")
     monkeypatch.setenv("EMOTION_PROFILES", str(profiles))
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        [emotion_dataset], partition_key="smoke",
-        resources={"store": ArtifactStore(root_dir=str(tmp_path / "results")),
-                   "tracking": TrackingResource(enabled=False)},
+    store = ArtifactStore(root_dir=str(tmp_path / "results"))
+    result = materialize(
+        [emotion_dataset], store=store, partition_key="smoke",
+        resources={"store": store, "tracking": TrackingResource(enabled=False)},
         instance=instance,
     )  # fmt: skip
     metadata = result.asset_materializations_for_node("emotion_dataset")[0].metadata
