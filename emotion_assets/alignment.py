@@ -16,11 +16,10 @@ from emotion_assets.science.alignment import (
     layer_pair_sweep,
     match_layers_by_depth,
 )
+from emotion_assets.science.prompts import NEUTRAL
 from jobs.jobs import ALIGNMENT_GROUP
 from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
-
-NEUTRAL = "neutral"
 
 
 def _pair_mapping() -> dg.MultiPartitionMapping:

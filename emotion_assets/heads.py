@@ -89,7 +89,7 @@ from emotion_assets.science.heads import (
     screen_heads_by_ablation,
     shared_positions,
 )
-from emotion_assets.science.prompts import fitting_mask
+from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from emotion_assets.science.residual import tokenize_prompts
 from emotion_assets.science.statistics import stable_seed
 from emotion_assets.vectors import emotion_vectors
@@ -99,7 +99,6 @@ from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
-NEUTRAL = "neutral"
 SENTIMENT = "sentiment_compound"
 N_RANDOM_SEEDS = 2
 SCREENING_ASSET = "head_screening"

@@ -33,7 +33,7 @@ from emotion_assets.partitions import (
     profile_to_model_profile,
 )
 from emotion_assets.plots import heatmap, markdown_table, save_figure
-from emotion_assets.science.prompts import fitting_mask, steering_starts
+from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 from emotion_assets.science.statistics import stable_seed
 from emotion_assets.science.steering import build_conditions, generate_sweep
 from emotion_assets.science.steering_analysis import (
@@ -55,7 +55,6 @@ from resources.models import ModelResource
 from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
-NEUTRAL = "neutral"
 # The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
 TARGET_METRICS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
 # Columns of the best-cell table shown in the asset's metadata (the parquet has them all).

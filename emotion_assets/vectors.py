@@ -31,12 +31,10 @@ from emotion_assets.science.directions import (
 from emotion_assets.science.directions import (
     emotion_vectors as mean_difference_vectors,
 )
-from emotion_assets.science.prompts import fitting_mask
+from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.storage import ArtifactStore, reader_path, write_table, write_tensors
 from resources.tracking import TrackingResource
-
-NEUTRAL = "neutral"
 
 
 def vector_key(strategy: str, emotion: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Sequence
@@ -10,8 +9,9 @@ from typing import Any
 
 import dagster as dg
 
-from emotion_assets.science.text_scoring import EvaluatorSuite, build_suite
+from emotion_assets.science.scoring import EvaluatorSuite, build_suite
 from resources.device import resolve_device
+from resources.storage import json_sha256
 
 _SUITES: dict[tuple[str, str, str], EvaluatorSuite] = {}
 _LOCK = threading.Lock()
@@ -30,10 +30,7 @@ def clear_cache() -> None:
 
 
 def _training_hash(texts: Sequence[str], labels: Sequence[str], seed: int) -> str:
-    payload = json.dumps(
-        {"texts": list(texts), "labels": list(labels), "seed": int(seed)}, ensure_ascii=False
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return json_sha256({"texts": list(texts), "labels": list(labels), "seed": int(seed)})
 
 
 def _spec_key(spec: dict[str, Any]) -> str:

@@ -45,10 +45,12 @@ from emotion_assets.registry import (
     load_registry,
     registry_path,
 )
+from emotion_assets.science.heads.layout import HeadGeometry
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
+from resources.packages import installed_package_dir
 from resources.storage import build_manifest, file_sha256, verify_files
 
 
@@ -61,25 +63,17 @@ class ModelGeometryError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelGeometry:
-    """Shape facts every phase needs."""
+class ModelGeometry(HeadGeometry):
+    """Shape facts every phase needs: the head geometry (``science.heads.layout``) plus width and vocabulary."""
 
     kind: str
-    n_layers: int
     d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
     vocab_size: int
 
     @property
     def n_boundaries(self) -> int:
         """resid_pre of each block plus the final pre-norm residual."""
         return self.n_layers + 1
-
-    @property
-    def query_heads_per_kv_head(self) -> int:
-        return self.n_heads // self.n_kv_heads
 
 
 @dataclass
@@ -354,13 +348,13 @@ def _materialize_weights(spec: ModelSpec, registry: ModelRegistry, cache_dir: Pa
 
 
 def _package_dir(package: str, install_hint: str, model_name: str) -> Path:
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
+    found = installed_package_dir(package)
+    if found is None:
         raise ModelUnavailableError(
             f"Model {model_name!r} needs the Python package {package!r}, which is not installed. "
             f"Install it with `{install_hint or 'pip install ' + package}`."
         )
-    return Path(next(iter(found.submodule_search_locations)))
+    return found
 
 
 def _local_dir(model_name: str, src: LocalSource) -> Path:

@@ -218,6 +218,11 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(payload: Any) -> str:
+    """Hex sha256 of ``payload`` as canonical JSON (sorted keys, other values by ``str``): config hashes, keys."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def tree_sha256(path: Path) -> str:
     """Hex sha256 of a file (:func:`file_sha256`) or of a folder: every file below it, in sorted order, by
     relative path and content hash (input datasets given as folders)."""

@@ -1,6 +1,6 @@
 """Where each decoder family keeps its heads: output projections, queries, keys, values and patterns.
 
-The head functions of ``science/heads.py`` are written once against this module. Four attention layouts
+The head functions of ``science/heads/`` are written once against this module. Four attention layouts
 cover the registry (``data/models.yaml``):
 
 - ``llama``: separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` in ``self_attn``, rotary embeddings passed
@@ -32,38 +32,19 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from emotion_assets.science.residual import decoder_blocks
+if TYPE_CHECKING:  # the geometry lives with the head functions; it is built from this module's accessors
+    from emotion_assets.science.heads.layout import HeadLayout
 
 AttentionFamily = Literal["llama", "gpt2", "gpt_neox", "gpt_neo"]
 
 # Attention classes that pass ``attn_logit_softcapping`` to their attention function (Gemma-3 does not).
 _SOFTCAPPING_CLASSES = ("Gemma2Attention",)
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Head geometry of a decoder: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
-
-    family: AttentionFamily
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head."""
-        return self.n_heads // self.n_kv_heads
-
-    def kv_head(self, head: int) -> int:
-        """The key/value head query head ``head`` reads."""
-        return head // self.group_size
 
 
 @dataclass(frozen=True)
@@ -117,25 +98,6 @@ def output_projection(block: nn.Module) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise NotImplementedError(f"{type(attn).__name__} has no o_proj/c_proj/dense/out_proj projection.")
-
-
-def head_layout(model: nn.Module) -> HeadLayout:
-    """Head geometry read from the first block's attention module."""
-    blocks = decoder_blocks(model)
-    family = block_family(blocks[0])
-    attn = attention_module(blocks[0])
-    if family == "llama":
-        head_dim = int(attn.head_dim)
-        n_heads = attn.q_proj.out_features // head_dim
-        n_kv = attn.k_proj.out_features // head_dim
-        return HeadLayout(family, len(blocks), n_heads, n_kv, head_dim)
-    if family == "gpt2":
-        return HeadLayout(family, len(blocks), int(attn.num_heads), int(attn.num_heads), int(attn.head_dim))
-    if family == "gpt_neox":
-        head_dim = int(attn.head_size)
-        n_heads = attn.dense.in_features // head_dim
-        return HeadLayout(family, len(blocks), n_heads, n_heads, head_dim)
-    return HeadLayout(family, len(blocks), int(attn.num_heads), int(attn.num_heads), int(attn.head_dim))
 
 
 def read_call(module: nn.Module, args: tuple, kwargs: dict) -> AttentionCall:

@@ -41,21 +41,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from emotion_assets.science.attention_families import _rotate_half, read_call
-from emotion_assets.science.heads import (
-    AblationMode,
-    Head,
-    HeadLayout,
-    _attention,
-    _check_heads,
-    _check_readout,
-    _length_groups,
-    _out_proj,
-    _unit,
-    head_layout,
-    head_output_gradients,
-    screen_heads_by_ablation,
+from emotion_assets.science.attention_families import (
+    _rotate_half,
+    attention_module,
+    output_projection,
+    read_call,
 )
+from emotion_assets.science.heads.attribution import head_output_gradients
+from emotion_assets.science.heads.interventions import AblationMode
+from emotion_assets.science.heads.layout import Head, HeadLayout, check_heads, check_readout, head_layout
+from emotion_assets.science.heads.readouts import unit_direction
+from emotion_assets.science.heads.screening import length_groups, screen_heads_by_ablation
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.residual import (
     _hidden_from_call,
@@ -116,7 +112,7 @@ def _forward_backward(
 
     def record_inputs(hooks: HookSet, layer: int) -> None:
         hooks.pre(blocks[layer], block_pre(layer))
-        hooks.pre(_attention(blocks[layer]), attn_pre(layer))
+        hooks.pre(attention_module(blocks[layer]), attn_pre(layer))
 
     record.z, record.grad_z = head_output_gradients(
         model, ids, mask, unit, readout_boundary, reduction="sum", extra_hooks=record_inputs
@@ -128,7 +124,7 @@ def _require_llama(model: nn.Module, what: str) -> HeadLayout:
     """The layout of a Llama-family model whose attention the QK fix recomputes by hand (no q/k norms,
     soft-capping or sliding windows); anything else is an error that points to exhaustive screening."""
     layout = head_layout(model)
-    attn = _attention(decoder_blocks(model)[0])
+    attn = attention_module(decoder_blocks(model)[0])
     config = getattr(attn, "config", None)
     unsupported = [name for name in ("q_norm", "k_norm") if getattr(attn, name, None) is not None]
     if getattr(config, "attn_logit_softcapping", None) or getattr(attn, "sliding_window", None):
@@ -182,7 +178,7 @@ class _Downstream:
 
 def _downstream(model: nn.Module, layout: HeadLayout, record: _Pass, layer: int) -> _Downstream:
     block = decoder_blocks(model)[layer]
-    attn = _attention(block)
+    attn = attention_module(block)
     cos, sin = (t.float() for t in record.rotary[layer])
     kv = [layout.kv_head(h) for h in range(layout.n_heads)]
     with torch.inference_mode(False), torch.enable_grad():
@@ -229,7 +225,7 @@ def _qk_correction(
     with torch.no_grad():
         writes = []  # each head's own write into the residual stream, [n_heads, rows, pos, d_model] per layer
         for layer in range(readout_boundary - 1):
-            w_o = _out_proj(blocks[layer]).weight.float()  # [d_model, n_heads * d_head]
+            w_o = output_projection(blocks[layer]).weight.float()  # [d_model, n_heads * d_head]
             dz = delta_z[layer].float()  # [rows, pos, n_heads, d_head]
             writes.append(
                 torch.stack([dz[:, :, h] @ w_o[:, h * hd : (h + 1) * hd].T for h in range(n_heads)])
@@ -240,7 +236,7 @@ def _qk_correction(
         chunk = max(1, QK_CHUNK_ELEMENTS // per_head)
         for target in range(1, readout_boundary):
             state = _downstream(model, layout, record, target)
-            attn, norm = _attention(blocks[target]), _input_norm(blocks[target])
+            attn, norm = attention_module(blocks[target]), _input_norm(blocks[target])
             cos, sin = (t.float() for t in record.rotary[target])
             resid = record.resid[target].float()  # [rows, pos, d_model]
             upstream = torch.cat(writes[:target])  # [target * n_heads, rows, pos, d_model]
@@ -275,17 +271,17 @@ def attribution_estimates(
     leaves the correction at 0 (plain AtP, and works for any attention family ``head_layout`` knows).
     """
     layout = _require_llama(model, "The AtP* QK fix") if qk_fix else head_layout(model)
-    _check_readout(layout, readout_boundary)
+    check_readout(layout, readout_boundary)
     if mode == "mean" and (mean_z is None or any(ly not in mean_z for ly in range(readout_boundary))):
         raise ValueError(
             "Mean ablation needs mean_z for every layer before the readout (see mean_head_outputs)."
         )
-    unit = _unit(direction)
+    unit = unit_direction(direction)
     atp = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.float64)
     correction = torch.zeros_like(atp)
     if readout_boundary == 0:
         return AttributionEstimate(atp.float(), correction.float())
-    for ids, mask in _length_groups(input_ids, attention_mask):
+    for ids, mask in length_groups(input_ids, attention_mask):
         record = _forward_backward(model, layout, ids, mask, unit, readout_boundary)
         delta_z = {
             ly: (mean_z[ly].to(z.device, z.dtype) - z if mode == "mean" else -z)  # type: ignore[index]
@@ -328,7 +324,7 @@ def screen_heads_atp_star(
     confirmed). Ranking by ``|ablation_effect|`` over the confirmed heads is the screening's ranking.
     """
     layout = _require_llama(model, "The AtP* QK fix") if qk_fix else head_layout(model)
-    heads = _check_heads(layout, heads)
+    heads = check_heads(layout, heads)
     estimate = attribution_estimates(
         model, input_ids, attention_mask, direction, readout_boundary, mode, mean_z, qk_fix
     )

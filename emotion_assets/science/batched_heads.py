@@ -37,24 +37,23 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from emotion_assets.science.attention_families import AttentionCall, head_patterns, head_values, read_call
+from emotion_assets.science.attention_families import (
+    AttentionCall,
+    attention_module,
+    head_patterns,
+    head_values,
+    output_projection,
+    read_call,
+)
 from emotion_assets.science.circuits import _mlp, ablate_mlps, readout_projection
-from emotion_assets.science.heads import (
-    AblationMode,
+from emotion_assets.science.heads.capture import (
     AttentionCapture,
-    Head,
-    HeadLayout,
-    PatchMode,
-    _attention,
-    _check_heads,
-    _out_proj,
-    _z_hook,
-    ablate_heads,
     capture_attention,
     capture_head_outputs,
-    head_layout,
-    patch_heads,
+    z_hook,
 )
+from emotion_assets.science.heads.interventions import AblationMode, PatchMode, ablate_heads, patch_heads
+from emotion_assets.science.heads.layout import Head, HeadLayout, check_heads, head_layout
 from emotion_assets.science.hooks import HookSet
 from emotion_assets.science.prefill import greedy_generate_with_prefill
 from emotion_assets.science.residual import decoder_blocks
@@ -183,7 +182,7 @@ def _compile(
     mlp: dict[int, Tensor] = {}
     patch: dict[str, dict[int, Tensor]] = {"z": {}, "v_only": {}, "pattern_v": {}}
     for r, item in enumerate(interventions):
-        for layer, head in _check_heads(layout, item.ablate):
+        for layer, head in check_heads(layout, item.ablate):
             keep.setdefault(layer, torch.ones(rows, layout.n_heads))[r, head] = 0.0
             if item.ablation_mode == "mean":
                 mean.setdefault(layer, torch.zeros(rows, dtype=torch.bool))[r] = True
@@ -192,7 +191,7 @@ def _compile(
                 raise ValueError(f"MLP layer {layer} out of range 0..{layout.n_layers - 1}.")
             mlp.setdefault(int(layer), torch.zeros(rows, dtype=torch.bool))[r] = True
         by_layer = patch[item.patch_mode]
-        for layer, head in _check_heads(layout, item.patch):
+        for layer, head in check_heads(layout, item.patch):
             by_layer.setdefault(layer, torch.zeros(rows, layout.n_heads, dtype=torch.bool))[r, head] = True
     source_row = torch.tensor(list(source_rows), dtype=torch.long)
     return _RowMasks(keep, mean, mlp, patch, source_row, positions.bool())
@@ -249,7 +248,7 @@ def row_interventions(
         return hook
 
     def edit_for(layer: int) -> Callable[[Tensor], Tensor]:
-        attn = _attention(blocks[layer])
+        attn = attention_module(blocks[layer])
 
         def edit(z: Tensor) -> Tensor:  # z: [rows, pos, n_heads, d_head]
             if z.shape[0] != rows:
@@ -294,8 +293,8 @@ def row_interventions(
     with HookSet() as hooks:
         for layer in sorted(layers):
             if patches and layer in masks.patch["v_only"]:
-                hooks.pre(_attention(blocks[layer]), stash_hook(layer))
-            hooks.pre(_out_proj(blocks[layer]), _z_hook(layout, edit_for(layer)), with_kwargs=False)
+                hooks.pre(attention_module(blocks[layer]), stash_hook(layer))
+            hooks.pre(output_projection(blocks[layer]), z_hook(layout, edit_for(layer)), with_kwargs=False)
         for layer in sorted(masks.mlp):
             hooks.post(_mlp(blocks[layer]), mlp_hook(layer))
         try:

@@ -35,11 +35,10 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
-from emotion_assets.science.prompts import DatasetError, Problem, find_near_duplicates, load_prompts
+from emotion_assets.science.prompts import NEUTRAL, DatasetError, Problem, find_near_duplicates, load_prompts
 from emotion_assets.science.residual import emotion_word_pattern
 from emotion_assets.science.surface import surface_features
 
-NEUTRAL = "neutral"
 ALL = "all"  # the group label of "every eval prompt" in per-register tables
 PUNCTUATION_NUISANCES: tuple[str, ...] = ("final_punctuation", "exclamation", "question")
 BASELINES: tuple[str, ...] = ("bag_of_words", "keyword_rule", "punctuation_length")

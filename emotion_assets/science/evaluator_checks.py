@@ -15,13 +15,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from emotion_assets.science.prompts import NEUTRAL
+from emotion_assets.science.scoring import MARKER_COLUMN, binary_auroc, classification_quality
 from emotion_assets.science.surface import surface_features
-from emotion_assets.science.text_scoring import MARKER_COLUMN, binary_auroc, classification_quality
 
 CLASSIFIER = "emotions (embedded classifier)"
 POLITENESS = "politeness (strategies, without gratitude/apology keywords)"
 MARKER = "gratitude_or_apology_marker (keyword heuristic)"
-NEUTRAL = "neutral"
 
 
 def predicted_labels(scores: pd.DataFrame, label_columns: Mapping[str, str]) -> np.ndarray:

@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-EMOTIONS: tuple[str, ...] = ("gratitude", "anger", "apology", "neutral")
+NEUTRAL = "neutral"  # the class every emotion is contrasted with (vectors, patching, evaluator checks)
+EMOTIONS: tuple[str, ...] = ("gratitude", "anger", "apology", NEUTRAL)
 SPLITS: tuple[str, ...] = ("train", "eval")
 COLUMNS: tuple[str, ...] = ("id", "text", "emotion", "lang", "register", "split", "role", "source_line")
 DEFAULT_REGISTER = "unspecified"
@@ -48,7 +49,7 @@ DEFAULT_REGISTER = "unspecified"
 ROLE_FIT = "fit"
 ROLE_STEERING = "steering_prompt"
 ROLES: tuple[str, ...] = (ROLE_FIT, ROLE_STEERING)
-STEERING_EMOTION = "neutral"  # the only emotion whose prompts may have role steering_prompt
+STEERING_EMOTION = NEUTRAL  # the only emotion whose prompts may have role steering_prompt
 MAX_PROBLEMS_SHOWN = 20
 
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}

@@ -11,7 +11,7 @@ partitions run with the in-process executor in a separate process and results tr
 Checked: every run SUCCESS and none left QUEUED / STARTING / STARTED; every step executed in one of the two
 Celery workers (both took steps); every asset of every partition materialized; each worker process loaded
 each model at most once (``EMOTION_MODEL_LOAD_LOG``) and no model was loaded outside the workers; every
-MLflow run ended FINISHED; ``python -m emotion_assets.compare`` finds the two results trees the same.
+MLflow run ended FINISHED; ``python -m jobs.compare`` finds the two results trees the same.
 
 Skipped only when ``redis-server`` or PostgreSQL's ``initdb`` is not installed (``scripts/ci_services.sh``
 installs both); every other problem fails.
@@ -319,7 +319,7 @@ def test_representation_backfill_on_two_celery_workers_matches_in_process(
         [
             sys.executable,
             "-m",
-            "emotion_assets.compare",
+            "jobs.compare",
             str(root / "results"),
             str(reference_root / "results"),
         ],

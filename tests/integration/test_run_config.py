@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance
 
-from emotion_assets.compare import compare_trees
+from jobs.compare import compare_trees
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from emotion_assets.science import attribution_screening as S
 from emotion_assets.science import heads as H
+from emotion_assets.science.heads.readouts import unit_direction
+from emotion_assets.science.heads.screening import length_groups
 from emotion_assets.science.interventions import hooks_removed
 from tests.tiny_models import SPECIAL, byte_tokenizer, tiny_llama
 
@@ -50,8 +52,8 @@ def test_the_qk_correction_vanishes_for_a_small_ablation(batch):
     ids, mask = batch
     model = tiny_llama(seed=2, n_layers=N_LAYERS, d_model=D_MODEL, n_heads=N_HEADS, n_kv=N_KV)
     layout = H.head_layout(model)
-    ids_g, mask_g = H._length_groups(ids, mask)[-1]
-    record = S._forward_backward(model, layout, ids_g, mask_g, H._unit(direction(2)), N_LAYERS)
+    ids_g, mask_g = length_groups(ids, mask)[-1]
+    record = S._forward_backward(model, layout, ids_g, mask_g, unit_direction(direction(2)), N_LAYERS)
     atp = {ly: (-z.float() * record.grad_z[ly].float()).sum(dim=(0, 1, 3)) for ly, z in record.z.items()}
     for eps in (1e-2, 1e-3):
         small = {ly: -eps * z for ly, z in record.z.items()}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emotion_assets.compare import compare_trees, main
+from jobs.compare import compare_trees, main
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = "dev/emotion_vectors/tiny/vectors.safetensors"
@@ -68,7 +68,7 @@ def trees(tmp_path: Path) -> tuple[Path, Path]:
 
 def _run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "emotion_assets.compare", *map(str, args)],
+        [sys.executable, "-m", "jobs.compare", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

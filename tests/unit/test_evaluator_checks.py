@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from emotion_assets.science.evaluator_checks import CLASSIFIER, MARKER, POLITENESS, evaluator_quality_table
-from emotion_assets.science.text_scoring import PolitenessScorer
+from emotion_assets.science.scoring import PolitenessScorer
 
 LABELS = {e: f"emotion_{e}" for e in ("gratitude", "anger", "apology", "neutral")}
 ROWS = [  # text, emotion, register

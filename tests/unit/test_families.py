@@ -28,6 +28,7 @@ from emotion_assets.science.attention_families import (
     read_call,
 )
 from emotion_assets.science.circuits import ablate_mlps, readout_projection
+from emotion_assets.science.heads import readouts
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
 from emotion_assets.science.residual import capture_residuals, decoder_blocks, position_ids_from_mask
 from tests.tiny_models import FAMILIES, SLIDING_WINDOW, byte_tokenizer, tiny_gemma2, tiny_gemma3
@@ -112,7 +113,7 @@ def test_residual_capture_equals_hidden_states(family, pair):
     hidden = _forward(model, batch, output_hidden_states=True).hidden_states
     for layer in range(n_layers):
         assert _real_max(captured[:, layer] - hidden[layer], batch["attention_mask"]) <= ATOL
-    final = H._final_norm(model)
+    final = readouts._final_norm(model)
     assert final is not None
     with torch.inference_mode():
         normed = final(captured[:, n_layers])

@@ -141,7 +141,7 @@ def test_local_path_model_loads_once_per_process(tmp_path, tiny_llama_dir):
     assert first is second
     assert LOAD_COUNTS["tiny"] == before + 1
     assert first.tokenizer.padding_side == "left"
-    assert first.geometry.query_heads_per_kv_head == 2
+    assert first.geometry.group_size == 2
 
 
 def test_unknown_profile_and_bad_profile_fields(tmp_path):

@@ -64,7 +64,7 @@ def test_readme_lists_the_commands_this_test_knows():
     commands = readme_commands()
     assert set(commands) >= LONG_RUNS
     assert any("dagster asset materialize" in c for c in commands)
-    assert any("emotion_assets.compare" in c for c in commands)
+    assert any("jobs.compare" in c for c in commands)
     assert any("jobs.study --help" in c for c in commands)
 
 
@@ -73,10 +73,10 @@ def test_readme_command_runs(command, tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "PYTHONPATH": str(PROJECT_ROOT)}
     (tmp_path / "dagster_home").mkdir()
     cwd = PROJECT_ROOT
-    if "emotion_assets.compare" in command:
+    if "jobs.compare" in command:
         cwd = tmp_path
         _compare_trees(tmp_path)
     done = subprocess.run(_argv(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    if "emotion_assets.compare" in command:
+    if "jobs.compare" in command:
         assert "identical" in done.stdout.lower() or "same" in done.stdout.lower(), done.stdout

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from emotion_assets.science.text_scoring import (
+from emotion_assets.science.scoring import (
     MARKER_COLUMN,
     EmbeddingEmotionClassifier,
     EvaluatorSuite,

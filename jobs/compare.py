@@ -1,6 +1,6 @@
 """Compare two results trees file by file, with numeric tolerance, and report every difference.
 
-Run ``python -m emotion_assets.compare RESULTS_A RESULTS_B --help`` for the command line.
+Run ``python -m jobs.compare RESULTS_A RESULTS_B --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -715,7 +715,7 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m emotion_assets.compare",
+        prog="python -m jobs.compare",
         description=DESCRIPTION
         % {"keys": ", ".join(DEFAULT_IGNORE_KEYS), "globs": ", ".join(DEFAULT_IGNORE)},
         epilog=EPILOG,
