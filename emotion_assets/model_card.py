@@ -3,8 +3,9 @@
 import dagster as dg
 import torch
 
-from emotion_assets.common import RunConfig, effective_profile, recorded
-from emotion_assets.partitions import model_and_profile, model_profile_partitions
+from emotion_assets.common import RunConfig
+from emotion_assets.context import Phase
+from emotion_assets.partitions import model_profile_partitions
 from jobs.jobs import REPRESENTATION_GROUP
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore, reader_path, write_json
@@ -35,25 +36,14 @@ def model_card(
     store: ArtifactStore,
     tracking: TrackingResource,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
-    handle = models.get(model_name, device=config.device)
-    with recorded(
-        context,
-        tracking=tracking,
-        store=store,
-        phase="foundation",
-        model=model_name,
-        profile=profile,
-        device=str(handle.device),
-        config=config,
-        throughput_unit="samples",
-    ) as rec:
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="foundation", models=models)
+    handle = phase.handle
+    with phase.recorded() as rec:
         card = handle.describe()
         card["sample_prompt"] = SAMPLE_PROMPT if handle.spec.can_generate else ""
         card["sample_generation"] = sample_generation(handle) if handle.spec.can_generate else ""
         rec.timing.samples = 1
-        path = write_json(store.directory(profile_name, "model_card", model_name) / "model_card.json", card)
+        path = write_json(phase.directory("model_card") / "model_card.json", card)
         rec.artifacts(path)
         table = "\n".join(["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()])
     return dg.MaterializeResult(
