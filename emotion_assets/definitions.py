@@ -5,9 +5,11 @@ import dagster as dg
 from emotion_assets import (
     activations,
     alignment,
+    circuits,
     confounds,
     dataset,
-    heads,
+    head_patching,
+    head_screening,
     model_card,
     patching,
     report,
@@ -32,7 +34,9 @@ ASSET_MODULES = [
     confounds,
     alignment,
     patching,
-    heads,
+    head_screening,
+    head_patching,
+    circuits,
     statistics,
     report,
 ]

@@ -8,12 +8,14 @@ import pandas as pd
 
 from emotion_assets.activations import activations
 from emotion_assets.alignment import subspace_alignment
+from emotion_assets.circuits import emotion_circuits
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.confounds import ASSET as CONFOUND_ASSET
 from emotion_assets.confounds import SUMMARY_FILE as CONFOUND_SUMMARY
 from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_quality
-from emotion_assets.heads import emotion_circuits, head_patching, head_screening
+from emotion_assets.head_patching import head_patching
+from emotion_assets.head_screening import head_screening
 from emotion_assets.io import COMPARISONS_FILE, ArtifactHandle, ArtifactHandles, ProfileArtifacts
 from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
 from emotion_assets.patching import TARGET_METRICS, residual_patching

@@ -7,7 +7,8 @@ import pandas as pd
 
 from emotion_assets.alignment import beyond_embeddings, subspace_alignment
 from emotion_assets.common import RunConfig, effective_profile, recorded
-from emotion_assets.heads import PATCHING_ASSET, head_patching, head_screening
+from emotion_assets.head_patching import PATCHING_ASSET, head_patching
+from emotion_assets.head_screening import head_screening
 from emotion_assets.io import COMPARISONS_FILE, GENERATIONS_FILE, SCREENING_FILE, SWEEP_FILE, ArtifactHandle
 from emotion_assets.partitions import (
     causal_model_profile_partitions,

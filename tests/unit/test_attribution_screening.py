@@ -187,7 +187,7 @@ def test_profile_knob_and_the_screening_table_of_an_atp_star_screen():
     import pandas as pd
     from pydantic import ValidationError
 
-    from emotion_assets.heads import screening_check
+    from emotion_assets.head_screening import screening_check
     from emotion_assets.profiles import HeadsConfig
     from emotion_assets.science.crossfit import RANK, rank_within_halves, top_of_half
 

@@ -280,7 +280,7 @@ def _screen(n_layers: int = 2, n_heads: int = 3) -> pd.DataFrame:
 
 
 def test_screening_logic_finds_a_missing_head_and_a_nan_score():
-    from emotion_assets.heads import screening_check
+    from emotion_assets.head_screening import screening_check
 
     split = pd.DataFrame({"emotion": ["anger"] * 2, "half": ["A", "B"], "prompt_id": ["a-1", "a-2"],
                           "neutral_prompt_id": ["n-1", "n-2"], "pair_index": [0, 1]})  # fmt: skip
@@ -307,7 +307,7 @@ def _patching() -> pd.DataFrame:
 
 
 def test_head_patching_logic_finds_a_lost_and_a_doubled_row():
-    from emotion_assets.heads import patching_check
+    from emotion_assets.head_patching import patching_check
 
     assert patching_check(_patching()).passed
     lost = patching_check(_patching().drop(index=5))

@@ -416,7 +416,7 @@ def _head_generations() -> pd.DataFrame:
 def test_patching_statistics_asset_reports_the_split_family_and_specificity(tmp_path):
     import dagster as dg
 
-    from emotion_assets.heads import PATCHING_ASSET
+    from emotion_assets.head_patching import PATCHING_ASSET
     from emotion_assets.statistics import patching_statistics
     from resources.storage import ArtifactStore, write_table
     from resources.tracking import TrackingResource
