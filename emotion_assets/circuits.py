@@ -14,7 +14,6 @@ from emotion_assets.dataset import emotion_dataset
 from emotion_assets.head_screening import head_screening
 from emotion_assets.io import SCREENING_FILE, SPLIT_FILE, ArtifactHandle, vectors_of
 from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile
-from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import markdown_table, save_figure
 from emotion_assets.science.circuit_effects import (
     CircuitInputs,
@@ -32,6 +31,7 @@ from emotion_assets.science.head_experiments import (
     sub_pair,
 )
 from emotion_assets.science.heads import head_layout
+from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.models import ModelResource

@@ -12,7 +12,6 @@ from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
 from emotion_assets.head_screening import head_screening
 from emotion_assets.io import GENERATIONS_FILE, SCREENING_FILE, SPLIT_FILE, ArtifactHandle, vectors_of
 from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile
-from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import markdown_table
 from emotion_assets.science.crossfit import fold_plans
 from emotion_assets.science.head_checks import crossfit_outcome, patching_outcome
@@ -28,6 +27,7 @@ from emotion_assets.science.head_experiments import (
     top_vs_random,
 )
 from emotion_assets.science.heads import head_layout
+from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.evaluators import EvaluatorResource

@@ -17,7 +17,6 @@ from emotion_assets.partitions import (
     model_and_profile,
     profile_to_model_profile,
 )
-from emotion_assets.patching import TARGET_METRICS
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.crossfit import HALVES
 from emotion_assets.science.head_checks import screening_outcome
@@ -31,6 +30,7 @@ from emotion_assets.science.head_experiments import (
 )
 from emotion_assets.science.heads import head_layout
 from emotion_assets.science.statistics import stable_seed
+from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.models import ModelResource

@@ -1,22 +1,12 @@
 """Phase 5: residual steering sweeps (emotion × layer × α, random controls), scored by the evaluators."""
 
 import dagster as dg
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import torch
 
 from emotion_assets.activations import activations, check_steering_layers
-from emotion_assets.common import (
-    RunConfig,
-    effective_profile,
-    json_metadata,
-    limit_for_run,
-    progress_logger,
-    recorded,
-    refuse_failing_checks,
-)
+from emotion_assets.common import RunConfig, json_metadata, progress_logger, refuse_failing_checks
 from emotion_assets.confounds import confound_audit
+from emotion_assets.context import Phase
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
 from emotion_assets.io import (
     GENERATIONS_FILE,
@@ -24,22 +14,22 @@ from emotion_assets.io import (
     ArtifactHandle,
     activations_of,
     audit_flags,
-    prompts_of,
     vectors_of,
 )
-from emotion_assets.partitions import (
-    causal_model_profile_partitions,
-    model_and_profile,
-    profile_to_model_profile,
-)
-from emotion_assets.plots import heatmap, markdown_table, save_figure
-from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
+from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile
+from emotion_assets.plots import heatmap, markdown_table, prompt_shift_plot, save_figure
 from emotion_assets.science.statistics import stable_seed
-from emotion_assets.science.steering import build_conditions, generate_sweep
+from emotion_assets.science.steering import (
+    build_conditions,
+    generate_sweep,
+    layer_vectors,
+    neutral_centered_activations,
+    steering_prompts,
+)
 from emotion_assets.science.steering_analysis import (
     CONDITION_COLUMNS,
-    RANDOM_KINDS,
     SELECTION_LABEL,
+    TARGET_METRICS,
     FluencyBounds,
     attach_fluency,
     condition_fluency,
@@ -47,6 +37,7 @@ from emotion_assets.science.steering_analysis import (
     selected_and_confirmed,
     shift_table,
     split_halves,
+    steering_examples,
 )
 from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import STEERING_GROUP
@@ -55,21 +46,12 @@ from resources.models import ModelResource
 from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
-# The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
-TARGET_METRICS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
 # Columns of the best-cell table shown in the asset's metadata (the parquet has them all).
 BEST_SHOWN = ["emotion", "status", "layer", "alpha", "selection_shift", "target_shift", "shift_ci_low",
               "shift_ci_high", "p", "p_bh", "random_isotropic_shift", "random_covariance_shift",
               "share_degenerate", "perplexity_ratio", "n_cells_excluded"]  # fmt: skip
 STEERABILITY_SHOWN = ["emotion", "layer", "alpha", "n_confirmation", "target_shift", "share_intended",
                       "share_anti", "shift_sd", "shift_iqr"]  # fmt: skip
-
-
-def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.DataFrame, str]:
-    """Eval-split ``steering_prompt`` rows (else eval neutral fitting rows), in id order, optionally capped,
-    and the role they have; neither was used to fit the vectors."""
-    prompts, role = steering_starts(frame)
-    return (prompts.head(max_prompts) if max_prompts else prompts), role
 
 
 @dg.asset(
@@ -105,42 +87,25 @@ def residual_patching(
     audit: ArtifactHandle,
     dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
-    handle = models.get(model_name, device=config.device)
-    frame = limit_for_run(prompts_of(dataset), profile)
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="5-steering", models=models)
+    model_name, profile, handle = phase.model, phase.profile, phase.handle
+    frame = phase.prompts(dataset)
     prompts, prompts_role = steering_prompts(frame, profile.steering.max_prompts)
     strategy = profile.pooling[0]
     vectors, boundaries = vectors_of(emotion_vectors)
     pooled, index, act_bounds = activations_of(activations)
     check_steering_layers(profile, model_name, handle.geometry.n_layers)  # the right advice comes first
     layers = profile.steering.blocks(handle.geometry.n_layers)
-    missing = [layer for layer in layers if layer not in boundaries]
-    if missing:
-        raise ValueError(
-            f"Steering layers {missing} have no emotion vectors for {model_name} (captured: {boundaries}). "
-            "Re-materialize activations and emotion_vectors for this profile."
-        )
-    emotions = sorted({key.split("/")[1] for key in vectors if key.startswith(f"{strategy}/")})
-    per_emotion = {e: {L: vectors[f"{strategy}/{e}"][boundaries.index(L)] for L in layers} for e in emotions}
+    per_emotion = layer_vectors(vectors, boundaries, strategy, layers, model_name)
     norms = activations.table(RESIDUAL_NORMS_FILE)
     resid_norms = {L: float(norms.loc[norms["boundary"] == L, "mean_residual_norm"].iloc[0]) for L in layers}
-    neutral_train = torch.as_tensor(
-        ((index["split"] == "train") & (index["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(index)
-    )
-    neutral_centered = {}
-    for layer in layers:
-        x = pooled[strategy][neutral_train, act_bounds.index(layer)]  # [m, d_model]
-        neutral_centered[layer] = x - x.mean(dim=0, keepdim=True)
+    neutral_centered = neutral_centered_activations(pooled[strategy], index, act_bounds, layers)
     conditions = build_conditions(
         per_emotion, resid_norms, layers, profile.steering.alpha_grid, profile.steering.n_random_directions,
         profile.seed, neutral_centered,
     )  # fmt: skip
     gen = profile.generation
-    with recorded(
-        context, tracking=tracking, store=store, phase="5-steering", model=model_name, profile=profile,
-        device=str(handle.device), config=config, throughput_unit="generated_tokens",
-    ) as rec:  # fmt: skip
+    with phase.recorded(throughput_unit="generated_tokens") as rec:
         sweep = generate_sweep(
             handle.model, handle.tokenizer, prompts["text"].tolist(), conditions,
             max_new_tokens=gen.max_new_tokens, batch_size=profile.batch_size, decoding=gen.decoding,
@@ -177,7 +142,7 @@ def residual_patching(
         shifts = shift_table(scored, metrics, TARGET_METRICS).merge(per_condition, on="condition", how="left")
         best, cells, prompt_shifts = selected_and_confirmed(
             scored, halves, TARGET_METRICS, bounds, n_boot=profile.n_bootstrap,
-            seed=stable_seed("residual_patching", model_name, profile_name, profile.seed),
+            seed=stable_seed("residual_patching", model_name, profile.name, profile.seed),
         )  # fmt: skip
         # The blocking check's logic runs on the staged table: a failing sweep is never published.
         refuse_failing_checks(
@@ -186,7 +151,7 @@ def residual_patching(
             {"residual_patching_alpha_zero": alpha_zero_check(scored)},
         )
 
-        out = store.directory(profile_name, "residual_patching", model_name)
+        out = phase.directory("residual_patching")
         rec.artifacts(out)
         write_table(out / "generations.parquet", scored, csv=True)
         write_table(out / "condition_shifts.parquet", shifts, csv=True)
@@ -208,10 +173,10 @@ def residual_patching(
             )  # fmt: skip
         if len(prompt_shifts):
             plots["prompt_shift_distribution"] = save_figure(
-                _prompt_shift_plot(prompt_shifts, best, model_name), out / "prompt_shift_distribution.png"
+                prompt_shift_plot(prompt_shifts, best, model_name), out / "prompt_shift_distribution.png"
             )
         confirmed = best[best["status"] == "confirmed"]
-        examples = _examples(scored, confirmed)
+        examples = steering_examples(scored, confirmed)
         excluded = cells.loc[~cells["fluent"], ["emotion", "layer", "alpha", "selection_shift", "share_degenerate",
                                                 "perplexity_ratio", "fluency_exclusion"]]  # fmt: skip
         baseline = by_condition[by_condition["kind"] == "baseline"].iloc[0]
@@ -246,48 +211,6 @@ def residual_patching(
             **rec.metadata(),
         }
     )
-
-
-def _prompt_shift_plot(prompt_shifts: pd.DataFrame, best: pd.DataFrame, model: str) -> plt.Figure:
-    """Per emotion: the confirmation-half per-prompt shift of the best cell beside the random controls'."""
-    series = ["emotion vector", *RANDOM_KINDS]
-    colors = dict(zip(series, ["tab:red", "tab:grey", "tab:blue"], strict=True))
-    emotions = list(dict.fromkeys(prompt_shifts["emotion"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(emotions)), 3.6))
-    rng = np.random.default_rng(0)  # jitter only
-    for i, emotion in enumerate(emotions):
-        for j, name in enumerate(series):
-            values = prompt_shifts.loc[(prompt_shifts["emotion"] == emotion) & (prompt_shifts["series"] == name),
-                                       "shift"].to_numpy()  # fmt: skip
-            if values.size == 0:
-                continue
-            x = i * (len(series) + 1) + j
-            ax.boxplot(values, positions=[x], widths=0.6, showfliers=False)
-            ax.scatter(x + rng.uniform(-0.15, 0.15, values.size), values, s=10, alpha=0.7, color=colors[name],
-                       label=name if i == 0 else None)  # fmt: skip
-    cells = best.set_index("emotion")
-    ticks = [i * (len(series) + 1) + 1 for i in range(len(emotions))]
-    ax.set_xticks(ticks, [f"{e}\nL{int(cells.loc[e, 'layer'])}, α={cells.loc[e, 'alpha']:g}" for e in emotions],
-                  fontsize=8)  # fmt: skip
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_ylabel("per-prompt shift of the target score")
-    ax.set_title(f"{model}: best fluent cells, {SELECTION_LABEL}", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    return fig
-
-
-def _examples(scored: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
-    """Baseline and best-condition continuations for the first few prompts."""
-    rows = []
-    for item in best.itertuples():
-        chosen = scored[(scored["kind"] == "emotion") & (scored["emotion"] == item.emotion)
-                        & (scored["layer"] == item.layer) & np.isclose(scored["alpha"], item.alpha)]  # fmt: skip
-        for row in chosen.head(3).itertuples():
-            base = scored[(scored["kind"] == "baseline") & (scored["prompt_index"] == row.prompt_index)]
-            rows.append({"emotion": item.emotion, "layer": item.layer, "alpha": item.alpha, "prompt": row.prompt,
-                         "baseline": base["continuation"].iloc[0], "steered": row.continuation})  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 @dg.asset_check(asset=residual_patching, blocking=True, description="α = 0 rows reproduce the unsteered "

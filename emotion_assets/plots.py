@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from emotion_assets.science.steering_analysis import RANDOM_KINDS, SELECTION_LABEL
 from resources.storage import write_bytes
 
 
@@ -80,3 +81,32 @@ def heatmap(
 def markdown_table(frame: pd.DataFrame, max_rows: int = 20, floatfmt: str = ".4g") -> dg.MetadataValue:
     shown = frame.head(max_rows)
     return dg.MetadataValue.md(shown.to_markdown(index=False, floatfmt=floatfmt))
+
+
+def prompt_shift_plot(prompt_shifts: pd.DataFrame, best: pd.DataFrame, model: str) -> plt.Figure:
+    """Per emotion: the confirmation-half per-prompt shift of the best cell beside the random controls'."""
+    series = ["emotion vector", *RANDOM_KINDS]
+    colors = dict(zip(series, ["tab:red", "tab:grey", "tab:blue"], strict=True))
+    emotions = list(dict.fromkeys(prompt_shifts["emotion"]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(emotions)), 3.6))
+    rng = np.random.default_rng(0)  # jitter only
+    for i, emotion in enumerate(emotions):
+        for j, name in enumerate(series):
+            values = prompt_shifts.loc[(prompt_shifts["emotion"] == emotion) & (prompt_shifts["series"] == name),
+                                       "shift"].to_numpy()  # fmt: skip
+            if values.size == 0:
+                continue
+            x = i * (len(series) + 1) + j
+            ax.boxplot(values, positions=[x], widths=0.6, showfliers=False)
+            ax.scatter(x + rng.uniform(-0.15, 0.15, values.size), values, s=10, alpha=0.7, color=colors[name],
+                       label=name if i == 0 else None)  # fmt: skip
+    cells = best.set_index("emotion")
+    ticks = [i * (len(series) + 1) + 1 for i in range(len(emotions))]
+    ax.set_xticks(ticks, [f"{e}\nL{int(cells.loc[e, 'layer'])}, α={cells.loc[e, 'alpha']:g}" for e in emotions],
+                  fontsize=8)  # fmt: skip
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylabel("per-prompt shift of the target score")
+    ax.set_title(f"{model}: best fluent cells, {SELECTION_LABEL}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return fig

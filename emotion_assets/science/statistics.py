@@ -772,6 +772,29 @@ def select_k_from_bounds(summary: pd.DataFrame, tolerance: float = 0.05) -> tupl
     return k, table
 
 
+def select_k_at_best_layer(
+    sweep: pd.DataFrame, past_embeddings: pd.DataFrame
+) -> tuple[int, pd.DataFrame, pd.DataFrame]:
+    """``k_selection``: per method and emotion of an alignment ``sweep``, :func:`select_k_from_bounds` at the
+    layer of model A with the largest mean margin (overlap − null p95) over ``past_embeddings`` (the sweep's
+    rows past the token embeddings).
+
+    Returns the layer, the per-k table of every method × emotion and one decision row per method × emotion.
+    """
+    margin = past_embeddings.assign(margin=lambda f: f["overlap"] - f["null_p95"])
+    best_layer = margin.groupby("layer_a")["margin"].mean().idxmax()
+    tables, decisions = [], []
+    for (method, emotion), group in sweep[sweep["layer_a"] == best_layer].groupby(["method", "emotion"]):
+        summary = group.rename(columns={"overlap": "median", "boot_lo": "lo", "boot_hi": "hi"})
+        k, table = select_k_from_bounds(summary[["k", "median", "lo", "hi", "null_p95", "chance"]])
+        table.insert(0, "emotion", emotion)
+        table.insert(0, "method", method)
+        tables.append(table)
+        decisions.append({"method": method, "emotion": emotion, "layer_a": int(best_layer), "k": k,
+                          "decision": table.attrs["decision"]})  # fmt: skip
+    return int(best_layer), pd.concat(tables, ignore_index=True), pd.DataFrame(decisions)
+
+
 def _wilcoxon_columns(diffs: Float[np.ndarray, "n G"]) -> tuple[np.ndarray, np.ndarray]:
     """Wilcoxon signed-rank statistic and p of each column of ``diffs``, as one 1-D call per column gives.
 

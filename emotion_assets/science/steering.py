@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from emotion_assets.science.interventions import PromptPositions, add_to_residual
+from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 
 ConditionKind = Literal["baseline", "emotion", "random_isotropic", "random_covariance"]
 RandomKind = Literal["isotropic", "covariance"]
@@ -122,6 +123,47 @@ def control_seed(seed: int, layer: int, kind: RandomKind, index: int) -> int:
 
 def _alpha_label(alpha: float) -> str:
     return f"{alpha:+g}"
+
+
+def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.DataFrame, str]:
+    """Eval-split ``steering_prompt`` rows (else eval neutral fitting rows), in id order, optionally capped,
+    and the role they have; neither was used to fit the vectors."""
+    prompts, role = steering_starts(frame)
+    return (prompts.head(max_prompts) if max_prompts else prompts), role
+
+
+def layer_vectors(
+    vectors: Mapping[str, Tensor], boundaries: Sequence[int], strategy: str, layers: Sequence[int], model: str
+) -> dict[str, dict[int, Float[Tensor, " d_model"]]]:
+    """Every emotion's ``strategy`` vector at each steering layer (``vectors``: ``"<strategy>/<emotion>"`` →
+    [n_boundaries, d_model] at ``boundaries``); a layer without vectors is an error naming the fix."""
+    missing = [layer for layer in layers if layer not in boundaries]
+    if missing:
+        raise ValueError(
+            f"Steering layers {missing} have no emotion vectors for {model} (captured: {list(boundaries)}). "
+            "Re-materialize activations and emotion_vectors for this profile."
+        )
+    emotions = sorted({key.split("/")[1] for key in vectors if key.startswith(f"{strategy}/")})
+    return {e: {L: vectors[f"{strategy}/{e}"][list(boundaries).index(L)] for L in layers} for e in emotions}
+
+
+def neutral_centered_activations(
+    pooled: Float[Tensor, "n n_boundaries d_model"],
+    index: pd.DataFrame,
+    boundaries: Sequence[int],
+    layers: Sequence[int],
+) -> dict[int, Float[Tensor, "m d_model"]]:
+    """Per steering layer, the pooled activations of the **train** neutral fitting prompts minus their mean
+    (the covariance the covariance-matched random controls are drawn from). ``index`` lists the rows of
+    ``pooled``; ``boundaries`` its second axis."""
+    neutral_train = torch.as_tensor(
+        ((index["split"] == "train") & (index["emotion"] == NEUTRAL)).to_numpy() & fitting_mask(index)
+    )
+    centered = {}
+    for layer in layers:
+        x = pooled[neutral_train, list(boundaries).index(layer)]  # [m, d_model]
+        centered[layer] = x - x.mean(dim=0, keepdim=True)
+    return centered
 
 
 def build_conditions(

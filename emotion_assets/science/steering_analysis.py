@@ -33,6 +33,8 @@ from emotion_assets.science.fluency import (
 )
 from emotion_assets.science.statistics import bh_fdr, bonferroni, paired_comparison, stable_seed
 
+#: The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
+TARGET_METRICS = {"gratitude": "emotion_gratitude", "anger": "emotion_anger", "apology": "emotion_apology"}
 CONDITION_COLUMNS = ["condition", "kind", "emotion", "layer", "alpha", "seed"]
 RANDOM_KINDS = ("random_isotropic", "random_covariance")
 #: |shift| above which a prompt counts as moved (scores are floats; an unchanged text shifts by exactly 0).
@@ -546,3 +548,16 @@ def specificity_summary(stats: pd.DataFrame, q: float = 0.05) -> pd.DataFrame:
         .agg(cells=("mean_diff", "size"), larger=("larger", "sum"), larger_survive_bh=("larger_survive_bh", "sum"),
              median_diff=("mean_diff", "median"))
     )  # fmt: skip
+
+
+def steering_examples(scored: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
+    """Baseline and best-condition continuations for the first three prompts of each ``best`` cell."""
+    rows = []
+    for item in best.itertuples():
+        chosen = scored[(scored["kind"] == "emotion") & (scored["emotion"] == item.emotion)
+                        & (scored["layer"] == item.layer) & np.isclose(scored["alpha"], item.alpha)]  # fmt: skip
+        for row in chosen.head(3).itertuples():
+            base = scored[(scored["kind"] == "baseline") & (scored["prompt_index"] == row.prompt_index)]
+            rows.append({"emotion": item.emotion, "layer": item.layer, "alpha": item.alpha, "prompt": row.prompt,
+                         "baseline": base["continuation"].iloc[0], "steered": row.continuation})  # fmt: skip
+    return pd.DataFrame(rows)

@@ -14,7 +14,7 @@ from emotion_assets.science import circuit_effects as CE
 from emotion_assets.science import crossfit as C
 from emotion_assets.science import head_experiments as E
 from emotion_assets.science import heads as H
-from emotion_assets.statistics import crossfit_attributes
+from emotion_assets.science.patching_statistics import crossfit_attributes
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
 N_LAYERS, N_HEADS, N_KV, D_MODEL = 3, 4, 2, 64

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from emotion_assets.science.patching_statistics import head_comparisons, metrics_to_test, observed_power
 from emotion_assets.science.statistics import (
     paired_comparison,
     paired_t_power,
@@ -13,7 +14,6 @@ from emotion_assets.science.statistics import (
     two_sample_t_power,
     unpaired_comparison,
 )
-from emotion_assets.statistics import head_comparisons, metrics_to_test, observed_power
 
 METRICS = ["emotion_gratitude", "sentiment_compound"]
 N = 6

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
+from emotion_assets.science.patching_statistics import comparison_matrices
 from emotion_assets.science.statistics import paired_comparison, paired_family, stable_seed
 from emotion_assets.science.steering import build_conditions, generate_sweep
 from emotion_assets.science.steering_analysis import (
@@ -32,7 +33,6 @@ from emotion_assets.science.steering_analysis import (
     split_halves,
     steering_comparisons,
 )
-from emotion_assets.statistics import comparison_matrices
 from tests.artifacts import materialize
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
