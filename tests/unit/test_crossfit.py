@@ -306,6 +306,18 @@ def test_circuits_and_shift_tables_keep_folds_and_pool_them(handle, screened, di
     one = folds[folds["intervention"] == "patch_heads_z"]
     expected = float(np.average(one["joint_effect"], weights=one["n_prompts"]))
     assert pooled.set_index("intervention").loc["patch_heads_z", "joint_effect"] == pytest.approx(expected)
+    # The written table: both folds and the pooled rows, keyed first; the summary names each fold's heads.
+    effects = CE.effects_table(folds, pooled)
+    assert list(effects.columns[:3]) == ["emotion", "fold", "intervention"] and len(effects) == 3 * 3
+    summary = CE.circuit_summary(heads, pooled).set_index("emotion")
+    assert (
+        summary.loc["gratitude", "heads"].startswith("A_to_B: L")
+        and " | B_to_A: L" in summary.loc["gratitude", "heads"]
+    )
+    ratios = pooled.set_index("intervention")["ratio"]
+    assert summary.loc["gratitude", "ratio_ablate_heads"] == pytest.approx(
+        ratios["ablate_heads"], nan_ok=True
+    )
 
     generations = pd.DataFrame(
         [{**row, "emotion_gratitude": float(row["pair_index"]) + (row["kind"] != "baseline"),
