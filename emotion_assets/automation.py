@@ -21,7 +21,7 @@ The condition of each study asset (``study_condition``) requests a partition tha
 
 and waits while a buildable dependency is missing or any dependency or the partition itself is in
 progress. Cross-model roll-ups (profile partitions reading model partitions) refresh once a night instead
-(``on_cron``), so they are not rebuilt as each model finishes. ``RunnableHere`` is the one custom
+(``rollup_condition``), so they are not rebuilt as each model finishes. ``RunnableHere`` is the one custom
 condition: Declarative Automation has no notion of model weights on disk, and its evaluation metadata
 names every skipped model with the reason and how to provide it.
 """
@@ -293,15 +293,20 @@ def study_condition(cron: str, timezone: str = "UTC") -> dg.AutomationCondition:
 
 
 def rollup_condition(cron: str, timezone: str = "UTC") -> dg.AutomationCondition:
-    """Condition of a cross-model roll-up: once a night after its inputs updated, or when missing/code changed."""
-    code_changed = (
-        ~dg.AutomationCondition.missing() & dg.AutomationCondition.code_version_changed()
-    ).since_last_handled()
-    triggers = (
-        dg.AutomationCondition.on_cron(cron, timezone)
-        | _backlog(cron, timezone)
-        | code_changed.with_label("code version changed")
+    """Condition of a cross-model roll-up: rebuilt once a night when any input updated since it was handled.
+
+    Not ``on_cron``: its rule that every dependency updated since the tick would wait on inputs that do
+    not change each night (the evaluator quality, the configuration sources), so nothing would refresh.
+    """
+    nightly = dg.AutomationCondition.cron_tick_passed(cron, timezone).since_last_handled()
+    inputs_updated = dg.AutomationCondition.any_deps_updated().since_last_handled()
+    refresh = (nightly & ~dg.AutomationCondition.missing() & inputs_updated).with_label(
+        f"nightly refresh ({cron}) after inputs updated"
     )
+    code_changed = (
+        ~dg.AutomationCondition.missing() & dg.AutomationCondition.code_version_changed().since_last_handled()
+    ).with_label("code version changed")
+    triggers = refresh | _backlog(cron, timezone) | code_changed
     return (RunnableHere() & triggers & _ready()).with_label("nightly roll-up")
 
 
@@ -313,21 +318,37 @@ def _dimensions(partitions_def: dg.PartitionsDefinition | None) -> tuple[str, ..
     return ()
 
 
-def _config_deps(key: dg.AssetKey, dimensions: tuple[str, ...]) -> list[dg.AssetDep]:
-    """The configuration sources a partition of an asset with these dimensions is built from."""
-    multi = len(dimensions) > 1
+def _on(
+    source: dg.AssetKey,
+    source_def: dg.PartitionsDefinition,
+    child_def: dg.PartitionsDefinition,
+    dimension: str,
+) -> list[dg.AssetDep]:
+    """Dependency of each ``child_def`` partition on the ``source`` partition named by its ``dimension``.
 
-    def on(source: dg.AssetKey, dimension: str) -> dg.AssetDep:
-        mapping = dg.MultiToSingleDimensionPartitionMapping(dimension) if multi else None
-        return dg.AssetDep(source, partition_mapping=mapping)
+    None when the dimension holds only a subset of the source's keys (causal models): Dagster maps a
+    single dimension only onto the same partitions definition, and those assets see a changed entry
+    through their upstream representations, which depend on the source directly.
+    """
+    if not isinstance(child_def, dg.MultiPartitionsDefinition):
+        return [dg.AssetDep(source)]
+    if child_def.get_partitions_def_for_dimension(dimension) != source_def:
+        return []
+    return [dg.AssetDep(source, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(dimension))]
 
+
+def _config_deps(key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None) -> list[dg.AssetDep]:
+    """The configuration sources each partition of an asset is built from."""
+    dimensions = _dimensions(partitions_def)
+    if partitions_def is None or not dimensions:
+        return []
     deps = []
     if PROFILE_DIMENSION in dimensions:
-        deps.append(on(PROFILE_CONFIG, PROFILE_DIMENSION))
+        deps.extend(_on(PROFILE_CONFIG, profile_partitions, partitions_def, PROFILE_DIMENSION))
         if key in READS_PROMPT_FILES:
-            deps.append(on(PROMPT_FILES, PROFILE_DIMENSION))
+            deps.extend(_on(PROMPT_FILES, profile_partitions, partitions_def, PROFILE_DIMENSION))
     if "model" in dimensions:
-        deps.append(on(MODEL_CONFIG, "model"))
+        deps.extend(_on(MODEL_CONFIG, model_partitions, partitions_def, "model"))
     return deps
 
 
@@ -352,7 +373,7 @@ def automate(
         )
         condition = rollup_condition(cron, timezone) if rollup else study_condition(cron, timezone)
         return spec.replace_attributes(
-            deps=[*spec.deps, *_config_deps(spec.key, dims)], automation_condition=condition
+            deps=[*spec.deps, *_config_deps(spec.key, spec.partitions_def)], automation_condition=condition
         )
 
     return list(dg.map_asset_specs(attach, assets))
