@@ -15,7 +15,7 @@ from emotion_assets import (
     vectors,
 )
 from emotion_assets.automation import CONFIG_ASSETS, automate, automation_sensors, config_sensor
-from jobs.executors import executor_from_env
+from jobs.executors import run_executor
 from jobs.jobs import ALL_JOBS
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
@@ -40,7 +40,7 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=ALL_JOBS,
     sensors=[config_sensor, *automation_sensors()],
-    executor=executor_from_env(),
+    executor=run_executor(),
     resources={
         "models": ModelResource(),
         "evaluators": EvaluatorResource(),
