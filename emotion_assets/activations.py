@@ -3,6 +3,7 @@
 import dagster as dg
 import torch
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
     all_emotion_words,
@@ -84,6 +85,7 @@ def extract_for_profile(
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("activations", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile)},
     kinds={"pytorch", "safetensors"},

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from emotion_assets.activations import activations, extract_for_profile
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
     emotion_words,
@@ -121,6 +122,7 @@ def key_numbers(audit: ConfoundAudit, focus: list[int], first_strategy: str) -> 
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("confound_audit", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={
         "activations": dg.AssetIn(activations.key),

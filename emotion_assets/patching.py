@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import activations, check_steering_layers
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
     effective_profile,
@@ -74,6 +75,7 @@ def steering_prompts(frame: pd.DataFrame, max_prompts: int | None) -> tuple[pd.D
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("residual_patching", causal_model_profile_partitions),
     group_name=STEERING_GROUP,
     ins={
         "emotion_vectors": dg.AssetIn(emotion_vectors.key),

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from emotion_assets.alignment import beyond_embeddings, subspace_alignment
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.heads import PATCHING_ASSET, head_patching, head_screening
 from emotion_assets.io import COMPARISONS_FILE, GENERATIONS_FILE, SCREENING_FILE, SWEEP_FILE, ArtifactHandle
@@ -239,6 +240,7 @@ def head_comparisons(
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("patching_statistics", causal_model_profile_partitions),
     group_name=STATISTICS_GROUP,
     ins={
         "residual_patching": dg.AssetIn(residual_patching.key),
@@ -416,6 +418,7 @@ def patching_statistics_sane(patching_statistics: ArtifactHandle) -> dg.AssetChe
 
 @dg.asset(
     partitions_def=pair_profile_partitions,
+    deps=config_deps("k_selection", pair_profile_partitions),
     group_name=ALIGNMENT_GROUP,
     ins={"subspace_alignment": dg.AssetIn(subspace_alignment.key)},
     kinds={"pandas"},

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import activations
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, refuse_failing_checks
 from emotion_assets.context import Phase
 from emotion_assets.io import (
@@ -44,6 +45,7 @@ def vector_key(strategy: str, emotion: str) -> str:
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("emotion_vectors", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch", "sklearn"},
@@ -200,6 +202,7 @@ def nonzero_check(vectors: dict[str, torch.Tensor], boundaries: list[int]) -> dg
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("emotion_subspaces", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch"},
