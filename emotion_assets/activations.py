@@ -3,15 +3,14 @@
 import dagster as dg
 import torch
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
     all_emotion_words,
     check_layers_exist,
-    effective_profile,
-    limit_for_run,
-    recorded,
     refuse_failing_checks,
 )
+from emotion_assets.context import Phase
 from emotion_assets.dataset import emotion_dataset
 from emotion_assets.io import (
     ACTIVATIONS_FILE,
@@ -20,9 +19,8 @@ from emotion_assets.io import (
     SINKS_FILE,
     ArtifactHandle,
     activations_of,
-    prompts_of,
 )
-from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
+from emotion_assets.partitions import model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import line_plot, markdown_table, save_figure
 from emotion_assets.profiles import Profile, ProfileError, profiles_path
 from emotion_assets.science.prompts import ROLE_FIT, fitting_mask
@@ -87,6 +85,7 @@ def extract_for_profile(
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("activations", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile)},
     kinds={"pytorch", "safetensors"},
@@ -105,25 +104,12 @@ def activations(
     tracking: TrackingResource,
     dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
-    handle = models.get(model_name, device=config.device)
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="2-activations", models=models)
+    model_name, profile, handle = phase.model, phase.profile, phase.handle
     check_layers_exist(config.layers, handle.geometry.n_layers, model_name)
-    if config.n_jobs > 1:
-        torch.set_num_threads(config.n_jobs)
-    prompts = limit_for_run(prompts_of(dataset), profile)
+    prompts = phase.prompts(dataset)
     boundaries = capture_boundaries(profile, handle)
-    with recorded(
-        context,
-        tracking=tracking,
-        store=store,
-        phase="2-activations",
-        model=model_name,
-        profile=profile,
-        device=str(handle.device),
-        config=config,
-        throughput_unit="tokens",
-    ) as rec:
+    with phase.recorded("tokens") as rec:
         result = extract_for_profile(
             handle,
             prompts["text"].tolist(),
@@ -141,7 +127,7 @@ def activations(
             {"activations_finite": finite_check(result.pooled, len(prompts), len(boundaries))},
         )
 
-        out = store.directory(profile_name, "activations", model_name)
+        out = phase.directory("activations")
 
         rec.artifacts(out)
         boundary_tensor = torch.tensor(boundaries, dtype=torch.int64)

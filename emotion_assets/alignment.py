@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from emotion_assets.activations import activations
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, effective_profile, json_metadata, recorded
 from emotion_assets.confounds import confound_audit
 from emotion_assets.io import SWEEP_FILE, ArtifactHandle, ArtifactHandles, activations_of, audit_flags
@@ -83,6 +84,7 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
 
 @dg.asset(
     partitions_def=pair_profile_partitions,
+    deps=config_deps("subspace_alignment", pair_profile_partitions),
     group_name=ALIGNMENT_GROUP,
     ins={
         "activations": dg.AssetIn(activations.key, partition_mapping=_pair_mapping()),

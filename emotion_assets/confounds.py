@@ -9,15 +9,15 @@ import torch
 from pydantic import Field
 
 from emotion_assets.activations import activations, extract_for_profile
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
-    effective_profile,
     emotion_words,
-    recorded,
 )
+from emotion_assets.context import Phase
 from emotion_assets.dataset import EMOTION_COLUMNS, emotion_dataset, evaluator_suite_for
 from emotion_assets.io import VECTOR_AUDIT_FILE, ArtifactHandle, activations_of, prompts_of, vectors_of
-from emotion_assets.partitions import model_and_profile, model_profile_partitions, profile_to_model_profile
+from emotion_assets.partitions import model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.profiles import Profile
 from emotion_assets.science.confounds import (
@@ -122,6 +122,7 @@ def key_numbers(audit: ConfoundAudit, focus: list[int], first_strategy: str) -> 
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("confound_audit", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={
         "activations": dg.AssetIn(activations.key),
@@ -147,8 +148,8 @@ def confound_audit(
     vectors: ArtifactHandle,
     dataset: ArtifactHandle,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="3-confounds", models=models)
+    model_name, profile_name, profile = phase.model, phase.profile.name, phase.profile
     pooled, index, boundaries = activations_of(activations)
     stored, vector_boundaries = vectors_of(vectors)
     if vector_boundaries != boundaries:
@@ -162,13 +163,10 @@ def confound_audit(
         by_strategy.setdefault(strategy, {})[emotion] = value
     frame = _with_texts(index, prompts_of(dataset), model_name, profile_name)
     fitting = fitting_mask(frame)
-    handle = models.get(model_name, device=config.device)
+    handle = phase.handle
     words = emotion_words()
     validation = [load_validation_set(p, frame["text"].tolist()) for p in profile.resolved_validation_sets()]
-    with recorded(
-        context, tracking=tracking, store=store, phase="3-confounds", model=model_name, profile=profile,
-        device=str(handle.device), config=config, throughput_unit="vectors",
-    ) as rec:  # fmt: skip
+    with phase.recorded("vectors") as rec:
         suite = evaluator_suite_for(evaluators, profile, frame[fitting]) if validation else None
         audit = audit_confounds(
             pooled, frame, boundaries, by_strategy, fitting=fitting, emotion_words=words, seed=profile.seed,
@@ -181,7 +179,7 @@ def confound_audit(
         rec.timing.samples = len(audit.vector_audit)
         focus = focus_boundaries(profile, boundaries, handle.geometry.n_layers)
         numbers = key_numbers(audit, focus, profile.pooling[0])
-        out = store.directory(profile_name, ASSET, model_name)
+        out = phase.directory(ASSET)
         rec.artifacts(out)
         for attribute, stem in TABLES.items():
             write_table(out / f"{stem}.parquet", getattr(audit, attribute), csv=True)

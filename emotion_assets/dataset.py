@@ -4,6 +4,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import (
     RunConfig,
     all_emotion_words,
@@ -47,6 +48,7 @@ SURFACE_FILE = "surface.parquet"
 
 @dg.asset(
     partitions_def=profile_partitions,
+    deps=config_deps("emotion_dataset", profile_partitions),
     group_name=DATASET_GROUP,
     kinds={"pandas", "parquet"},
     code_version="2",
@@ -271,6 +273,7 @@ def evaluator_suite_for(evaluators: EvaluatorResource, profile, frame: pd.DataFr
 
 @dg.asset(
     partitions_def=profile_partitions,
+    deps=config_deps("evaluator_quality", profile_partitions),
     group_name=DATASET_GROUP,
     ins={"dataset": dg.AssetIn(emotion_dataset.key)},
     kinds={"sklearn"},

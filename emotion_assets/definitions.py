@@ -16,11 +16,10 @@ from emotion_assets import (
     statistics,
     vectors,
 )
+from emotion_assets.automation import CONFIG_ASSETS, automate, automation_sensors, config_sensor
 from emotion_assets.io import ArtifactIOManager
-from jobs.executors import executor_from_env
+from jobs.executors import run_executor
 from jobs.jobs import ALL_JOBS
-from jobs.schedules import backfill_schedules
-from jobs.sensors import config_change_sensor
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
 from resources.storage import ArtifactStore
@@ -42,12 +41,11 @@ ASSET_MODULES = [
 ]
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    assets=[*automate(dg.load_assets_from_modules(ASSET_MODULES)), *CONFIG_ASSETS],
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=ALL_JOBS,
-    schedules=backfill_schedules,
-    sensors=[config_change_sensor],
-    executor=executor_from_env(),
+    sensors=[config_sensor, *automation_sensors()],
+    executor=run_executor(),
     resources={
         "models": ModelResource(),
         "evaluators": EvaluatorResource(),

@@ -3,6 +3,7 @@
 import dagster as dg
 import torch
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig
 from emotion_assets.context import Phase
 from emotion_assets.partitions import model_profile_partitions
@@ -24,6 +25,7 @@ def sample_generation(handle: ModelHandle, prompt: str = SAMPLE_PROMPT, max_new_
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("model_card", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     kinds={"pytorch"},
     code_version="1",

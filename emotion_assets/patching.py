@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from emotion_assets.activations import activations, check_steering_layers
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, json_metadata, progress_logger, refuse_failing_checks
 from emotion_assets.confounds import confound_audit
 from emotion_assets.context import Phase
@@ -56,6 +57,7 @@ STEERABILITY_SHOWN = ["emotion", "layer", "alpha", "n_confirmation", "target_shi
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("residual_patching", causal_model_profile_partitions),
     group_name=STEERING_GROUP,
     ins={
         "emotion_vectors": dg.AssetIn(emotion_vectors.key),

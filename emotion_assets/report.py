@@ -8,6 +8,7 @@ import pandas as pd
 
 from emotion_assets.activations import activations
 from emotion_assets.alignment import subspace_alignment
+from emotion_assets.automation import config_deps
 from emotion_assets.circuits import emotion_circuits
 from emotion_assets.common import RunConfig, effective_profile, recorded
 from emotion_assets.confounds import ASSET as CONFOUND_ASSET
@@ -71,6 +72,7 @@ VECTOR_CONFOUND_COLUMNS = ["model", "strategy", "boundary", "emotion", "cos_fina
 
 @dg.asset(
     partitions_def=profile_partitions,
+    deps=config_deps("patching_statistics_rollup", profile_partitions),
     group_name=REPORT_GROUP,
     ins={"statistics": dg.AssetIn(patching_statistics.key, partition_mapping=profile_to_model_profile)},
     kinds={"pandas"},
@@ -315,6 +317,7 @@ def study_claims(inputs: ProfileArtifacts, profile: Profile) -> pd.DataFrame:
 
 @dg.asset(
     partitions_def=profile_partitions,
+    deps=config_deps("findings_report", profile_partitions),
     group_name=REPORT_GROUP,
     ins={
         "rollup": dg.AssetIn(patching_statistics_rollup.key),

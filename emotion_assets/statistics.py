@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from emotion_assets.alignment import beyond_embeddings, subspace_alignment
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, effective_profile
 from emotion_assets.context import Phase
 from emotion_assets.head_patching import PATCHING_ASSET, head_patching
@@ -34,6 +35,7 @@ from resources.tracking import TrackingResource
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("patching_statistics", causal_model_profile_partitions),
     group_name=STATISTICS_GROUP,
     ins={
         "residual_patching": dg.AssetIn(residual_patching.key),
@@ -192,6 +194,7 @@ def patching_statistics_sane(patching_statistics: ArtifactHandle) -> dg.AssetChe
 
 @dg.asset(
     partitions_def=pair_profile_partitions,
+    deps=config_deps("k_selection", pair_profile_partitions),
     group_name=ALIGNMENT_GROUP,
     ins={"subspace_alignment": dg.AssetIn(subspace_alignment.key)},
     kinds={"pandas"},

@@ -8,7 +8,9 @@ import pandas as pd
 import torch
 
 from emotion_assets.activations import activations
-from emotion_assets.common import RunConfig, effective_profile, recorded, refuse_failing_checks
+from emotion_assets.automation import config_deps
+from emotion_assets.common import RunConfig, refuse_failing_checks
+from emotion_assets.context import Phase
 from emotion_assets.io import (
     PROBE_FILE,
     SUBSPACES_FILE,
@@ -19,7 +21,7 @@ from emotion_assets.io import (
     token_norms_of,
     vectors_of,
 )
-from emotion_assets.partitions import model_and_profile, model_profile_partitions
+from emotion_assets.partitions import model_profile_partitions
 from emotion_assets.plots import heatmap, line_plot, markdown_table, save_figure
 from emotion_assets.science.directions import (
     cosine_matrix,
@@ -43,6 +45,7 @@ def vector_key(strategy: str, emotion: str) -> str:
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("emotion_vectors", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch", "sklearn"},
@@ -57,25 +60,15 @@ def emotion_vectors(
     tracking: TrackingResource,
     activations: ArtifactHandle,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="3-vectors")
+    model_name, profile = phase.model, phase.profile
     pooled, index, boundaries = activations_of(activations)
     token_norm = token_norms_of(activations)  # [n, n_boundaries]
     labels = index["emotion"].tolist()
     fitting = fitting_mask(index)  # steering-only prompts never fit a vector or a probe
     train = (index["split"] == "train").to_numpy() & fitting
     held_out = (index["split"] == "eval").to_numpy() & fitting
-    with recorded(
-        context,
-        tracking=tracking,
-        store=store,
-        phase="3-vectors",
-        model=model_name,
-        profile=profile,
-        device="cpu",
-        config=config,
-        throughput_unit="boundaries",
-    ) as rec:
+    with phase.recorded("boundaries") as rec:
         tensors: dict[str, torch.Tensor] = {}
         reports, probes, cosines = [], [], []
         for strategy, acts in pooled.items():  # acts: [n, n_boundaries, d_model]
@@ -116,7 +109,7 @@ def emotion_vectors(
             {"emotion_vectors_nonzero": nonzero_check(tensors, boundaries)},
         )
 
-        out = store.directory(profile_name, "emotion_vectors", model_name)
+        out = phase.directory("emotion_vectors")
 
         rec.artifacts(out)
         tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
@@ -209,6 +202,7 @@ def nonzero_check(vectors: dict[str, torch.Tensor], boundaries: list[int]) -> dg
 
 @dg.asset(
     partitions_def=model_profile_partitions,
+    deps=config_deps("emotion_subspaces", model_profile_partitions),
     group_name=REPRESENTATION_GROUP,
     ins={"activations": dg.AssetIn(activations.key)},
     kinds={"pytorch"},
@@ -223,22 +217,12 @@ def emotion_subspaces(
     tracking: TrackingResource,
     activations: ArtifactHandle,
 ) -> dg.MaterializeResult:
-    model_name, profile_name = model_and_profile(context)
-    profile = effective_profile(profile_name, config)
+    phase = Phase.of(context, config, store=store, tracking=tracking, phase="3-vectors")
+    profile = phase.profile
     pooled, index, boundaries = activations_of(activations)
     labels = index["emotion"].to_numpy()
     train = (index["split"] == "train").to_numpy() & fitting_mask(index)
-    with recorded(
-        context,
-        tracking=tracking,
-        store=store,
-        phase="3-vectors",
-        model=model_name,
-        profile=profile,
-        device="cpu",
-        config=config,
-        throughput_unit="subspaces",
-    ) as rec:
+    with phase.recorded("subspaces") as rec:
         tensors: dict[str, torch.Tensor] = {}
         rows = []
         for strategy, acts in pooled.items():  # [n, n_boundaries, d_model]
@@ -281,7 +265,7 @@ def emotion_subspaces(
             str(context.partition_key),
             {"emotion_subspaces_orthonormal": orthonormal_check(tensors)},
         )
-        out = store.directory(profile_name, "emotion_subspaces", model_name)
+        out = phase.directory("emotion_subspaces")
         rec.artifacts(out)
         tensors["boundaries"] = torch.tensor(boundaries, dtype=torch.int64)
         write_tensors(out / SUBSPACES_FILE, tensors)

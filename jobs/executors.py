@@ -2,8 +2,10 @@
 
 in_process    every step of a run in one process: a model is loaded once per run and shared by all
               steps (the right choice on one machine and for every model-backed job).
-multiprocess  one process per step, ``$EMOTION_MAX_CONCURRENT`` at a time (default: CPU count); each
-              step that needs a model loads its own copy, so use it for CPU-bound, model-free jobs.
+multiprocess  one process per step, ``$EMOTION_MAX_CONCURRENT`` at a time (default: CPU count), for
+              CPU-bound, model-free runs. A run that loads a model (any selected step needs the ``models``
+              resource: a UI materialization, a run launched by automation) still runs in process, so
+              the model is loaded once per run (:func:`run_executor`).
 k8s           one Kubernetes Job per step (``dagster_k8s.k8s_job_executor``); needs ``pip install -e .[scale]``
               and a run launcher / image set up as in docs/operations.md.
 celery        steps sent to Celery workers (``dagster_celery.celery_executor``); needs
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 import dagster as dg
 
@@ -97,6 +100,48 @@ def job_executor(name: str | None = None) -> dg.ExecutorDefinition:
     return dg.in_process_executor
 
 
+MODEL_RESOURCE_KEY = "models"
+
+
+def loads_model(job_def: dg.JobDefinition) -> bool:
+    """Whether a step of ``job_def`` (the run's job, subset to its selected assets) uses the model resource."""
+    return any(MODEL_RESOURCE_KEY in op.required_resource_keys for op in job_def.graph.iterate_op_defs())
+
+
+def _multiprocess_unless_model(init_context: dg.InitExecutorContext) -> Any:
+    """In process for a run that loads a model, else one process per step (the multiprocess config)."""
+    if loads_model(init_context.job.get_definition()):
+        creation_fn = dg.in_process_executor.executor_creation_fn
+    else:
+        creation_fn = dg.multiprocess_executor.executor_creation_fn
+    assert creation_fn is not None  # both are built by @dg.executor
+    return creation_fn(init_context)
+
+
+# Takes the multiprocess executor's config (``retries`` and ``step_dependency_config`` mean the same in
+# process) and keeps its requirements (a reconstructable job, a persistent instance) for every run.
+multiprocess_unless_model_executor = dg.ExecutorDefinition(
+    name="multiprocess_unless_model",
+    config_schema=dg.multiprocess_executor.config_schema,
+    requirements=dg.multiprocess_executor.get_requirements,
+    executor_creation_fn=_multiprocess_unless_model,
+    description="One process per step, except a run with a step that loads a model: that run executes in "
+    "process, so the model is loaded once per run.",
+)
+
+
+def run_executor(name: str | None = None) -> dg.ExecutorDefinition:
+    """The executor of runs outside the project's jobs (UI materializations, runs launched by automation):
+    ``executor_from_env``, except that under ``multiprocess`` a run whose steps load a model executes in
+    process (each step process would load its own copy of the model)."""
+    if _choice(name) != "multiprocess":
+        return executor_from_env(name)
+    limit = os.environ.get("EMOTION_MAX_CONCURRENT")
+    if limit:
+        return multiprocess_unless_model_executor.configured({"max_concurrent": int(limit)})
+    return multiprocess_unless_model_executor
+
+
 __all__ = [
     "CELERY_BACKEND_ENV",
     "CELERY_BROKER_ENV",
@@ -106,4 +151,6 @@ __all__ = [
     "celery_config",
     "executor_from_env",
     "job_executor",
+    "loads_model",
+    "run_executor",
 ]

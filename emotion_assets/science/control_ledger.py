@@ -17,14 +17,13 @@ findings the controls removed and which.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from emotion_assets.science.statistics import bh_fdr, bonferroni, paired_family
-from emotion_assets.science.steering_analysis import CONDITION_COLUMNS, RANDOM_KINDS, intended_sign
+from emotion_assets.science.steering_analysis import RANDOM_KINDS, intended_sign, steering_comparisons
 
 UNCONTROLLED_STEERING_RULES = (
     "Student t, isotropic and covariance-matched random directions pooled, no other-emotion contrast, "
@@ -54,42 +53,24 @@ def uncontrolled_steering_family(
     emotion cell vs the mean of all random directions at its layer and α, both kinds pooled, on its target
     score (``vs_random_pooled``). ``p`` is Student's paired t p (0 when the differences are constant).
     """
-    prompts = np.sort(table["prompt_id"].unique())
-    wide = {m: table.pivot_table(index="prompt_id", columns="condition", values=m, dropna=False).reindex(prompts)
-            for m in metrics}  # fmt: skip
-    conditions = table.drop_duplicates("condition").set_index("condition")[CONDITION_COLUMNS[1:]]
-    baseline = conditions.index[conditions["kind"] == "baseline"]
-    if len(baseline) != 1:
-        raise ValueError(f"Expected one baseline condition, found {list(baseline)}.")
-    specs: list[dict[str, Any]] = []
-    control: list[np.ndarray] = []
-    treatment: list[np.ndarray] = []
-    for name, cond in conditions.iterrows():
-        if cond["kind"] == "baseline":
-            continue
-        for metric in metrics:
-            specs.append({"comparison": "vs_baseline", "metric": metric, "condition": name, **cond.to_dict()})
-            control.append(wide[metric][baseline[0]].to_numpy())
-            treatment.append(wide[metric][name].to_numpy())
-    cells = conditions[(conditions["kind"] == "emotion") & (conditions["alpha"] != 0)]
-    for name, cond in cells.iterrows():
-        metric = target_metrics.get(cond["emotion"])
-        if metric not in wide:
-            continue
-        same_cell = (conditions["layer"] == cond["layer"]) & np.isclose(conditions["alpha"], cond["alpha"])
-        randoms = list(conditions.index[same_cell & conditions["kind"].isin(RANDOM_KINDS)])
-        if randoms:
-            specs.append(
-                {"comparison": "vs_random_pooled", "metric": metric, "condition": name, **cond.to_dict()}
-            )
-            control.append(wide[metric][randoms].mean(axis=1).to_numpy())
-            treatment.append(wide[metric][name].to_numpy())
-    if not specs:
-        raise ValueError("No steering comparison could be declared; the table has no steered condition.")
-    results = paired_family(np.column_stack(control), np.column_stack(treatment), n_boot=n_boot, seed=seed)
-    family = pd.concat(
-        [pd.DataFrame(specs), results[["n", "mean_diff", "diff_ci_low", "diff_ci_high"]]], axis=1
-    )
+    specs, control, treatment, _ = steering_comparisons(table, metrics, target_metrics)
+    frame = pd.DataFrame(specs)
+    keep = list(np.flatnonzero(frame["comparison"] == "vs_baseline"))
+    columns_a, columns_b, pooled_specs = [control[:, keep]], [treatment[:, keep]], [frame.iloc[keep]]
+    kinds = frame[frame["comparison"].isin([f"vs_{kind}" for kind in RANDOM_KINDS])]
+    for _, group in kinds.groupby("condition", sort=False):
+        if len(group) != len(RANDOM_KINDS):
+            continue  # a cell without both kinds has no pooled control of the same composition
+        # Equal numbers of directions per kind: the mean of the two kind means is the pooled mean.
+        columns_a.append(control[:, group.index].mean(axis=1, keepdims=True))
+        columns_b.append(treatment[:, group.index[:1]])
+        pooled_specs.append(
+            group.iloc[:1].assign(comparison="vs_random_pooled", control="all random directions")
+        )
+    specs_frame = pd.concat(pooled_specs, ignore_index=True)
+    control, treatment = np.hstack(columns_a), np.hstack(columns_b)
+    results = paired_family(control, treatment, n_boot=n_boot, seed=seed)
+    family = pd.concat([specs_frame, results[["n", "mean_diff", "diff_ci_low", "diff_ci_high"]]], axis=1)
     # Student's t p from t itself: constant non-zero differences have t = ±inf and get p = 0, as a plain
     # paired t-test reports them.
     family["p"] = 2.0 * stats.t.sf(np.abs(results["t_stat"].to_numpy()), results["n"].to_numpy() - 1)

@@ -109,7 +109,7 @@ def test_incomplete_local_checkpoint_is_a_named_error(tmp_path, remove, expected
 
 
 def test_availability_of_local_and_chunked_sources_is_read_from_files(tmp_path, monkeypatch):
-    from jobs.schedules import model_availability
+    from resources.availability import model_availability
 
     geometry = save_tiny_checkpoint("llama", tmp_path / "llama")
     chunks = _chunk_package(tmp_path, monkeypatch, b"GGUF" * 64)
