@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import add_model_options, load_model  # noqa: E402
 from emotion_assets.science.batched_heads import generate_conditions, generate_per_condition  # noqa: E402
-from emotion_assets.science.head_experiments import build_generation_conditions, random_heads  # noqa: E402
+from emotion_assets.science.head_conditions import build_generation_conditions, random_heads  # noqa: E402
 from emotion_assets.science.heads import (  # noqa: E402
     capture_head_outputs,
     head_layout,

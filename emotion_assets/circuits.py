@@ -23,7 +23,7 @@ from emotion_assets.science.circuit_effects import (
     pooled_circuit_effects,
 )
 from emotion_assets.science.crossfit import fold_plans
-from emotion_assets.science.head_experiments import (
+from emotion_assets.science.head_pairs import (
     check_split_matches,
     emotions_of,
     final_direction,

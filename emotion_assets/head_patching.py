@@ -1,6 +1,6 @@
 """Phase 6: ``head_patching``, greedy continuations with an emotion's top heads ablated or patched.
 
-Conditions, folds and the shift tables: :mod:`emotion_assets.science.head_experiments`.
+Conditions, folds and the shift tables: :mod:`emotion_assets.science.head_conditions`.
 """
 
 import dagster as dg
@@ -15,17 +15,14 @@ from emotion_assets.partitions import causal_model_profile_partitions, profile_t
 from emotion_assets.plots import markdown_table
 from emotion_assets.science.crossfit import fold_plans
 from emotion_assets.science.head_checks import crossfit_outcome, patching_outcome
-from emotion_assets.science.head_experiments import (
+from emotion_assets.science.head_conditions import (
     POOLED_FOLD,
-    check_split_matches,
-    emotions_of,
     fold_generations,
     neutral_mean_head_outputs,
-    prompt_pair,
     shift_table,
-    sub_pair,
     top_vs_random,
 )
+from emotion_assets.science.head_pairs import check_split_matches, emotions_of, prompt_pair, sub_pair
 from emotion_assets.science.heads import head_layout
 from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.vectors import emotion_vectors

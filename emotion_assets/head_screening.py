@@ -1,6 +1,6 @@
 """Phase 6: ``head_screening``, every attention head scored per emotion on each half of its prompt pairs.
 
-Prompts, readout and the screen itself: :mod:`emotion_assets.science.head_experiments`.
+Prompt pairs: :mod:`emotion_assets.science.head_pairs`; readout and screen: :mod:`emotion_assets.science.head_screen`.
 """
 
 import dagster as dg
@@ -20,14 +20,8 @@ from emotion_assets.partitions import (
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.crossfit import HALVES
 from emotion_assets.science.head_checks import screening_outcome
-from emotion_assets.science.head_experiments import (
-    crossfit_split,
-    emotions_of,
-    final_direction,
-    prompt_pair,
-    screen_emotion,
-    screening_table,
-)
+from emotion_assets.science.head_pairs import crossfit_split, emotions_of, final_direction, prompt_pair
+from emotion_assets.science.head_screen import screen_emotion, screening_table
 from emotion_assets.science.heads import head_layout
 from emotion_assets.science.statistics import stable_seed
 from emotion_assets.science.steering_analysis import TARGET_METRICS

@@ -1,7 +1,7 @@
 """Circuit analysis of an emotion's top heads (``emotion_circuits``): OV/QK readouts, roles, and joint vs
 summed single effects of ablating and patching them, per cross-fitted fold and pooled.
 
-Readouts and prompts as in :mod:`emotion_assets.science.head_experiments`: the projection of the last real
+Readouts and prompts as in :mod:`emotion_assets.science.head_screen`: the projection of the last real
 token's final-boundary residual onto the emotion vector, on each emotion's eval prompt pairs.
 """
 
@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from emotion_assets.science.batched_heads import Condition, HeadIntervention, readout_conditions
 from emotion_assets.science.crossfit import FoldPlan, heads_by_fold, join_ids
-from emotion_assets.science.head_experiments import POOLED_FOLD, PromptPair, head_label
+from emotion_assets.science.head_conditions import POOLED_FOLD
+from emotion_assets.science.head_pairs import PromptPair, head_label
 from emotion_assets.science.heads import (
     Head,
     OVReport,

@@ -162,7 +162,7 @@ def test_bad_inputs_name_the_fix(model, tokenizer, sets, positions):
 
 def test_head_patching_conditions_batched_equal_per_condition(model, tokenizer, sets, positions, mean_z):
     # The asset's own condition list (top heads, random controls) through both paths.
-    from emotion_assets.science.head_experiments import build_generation_conditions
+    from emotion_assets.science.head_conditions import build_generation_conditions
 
     conditions = [c.batched() for c in build_generation_conditions([(2, 1), (0, 2)], [(0, [(1, 1), (2, 3)])])]
     kwargs = {"positions": positions, "max_new_tokens": MAX_NEW, "mean_z": mean_z}

@@ -12,7 +12,9 @@ import torch
 from emotion_assets.common import all_emotion_words
 from emotion_assets.science import circuit_effects as CE
 from emotion_assets.science import crossfit as C
-from emotion_assets.science import head_experiments as E
+from emotion_assets.science import head_conditions as G
+from emotion_assets.science import head_pairs as P
+from emotion_assets.science import head_screen as S
 from emotion_assets.science import heads as H
 from emotion_assets.science.patching_statistics import crossfit_attributes
 from tests.tiny_models import byte_tokenizer, tiny_llama
@@ -60,13 +62,13 @@ def direction():
 @pytest.fixture(scope="module")
 def screened(handle, frame, direction):
     """The screening asset's per-half scores of every head on the tiny Llama, with the split."""
-    pair = E.prompt_pair(handle.tokenizer, handle.device, frame, "gratitude", None, 128, all_emotion_words())
-    split = E.crossfit_split(pair, "gratitude", profile_seed=13)
+    pair = P.prompt_pair(handle.tokenizer, handle.device, frame, "gratitude", None, 128, all_emotion_words())
+    split = P.crossfit_split(pair, "gratitude", profile_seed=13)
     every_head = [(ly, h) for ly in range(N_LAYERS) for h in range(N_HEADS)]
     tables = []
     for half in C.HALVES:
-        sub = E.sub_pair(pair, split.loc[split["half"] == half, "pair_index"].tolist())
-        table = E.screen_pairs(handle.model, sub, direction, N_LAYERS, every_head)
+        sub = P.sub_pair(pair, split.loc[split["half"] == half, "pair_index"].tolist())
+        table = S.screen_pairs(handle.model, sub, direction, N_LAYERS, every_head)
         tables.append(table.assign(emotion="gratitude", half=half))
     return pair, split, C.rank_within_halves(pd.concat(tables, ignore_index=True))
 
@@ -112,11 +114,11 @@ def test_screen_emotion_is_the_per_half_screen_with_held_out_maxima(handle, scre
 
     pair, split, screening = screened
     every_head = [(ly, h) for ly in range(N_LAYERS) for h in range(N_HEADS)]
-    result = E.screen_emotion(
+    result = S.screen_emotion(
         handle.model, pair, split, direction, every_head, ScreeningConfig(), top_n=2, n_boot=50, seed=3
     )
     pd.testing.assert_frame_equal(C.rank_within_halves(result.scores), screening)
-    table = E.screening_table([result.scores], N_LAYERS, "last")
+    table = S.screening_table([result.scores], N_LAYERS, "last")
     assert list(table.columns[:4]) == ["emotion", "half", "layer", "head"]
     assert (table["readout_boundary"] == N_LAYERS).all() and (table["strategy"] == "last").all()
     for half in C.HALVES:
@@ -134,13 +136,13 @@ def test_screen_emotion_is_the_per_half_screen_with_held_out_maxima(handle, scre
 
 def _measure(handle, pair, plan, direction) -> pd.DataFrame:
     """Per-prompt held-out ablation effect of each chosen head, one row per prompt × head."""
-    sub = E.sub_pair(pair, plan.measurement_pairs)
+    sub = P.sub_pair(pair, plan.measurement_pairs)
     effects = H.ablation_effects_per_prompt(
         handle.model, sub.emotion_batch["input_ids"], sub.emotion_batch["attention_mask"], direction,
         N_LAYERS, plan.heads,
     )  # fmt: skip
     return pd.DataFrame([
-        {"emotion": plan.emotion, "prompt_id": sub.emotion["id"].iloc[i], "heads": E.head_label([head]),
+        {"emotion": plan.emotion, "prompt_id": sub.emotion["id"].iloc[i], "heads": P.head_label([head]),
          "effect": float(effects[i, j]), **plan.labels()}
         for i in range(sub.n) for j, head in enumerate(plan.heads)
     ])  # fmt: skip
@@ -157,7 +159,7 @@ def test_no_head_is_measured_on_a_prompt_that_selected_it(handle, screened, dire
     for row in rows.itertuples():
         assert row.prompt_id not in C.split_ids(row.selected_on_prompt_ids)
         top = C.top_of_half(screening, "gratitude", row.selection_half, 3)
-        assert row.heads in {E.head_label([h]) for h in top}
+        assert row.heads in {P.head_label([h]) for h in top}
     # Both folds together measure every prompt exactly once per head rank.
     assert rows.groupby("prompt_id")["fold"].nunique().eq(1).all()
     assert set(rows["prompt_id"]) == set(pair.emotion["id"])
@@ -167,7 +169,7 @@ def test_no_head_is_measured_on_a_prompt_that_selected_it(handle, screened, dire
         got = rows[rows["fold"] == plan.name].groupby("heads", sort=False)["effect"].mean()
         for head in plan.heads:
             want = measured.loc[head, "ablation_effect"]
-            assert got[E.head_label([head])] == pytest.approx(want, abs=1e-4)
+            assert got[P.head_label([head])] == pytest.approx(want, abs=1e-4)
 
 
 def test_measuring_on_the_selecting_half_is_caught(handle, screened, direction):
@@ -192,8 +194,8 @@ def test_generation_table_keeps_folds_apart(handle, frame, screened, model):
     layout = H.head_layout(model)
     rows = []
     for plan in C.fold_plans(split, screening, top_n=2):
-        sub = E.sub_pair(pair, plan.measurement_pairs)
-        rows += E.fold_generations(
+        sub = P.sub_pair(pair, plan.measurement_pairs)
+        rows += G.fold_generations(
             handle.model, handle.tokenizer, plan, sub, layout, mean_z, max_new=2, profile_seed=13
         )
     table = pd.DataFrame(rows)
@@ -218,9 +220,9 @@ def test_generation_table_keeps_folds_apart(handle, frame, screened, model):
 
 def test_a_changed_prompt_set_is_refused(handle, frame, screened):
     _, split, _ = screened
-    smaller = E.prompt_pair(handle.tokenizer, handle.device, frame, "gratitude", 6, 128, all_emotion_words())
+    smaller = P.prompt_pair(handle.tokenizer, handle.device, frame, "gratitude", 6, 128, all_emotion_words())
     with pytest.raises(ValueError, match="re-materialize head_screening"):
-        E.check_split_matches(split, smaller)
+        P.check_split_matches(split, smaller)
 
 
 # --- honest maxima -----------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def test_circuits_and_shift_tables_keep_folds_and_pool_them(handle, screened, di
     heads, tables = [], []
     for plan in C.fold_plans(split, screening, top_n=2):
         rows, table = CE.fold_circuit(
-            handle.model, handle.tokenizer, plan, E.sub_pair(pair, plan.measurement_pairs), screening, inputs
+            handle.model, handle.tokenizer, plan, P.sub_pair(pair, plan.measurement_pairs), screening, inputs
         )
         heads += rows
         tables.append(table)
@@ -324,13 +326,13 @@ def test_circuits_and_shift_tables_keep_folds_and_pool_them(handle, screened, di
           "sentiment_compound": 0.0}
          for row in _generation_rows(handle, pair, split, screening)]
     )  # fmt: skip
-    shifts = E.shift_table(generations, {"gratitude": ["emotion_gratitude", "sentiment_compound"]})
+    shifts = G.shift_table(generations, {"gratitude": ["emotion_gratitude", "sentiment_compound"]})
     assert set(shifts["fold"]) == {"A_to_B", "B_to_A", "both"}
     both = shifts[shifts["fold"] == "both"]
     assert (both["n_prompts"] == pair.n).all()
     assert np.allclose(both.loc[both["kind"] == "baseline", "target_shift"], 0.0)
     assert np.allclose(both.loc[both["kind"] != "baseline", "target_shift"], 1.0)  # the planted +1
-    versus = E.top_vs_random(shifts)
+    versus = G.top_vs_random(shifts)
     assert versus["heads"].str.contains("A_to_B: ").all() and versus["heads"].str.contains("B_to_A: ").all()
 
 
@@ -340,8 +342,8 @@ def _generation_rows(handle, pair, split, screening) -> list[dict]:
     mean_z = H.mean_head_outputs(H.capture_head_outputs(model, ids, mask, range(N_LAYERS)), mask)
     rows = []
     for plan in C.fold_plans(split, screening, top_n=2):
-        sub = E.sub_pair(pair, plan.measurement_pairs)
-        rows += E.fold_generations(
+        sub = P.sub_pair(pair, plan.measurement_pairs)
+        rows += G.fold_generations(
             handle.model, handle.tokenizer, plan, sub, H.head_layout(model), mean_z, 1, 13
         )
     return rows
