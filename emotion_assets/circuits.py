@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words
 from emotion_assets.context import Phase
 from emotion_assets.dataset import emotion_dataset
@@ -64,6 +65,7 @@ def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("emotion_circuits", causal_model_profile_partitions),
     group_name=HEADS_GROUP,
     ins={
         "head_screening": dg.AssetIn(head_screening.key),

@@ -6,6 +6,7 @@ Conditions, folds and the shift tables: :mod:`emotion_assets.science.head_condit
 import dagster as dg
 import pandas as pd
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words, refuse_failing_checks
 from emotion_assets.context import Phase
 from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
@@ -38,6 +39,7 @@ PATCHING_ASSET = "head_patching"
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("head_patching", causal_model_profile_partitions),
     group_name=HEADS_GROUP,
     ins={
         "head_screening": dg.AssetIn(head_screening.key),

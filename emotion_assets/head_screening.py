@@ -6,6 +6,7 @@ Prompt pairs: :mod:`emotion_assets.science.head_pairs`; readout and screen: :mod
 import dagster as dg
 import pandas as pd
 
+from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words, json_metadata, refuse_failing_checks
 from emotion_assets.confounds import confound_audit
 from emotion_assets.context import Phase
@@ -38,6 +39,7 @@ TOP_HEADS_SHOWN = ["emotion", "label", "rank", "layer", "head", "selection_effec
 
 @dg.asset(
     partitions_def=causal_model_profile_partitions,
+    deps=config_deps("head_screening", causal_model_profile_partitions),
     group_name=HEADS_GROUP,
     ins={
         "emotion_vectors": dg.AssetIn(emotion_vectors.key),

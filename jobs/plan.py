@@ -18,11 +18,11 @@ import pandas as pd
 
 from emotion_assets.profiles import Profile
 from emotion_assets.registry import ModelSpec
+from emotion_assets.science.head_screen import SCREEN_HEADS_PER_PASS
+from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.timing import past_estimate_s
 
-N_RANDOM_HEAD_SEEDS = 2  # emotion_assets.heads.N_RANDOM_SEEDS
-SCREEN_HEADS_PER_PASS = 288  # emotion_assets.heads.SCREEN_HEADS_PER_PASS
-TARGET_EMOTIONS = ("gratitude", "anger", "apology")  # emotion_assets.patching.TARGET_METRICS
+TARGET_EMOTIONS = tuple(TARGET_METRICS)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _fit(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _head_pairs(frame: pd.DataFrame, profile: Profile) -> dict[str, int]:
-    """Eval prompt pairs per target emotion (``emotion_assets.heads.prompt_pair``)."""
+    """Eval prompt pairs per target emotion (``science.head_pairs.prompt_pair``)."""
     fit = _fit(frame)
     count = fit[fit["split"] == "eval"].groupby("emotion").size()
     cap = profile.heads.max_prompts or math.inf
@@ -143,11 +143,15 @@ def format_plan(planned: list[PlannedAsset], model: str, profile: str) -> str:
         lines.append("")
     known = [p.estimate_s for p in planned if p.estimate_s is not None]
     missing = len(planned) - len(known)
-    total = format_seconds(sum(known)) if known else "no record yet"
-    lines.append(
-        f"Estimated total: {total} for {len(known)} of {len(planned)} assets with a record"
-        + (f" ({missing} without one)" if missing else "")
-        + "; medians of the Dagster instance's earlier materializations, model conversion and loading included "
+    source = (
+        "medians of the Dagster instance's earlier materializations, model conversion and loading included "
         "where they happened."
     )
+    if known:
+        lines.append(
+            f"Estimated total: {format_seconds(sum(known))} for {len(known)} of {len(planned)} assets with a "
+            f"record" + (f" ({missing} without one)" if missing else "") + f"; {source}"
+        )
+    else:
+        lines.append(f"Estimated total: no record yet for any of the {len(planned)} assets ({source})")
     return "\n".join(lines)
