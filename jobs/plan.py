@@ -19,6 +19,7 @@ import pandas as pd
 from emotion_assets.profiles import Profile
 from emotion_assets.registry import ModelSpec
 from emotion_assets.science.head_screen import SCREEN_HEADS_PER_PASS
+from emotion_assets.science.prompts import steering_starts
 from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.timing import past_estimate_s
 
@@ -83,7 +84,7 @@ def work_units(asset: str, profile: Profile, spec: ModelSpec, frame: pd.DataFram
             f"{len(fit)} prompts, {math.ceil(len(fit) / batch)} forward passes of ≤ {batch}, "
             f"{len(profile.boundaries(spec.layers))} boundaries × {len(profile.pooling)} poolings"
         ),
-        "residual_patching": lambda: _steering_units(profile, fit),
+        "residual_patching": lambda: _steering_units(profile, frame),
         "head_screening": lambda: (
             f"{len(pairs)} emotions × 2 halves × {heads} heads on {n_pairs} prompt pairs: ≥ "
             f"{len(pairs) * 2 * math.ceil(heads / SCREEN_HEADS_PER_PASS)} batched ablation passes, "
@@ -102,16 +103,18 @@ def work_units(asset: str, profile: Profile, spec: ModelSpec, frame: pd.DataFram
     return units[asset]() if asset in units else ""
 
 
-def _steering_units(profile: Profile, fit: pd.DataFrame) -> str:
+def _steering_units(profile: Profile, frame: pd.DataFrame) -> str:
+    """Conditions × the prompts the sweep steers from (``steering_starts``, as ``residual_patching``)."""
     steering = profile.steering
     alphas = sorted(set(steering.alpha_grid) | {0.0})
+    fit = _fit(frame)
     emotions = [e for e in TARGET_EMOTIONS if (fit["emotion"] == e).any()]
     per_layer = len(emotions) * len(alphas) + 2 * steering.n_random_directions * (len(alphas) - 1)
     conditions = 1 + steering.n_listed * per_layer
-    neutral = len(fit[(fit["emotion"] == "neutral") & (fit["split"] == "eval")])
-    prompts = min(neutral, steering.max_prompts or neutral)
+    starts = len(steering_starts(frame)[0])
+    prompts = min(starts, steering.max_prompts or starts)
     return (
-        f"≈ {conditions} conditions × ≤ {prompts} prompts = {conditions * prompts} generations of "
+        f"≈ {conditions} conditions × {prompts} prompts = {conditions * prompts} generations of "
         f"{profile.generation.max_new_tokens} tokens, ≈ {math.ceil(conditions * prompts / profile.batch_size)} "
         "generate calls"
     )
