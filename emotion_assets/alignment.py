@@ -13,6 +13,7 @@ from emotion_assets.partitions import REGISTRY, pair_and_profile, pair_profile_p
 from emotion_assets.plots import heatmap, markdown_table, save_figure
 from emotion_assets.science.alignment import (
     alignment_rows,
+    alignment_summary,
     cka_matrix,
     layer_pair_sweep,
     match_layers_by_depth,
@@ -91,7 +92,7 @@ PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
         "audits": dg.AssetIn(confound_audit.key, partition_mapping=_pair_mapping()),
     },
     kinds={"numpy"},
-    code_version="3",
+    code_version="4",
     description="Linear maps A → B fit on paired neutral train activations (ridge, Procrustes in a shared "
     "PCA basis; fitting prompts only, each pooled view in `alignment.anchor_poolings`); per layer pair, emotion and k: subspace overlap after (and before) the "
     "map, chance k/d, a null band from random subspaces through the same map, held-out R², layer × layer "
@@ -173,13 +174,7 @@ def subspace_alignment(
         best = headline_row(sweep)
         # Without a headline row the largest-margin row is shown for inspection only, labelled as such.
         shown = best if best is not None else inner.loc[inner["margin"].idxmax()]
-        summary = (
-            inner.sort_values("margin", ascending=False)
-            .groupby(["method", "emotion"], as_index=False)
-            .first()[["method", "emotion", "layer_a", "layer_b", "k", "overlap", "null_p95", "margin", "chance",
-                      "null_mean", "overlap_before", "span_ceiling", "beats_null", "specificity", "specificity_lo", "specific",
-                      "headline_beats_null", "r2_heldout"]]
-        )  # fmt: skip
+        summary = alignment_summary(sweep)
         write_table(out / "summary.parquet", summary, csv=True)
         pair_spec = _rows_at(specificity, shown, ["layer_a", "layer_b"])
         cell = _rows_at(pair_spec, shown, ["method", "k"]).iloc[0]

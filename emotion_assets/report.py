@@ -17,7 +17,7 @@ from emotion_assets.confounds import confound_audit
 from emotion_assets.dataset import emotion_dataset, evaluator_quality
 from emotion_assets.head_patching import head_patching
 from emotion_assets.head_screening import head_screening
-from emotion_assets.io import COMPARISONS_FILE, ArtifactHandle, ArtifactHandles, ProfileArtifacts
+from emotion_assets.io import COMPARISONS_FILE, SWEEP_FILE, ArtifactHandle, ArtifactHandles, ProfileArtifacts
 from emotion_assets.partitions import REGISTRY, profile_partitions, profile_to_model_profile
 from emotion_assets.patching import TARGET_METRICS, residual_patching
 from emotion_assets.plots import markdown_table
@@ -32,6 +32,7 @@ from emotion_assets.report_pages import (
     place_figures,
     safe_markdown_html,
 )
+from emotion_assets.science.alignment import alignment_summary
 from emotion_assets.science.claims import (
     AuditScope,
     alignment_claims,
@@ -60,7 +61,7 @@ STEERING_COLUMNS = ["model", "emotion", "metric", "status", "selection", "layer"
                     "perplexity_ratio", "n_cells_excluded"]  # fmt: skip
 HEAD_TABLE_COLUMNS = ["model", "comparison", "emotion", "condition", "heads", "n", "mean_diff", "effect_size",
                       "diff_ci_low", "diff_ci_high", "p_bh", "p_bonferroni"]  # fmt: skip
-ALIGNMENT_COLUMNS = ["method", "emotion", "layer_a", "layer_b", "k", "overlap", "overlap_before", "span_ceiling",
+ALIGNMENT_COLUMNS = ["method", "emotion", "selection", "layer_a", "layer_b", "k", "overlap", "overlap_before", "span_ceiling",
                      "null_p95", "chance", "margin", "beats_null", "specificity", "specificity_lo", "specific",
                      "headline_beats_null", "r2_heldout"]  # fmt: skip
 SPECIFICITY_COLUMNS = ["model", "emotion", "other_emotion", "metric", "condition", "layer", "alpha", "n",
@@ -247,7 +248,9 @@ def _alignment_controls(inputs: ProfileArtifacts) -> pd.DataFrame:
     for role, pair in alignment_controls(REGISTRY.pairs, _twins()):
         handle = inputs.partitions("subspace_alignment").get(pair)
         summary = (
-            handle.table("summary.parquet") if handle is not None and handle.has("summary.parquet") else None
+            alignment_summary(handle.table(SWEEP_FILE))
+            if handle is not None and handle.has(SWEEP_FILE)
+            else None
         )
         if summary is None:
             rows.append(pd.DataFrame([{"role": role, "pair": pair, "status": "not materialized"}]))
@@ -258,6 +261,13 @@ def _alignment_controls(inputs: ProfileArtifacts) -> pd.DataFrame:
     return table[
         ["role", "pair", "status", *[c for c in table.columns if c not in ("role", "pair", "status")]]
     ]
+
+
+def _alignment_summaries(inputs: ProfileArtifacts) -> pd.DataFrame | None:
+    """Every pair's per-method summary (``science.alignment.alignment_summary``) from its sweep."""
+    frames = [alignment_summary(handle.table(SWEEP_FILE)).assign(pair=pair)
+              for pair, handle in sorted(inputs.partitions("subspace_alignment").items()) if handle.has(SWEEP_FILE)]  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def _twins() -> dict[str, tuple[str, str]]:
@@ -302,7 +312,7 @@ def study_claims(inputs: ProfileArtifacts, profile: Profile) -> pd.DataFrame:
     audit = audits["audit"]
     best = inputs.stack("residual_patching", "best_per_emotion.parquet", "model")
     statistics = inputs.read("patching_statistics_rollup", "rollup.parquet")
-    summaries = inputs.stack("subspace_alignment", "summary.parquet", "pair")
+    summaries = _alignment_summaries(inputs)
     scopes = {m: audits["scopes"].get(m) for m in sorted(present | set(audits["scopes"]))}  # type: ignore[union-attr]
     return pd.concat([
         steering_claims(best, statistics, audit, models=causal, emotions=emotions, strategy=strategy),
@@ -446,7 +456,7 @@ def _report_sections(
                      [["model", "emotion", "label", "rank", "layer", "head", "selection_effect",
                        "held_out_effect", "held_out_ci_low", "held_out_ci_high", "n_held_out"]])  # fmt: skip
     circuits = inputs.stack("emotion_circuits", "summary.parquet", "model")
-    alignment = inputs.stack("subspace_alignment", "summary.parquet", "pair")
+    alignment = _alignment_summaries(inputs)
     chosen_k = inputs.stack("k_selection", "chosen_k.parquet", "pair")
     dataset = inputs.read("emotion_dataset", "surface.parquet")
     if dataset is not None and "register" in dataset:

@@ -356,9 +356,8 @@ def _alignment_checks(rows: pd.DataFrame) -> list[Check]:
     """Per method: beats the null band and is emotion-specific (the summary's selected row)."""
     checks = []
     for r in rows.sort_values("method").itertuples():
-        where = (
-            f"{r.method}: block {int(r.layer_a)} → {int(r.layer_b)}, k={int(r.k)} (largest margin, selected)"
-        )
+        selection = getattr(r, "selection", "largest margin")
+        where = f"{r.method}: block {int(r.layer_a)} → {int(r.layer_b)}, k={int(r.k)} ({selection})"
         checks.append(Check(f"{r.method} beats the null", bool(r.beats_null),
                             f"{where}: overlap {r.overlap:.3g} vs null p95 {r.null_p95:.3g} (chance "
                             f"{r.chance:.2g})"))  # fmt: skip

@@ -510,3 +510,34 @@ def test_ridge_cv_keeps_the_views_of_one_prompt_in_one_fold():
         fit_ridge_map(x, x, "auto", groups=groups[:5])
     with pytest.raises(ValueError, match="more paired prompts"):
         fit_ridge_map(x, x, "auto", groups=np.zeros(20, dtype=int))  # one prompt, many views: no CV
+
+
+def _sweep_rows(rows: list[tuple[int, int, float, float, bool]]) -> pd.DataFrame:
+    """(layer_a, layer_b, overlap, null_p95, specific) rows of one method × emotion."""
+    frame = pd.DataFrame(rows, columns=["layer_a", "layer_b", "overlap", "null_p95", "specific"])
+    frame = frame.assign(method="ridge", emotion="anger", k=1, chance=0.002)
+    frame["beats_null"] = frame["overlap"] > frame["null_p95"]
+    frame["headline_beats_null"] = frame["beats_null"] & frame["specific"]
+    return frame
+
+
+def test_summary_selects_the_largest_margin_among_specific_rows_not_the_earliest_block():
+    from emotion_assets.science.alignment import SELECTED_HEADLINE, alignment_summary
+
+    # A rotated twin: every block aligns perfectly; only the later blocks are emotion-specific.
+    sweep = _sweep_rows([(0, 0, 1.0, 0.0, False), (1, 1, 1.0, 0.01, False), (8, 8, 0.99, 0.01, True),
+                         (12, 12, 0.98, 0.01, True)])  # fmt: skip
+    row = alignment_summary(sweep).iloc[0]
+    assert (row["layer_a"], row["specific"], row["selection"]) == (8, True, SELECTED_HEADLINE)
+
+
+def test_summary_without_a_specific_row_shows_the_largest_margin_as_not_a_finding():
+    from emotion_assets.science.alignment import SELECTED_NO_HEADLINE, alignment_summary
+
+    sweep = _sweep_rows([(0, 0, 0.99, 0.0, False), (2, 1, 0.5, 0.1, False), (6, 3, 0.3, 0.1, False)])
+    row = alignment_summary(sweep).iloc[0]
+    assert (row["layer_a"], bool(row["headline_beats_null"]), row["selection"]) == (
+        2,
+        False,
+        SELECTED_NO_HEADLINE,
+    )

@@ -343,9 +343,22 @@ def test_report_escapes_text_and_lists_missing_alignment_controls(tmp_path):
     store = ArtifactStore(root_dir=str(tmp_path))
     with store.publishing():
         write_table(
-            store.directory("smoke", "subspace_alignment", "smollm2-135m__gemma3-270m") / "summary.parquet",
+            store.directory("smoke", "subspace_alignment", "smollm2-135m__gemma3-270m")
+            / "alignment_sweep.parquet",
             pd.DataFrame(
-                {"method": ["ridge"], "emotion": ["<b>anger</b>"], "overlap": [0.4], "chance": [0.01]}
+                {
+                    "method": ["ridge"],
+                    "emotion": ["<b>anger</b>"],
+                    "layer_a": [3],
+                    "layer_b": [2],
+                    "k": [1],
+                    "overlap": [0.4],
+                    "null_p95": [0.1],
+                    "chance": [0.01],
+                    "beats_null": [True],
+                    "specific": [True],
+                    "headline_beats_null": [True],
+                }
             ),
         )
     inputs = ProfileArtifacts.published(
