@@ -10,13 +10,17 @@ from emotion_assets.common import RunConfig, effective_profile, json_metadata, r
 from emotion_assets.confounds import confound_audit
 from emotion_assets.io import SWEEP_FILE, ArtifactHandle, ArtifactHandles, activations_of, audit_flags
 from emotion_assets.partitions import REGISTRY, pair_and_profile, pair_profile_partitions
-from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.plots import heatmap, markdown_table, overlap_vs_k_plot, save_figure, specificity_heatmap
 from emotion_assets.science.alignment import (
     alignment_rows,
     alignment_summary,
+    beyond_embeddings,
     cka_matrix,
+    headline_row,
     layer_pair_sweep,
     match_layers_by_depth,
+    paired_rows,
+    rows_at,
 )
 from emotion_assets.science.prompts import NEUTRAL
 from jobs.jobs import ALIGNMENT_GROUP
@@ -42,42 +46,6 @@ def _pair_mapping() -> dg.MultiPartitionMapping:
             ),
         }
     )
-
-
-def beyond_embeddings(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Rows of an alignment sweep whose boundaries are both past the token embeddings (layer > 0).
-
-    At boundary 0 a representation is a function of token identities alone, so any two models that read
-    the same words align there (on ``baseline`` the random-weight twin reaches cos² ≈ 0.99 at k = 1). That
-    is lexical overlap, not learned emotion structure, so "best layer" choices skip it.
-    """
-    inner = sweep[(sweep["layer_a"] > 0) & (sweep["layer_b"] > 0)]
-    if inner.empty:
-        raise ValueError(
-            "The alignment sweep has no layer pair past the token embeddings (boundary 0); give the profile "
-            "`layers` that include a boundary > 0 for both models (data/profiles.yaml)."
-        )
-    return inner
-
-
-def paired_rows(index_a: pd.DataFrame, index_b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Row positions of the prompts both models saw, in the same order (joined on prompt id)."""
-    a = index_a.reset_index(names="row_a")
-    b = index_b.reset_index(names="row_b")[["id", "row_b"]]
-    joined = a.merge(b, on="id", how="inner").sort_values("row_a")
-    if joined.empty:
-        raise ValueError("The two models share no prompt ids: materialize both on the same dataset.")
-    return joined["row_a"].to_numpy(), joined["row_b"].to_numpy(), joined
-
-
-def headline_row(sweep: pd.DataFrame) -> pd.Series | None:
-    """The headline row: largest margin (overlap − null p95) among rows past the token embeddings that beat
-    the null AND whose (layer pair, method, k) is emotion-specific (``headline_beats_null``); None if none."""
-    inner = beyond_embeddings(sweep)
-    passing = inner[inner["headline_beats_null"]]
-    if passing.empty:
-        return None
-    return passing.loc[(passing["overlap"] - passing["null_p95"]).idxmax()]
 
 
 PAIR_KEYS = ["layer_a", "layer_b", "method", "k"]
@@ -176,9 +144,9 @@ def subspace_alignment(
         shown = best if best is not None else inner.loc[inner["margin"].idxmax()]
         summary = alignment_summary(sweep)
         write_table(out / "summary.parquet", summary, csv=True)
-        pair_spec = _rows_at(specificity, shown, ["layer_a", "layer_b"])
-        cell = _rows_at(pair_spec, shown, ["method", "k"]).iloc[0]
-        grid = _rows_at(matrix, shown, PAIR_KEYS).pivot(index="emotion_a", columns="emotion_b",
+        pair_spec = rows_at(specificity, shown, ["layer_a", "layer_b"])
+        cell = rows_at(pair_spec, shown, ["method", "k"]).iloc[0]
+        grid = rows_at(matrix, shown, PAIR_KEYS).pivot(index="emotion_a", columns="emotion_b",
                                                         values="overlap_crossfit")  # fmt: skip
         where = (f"{model_a} {int(shown['layer_a'])} → {model_b} {int(shown['layer_b'])}, {shown['method']}, "
                  f"k={int(shown['k'])} ({'headline' if best is not None else 'largest margin, NOT a finding'})")  # fmt: skip
@@ -189,10 +157,10 @@ def subspace_alignment(
                 out / "cka_heatmap.png",
             ),
             "overlap_vs_k": save_figure(
-                _overlap_vs_k(sweep, int(shown["layer_a"]), model_a, model_b), out / "overlap_vs_k.png"
+                overlap_vs_k_plot(sweep, int(shown["layer_a"]), model_a, model_b), out / "overlap_vs_k.png"
             ),
             "specificity_heatmap": save_figure(
-                _specificity_heatmap(grid, where, model_a, model_b), out / "specificity_heatmap.png"
+                specificity_heatmap(grid, where, model_a, model_b), out / "specificity_heatmap.png"
             ),
         }  # fmt: skip
         n_headline = int(sweep["headline_beats_null"].sum())
@@ -237,11 +205,6 @@ def subspace_alignment(
     )
 
 
-def _rows_at(frame: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.DataFrame:
-    """Rows of ``frame`` whose ``keys`` columns equal those of ``row``."""
-    return frame[np.logical_and.reduce([frame[key] == row[key] for key in keys])]
-
-
 def _headline_metadata(
     best: pd.Series | None, shown: pd.Series, cell: pd.Series
 ) -> dict[str, dg.MetadataValue]:
@@ -280,46 +243,6 @@ def _headline_metadata(
         "best_specificity": dg.MetadataValue.float(float(cell["specificity"])),
         "best_specificity_ci": ci,
     }
-
-
-def _specificity_heatmap(grid: pd.DataFrame, title: str, model_a: str, model_b: str):
-    """Cross-fitted emotion × emotion overlaps on a fixed 0–1 colour scale, each cell annotated."""
-    fig = heatmap(grid.to_numpy(), list(grid.index), list(grid.columns),
-                  f"{title}\ncross-fitted overlap (diagonal = same emotion)", f"{model_b} emotion",
-                  f"{model_a} emotion (mapped)", center=False)  # fmt: skip
-    ax = fig.axes[0]
-    ax.images[0].set_clim(0.0, 1.0)  # overlaps are cos² in [0, 1]: one scale for every pair and k
-    ax.title.set_fontsize(8)
-    for (i, j), value in np.ndenumerate(grid.to_numpy()):
-        ax.text(
-            j,
-            i,
-            f"{value:.2f}",
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if value < 0.6 else "black",
-        )
-    return fig
-
-
-def _overlap_vs_k(sweep: pd.DataFrame, layer_a: int, model_a: str, model_b: str):
-    import matplotlib.pyplot as plt
-
-    at_layer = sweep[sweep["layer_a"] == layer_a]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for (method, emotion), group in at_layer.groupby(["method", "emotion"]):
-        ax.plot(group["k"], group["overlap"], marker="o", ms=3, label=f"{method} · {emotion}")
-    null = at_layer.groupby("k")[["null_mean", "null_p95", "chance"]].mean().reset_index()
-    ax.fill_between(null["k"], 0, null["null_p95"], color="grey", alpha=0.25, label="null (≤ p95)")
-    ax.plot(null["k"], null["chance"], color="black", ls=":", lw=1, label="chance k/d")
-    ax.set_xlabel("k")
-    ax.set_ylabel("overlap (mean cos²)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{model_a} → {model_b}, A boundary {layer_a}")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    return fig
 
 
 @dg.asset_check(

@@ -14,8 +14,8 @@ from emotion_assets.common import (
     RunConfig,
     emotion_words,
 )
-from emotion_assets.context import Phase
-from emotion_assets.dataset import EMOTION_COLUMNS, emotion_dataset, evaluator_suite_for
+from emotion_assets.context import Phase, evaluator_suite_for
+from emotion_assets.dataset import EMOTION_COLUMNS, emotion_dataset
 from emotion_assets.io import VECTOR_AUDIT_FILE, ArtifactHandle, activations_of, prompts_of, vectors_of
 from emotion_assets.partitions import model_profile_partitions, profile_to_model_profile
 from emotion_assets.plots import heatmap, markdown_table, save_figure

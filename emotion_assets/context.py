@@ -22,6 +22,9 @@ from emotion_assets.common import Recorder, RunConfig, effective_profile, limit_
 from emotion_assets.io import ArtifactHandle, prompts_of
 from emotion_assets.partitions import model_and_profile
 from emotion_assets.profiles import Profile
+from emotion_assets.science.prompts import fitting_mask
+from emotion_assets.science.scoring import EvaluatorSuite
+from resources.evaluators import EvaluatorResource
 from resources.models import ModelHandle, ModelResource
 from resources.storage import ArtifactStore
 from resources.tracking import TrackingResource
@@ -86,3 +89,13 @@ class Phase:
             profile=self.profile, device=self.device, config=self.config, throughput_unit=throughput_unit,
         ) as rec:  # fmt: skip
             yield rec
+
+
+def evaluator_suite_for(
+    evaluators: EvaluatorResource, profile: Profile, frame: pd.DataFrame
+) -> EvaluatorSuite:
+    """The profile's evaluator suite; the embedded emotion classifier is fit on train fitting prompts only."""
+    train = frame[(frame["split"] == "train").to_numpy() & fitting_mask(frame)]
+    return evaluators.suite(
+        profile.evaluators, train["text"].tolist(), train["emotion"].tolist(), profile.seed
+    )

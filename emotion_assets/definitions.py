@@ -8,12 +8,14 @@ from emotion_assets import (
     circuits,
     confounds,
     dataset,
+    evaluator_quality,
     head_patching,
     head_screening,
     model_card,
     patching,
     report,
     statistics,
+    subspaces,
     vectors,
 )
 from emotion_assets.automation import CONFIG_ASSETS, automate, automation_sensors, config_sensor
@@ -27,9 +29,11 @@ from resources.tracking import TrackingResource
 
 ASSET_MODULES = [
     dataset,
+    evaluator_quality,
     model_card,
     activations,
     vectors,
+    subspaces,
     confounds,
     alignment,
     patching,

@@ -8,8 +8,8 @@ import pandas as pd
 
 from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words, refuse_failing_checks
-from emotion_assets.context import Phase
-from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
+from emotion_assets.context import Phase, evaluator_suite_for
+from emotion_assets.dataset import emotion_dataset
 from emotion_assets.head_screening import head_screening
 from emotion_assets.io import GENERATIONS_FILE, SCREENING_FILE, SPLIT_FILE, ArtifactHandle, vectors_of
 from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile

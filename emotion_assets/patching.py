@@ -7,8 +7,8 @@ from emotion_assets.activations import activations, check_steering_layers
 from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, json_metadata, progress_logger, refuse_failing_checks
 from emotion_assets.confounds import confound_audit
-from emotion_assets.context import Phase
-from emotion_assets.dataset import emotion_dataset, evaluator_suite_for
+from emotion_assets.context import Phase, evaluator_suite_for
+from emotion_assets.dataset import emotion_dataset
 from emotion_assets.io import (
     GENERATIONS_FILE,
     RESIDUAL_NORMS_FILE,

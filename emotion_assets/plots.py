@@ -110,3 +110,43 @@ def prompt_shift_plot(prompt_shifts: pd.DataFrame, best: pd.DataFrame, model: st
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def specificity_heatmap(grid: pd.DataFrame, title: str, model_a: str, model_b: str):
+    """Cross-fitted emotion × emotion overlaps on a fixed 0–1 colour scale, each cell annotated."""
+    fig = heatmap(grid.to_numpy(), list(grid.index), list(grid.columns),
+                  f"{title}\ncross-fitted overlap (diagonal = same emotion)", f"{model_b} emotion",
+                  f"{model_a} emotion (mapped)", center=False)  # fmt: skip
+    ax = fig.axes[0]
+    ax.images[0].set_clim(0.0, 1.0)  # overlaps are cos² in [0, 1]: one scale for every pair and k
+    ax.title.set_fontsize(8)
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if value < 0.6 else "black",
+        )
+    return fig
+
+
+def overlap_vs_k_plot(sweep: pd.DataFrame, layer_a: int, model_a: str, model_b: str):
+    import matplotlib.pyplot as plt
+
+    at_layer = sweep[sweep["layer_a"] == layer_a]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for (method, emotion), group in at_layer.groupby(["method", "emotion"]):
+        ax.plot(group["k"], group["overlap"], marker="o", ms=3, label=f"{method} · {emotion}")
+    null = at_layer.groupby("k")[["null_mean", "null_p95", "chance"]].mean().reset_index()
+    ax.fill_between(null["k"], 0, null["null_p95"], color="grey", alpha=0.25, label="null (≤ p95)")
+    ax.plot(null["k"], null["chance"], color="black", ls=":", lw=1, label="chance k/d")
+    ax.set_xlabel("k")
+    ax.set_ylabel("overlap (mean cos²)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{model_a} → {model_b}, A boundary {layer_a}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return fig

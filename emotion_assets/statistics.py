@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from emotion_assets.alignment import beyond_embeddings, subspace_alignment
+from emotion_assets.alignment import subspace_alignment
 from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, effective_profile
 from emotion_assets.context import Phase
@@ -19,6 +19,7 @@ from emotion_assets.partitions import (
 )
 from emotion_assets.patching import residual_patching
 from emotion_assets.plots import heatmap, markdown_table, save_figure
+from emotion_assets.science.alignment import beyond_embeddings
 from emotion_assets.science.control_ledger import (
     headline_maxima,
     ledger,

@@ -796,3 +796,44 @@ def alignment_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     summary = ranked.groupby(["method", "emotion"], as_index=False, sort=True).first()
     summary["selection"] = np.where(summary["headline_beats_null"], SELECTED_HEADLINE, SELECTED_NO_HEADLINE)
     return summary[[c for c in SUMMARY_COLUMNS if c in summary]]
+
+
+def beyond_embeddings(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an alignment sweep whose boundaries are both past the token embeddings (layer > 0).
+
+    At boundary 0 a representation is a function of token identities alone, so any two models that read
+    the same words align there (on ``baseline`` the random-weight twin reaches cos² ≈ 0.99 at k = 1). That
+    is lexical overlap, not learned emotion structure, so "best layer" choices skip it.
+    """
+    inner = sweep[(sweep["layer_a"] > 0) & (sweep["layer_b"] > 0)]
+    if inner.empty:
+        raise ValueError(
+            "The alignment sweep has no layer pair past the token embeddings (boundary 0); give the profile "
+            "`layers` that include a boundary > 0 for both models (data/profiles.yaml)."
+        )
+    return inner
+
+
+def paired_rows(index_a: pd.DataFrame, index_b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Row positions of the prompts both models saw, in the same order (joined on prompt id)."""
+    a = index_a.reset_index(names="row_a")
+    b = index_b.reset_index(names="row_b")[["id", "row_b"]]
+    joined = a.merge(b, on="id", how="inner").sort_values("row_a")
+    if joined.empty:
+        raise ValueError("The two models share no prompt ids: materialize both on the same dataset.")
+    return joined["row_a"].to_numpy(), joined["row_b"].to_numpy(), joined
+
+
+def headline_row(sweep: pd.DataFrame) -> pd.Series | None:
+    """The headline row: largest margin (overlap − null p95) among rows past the token embeddings that beat
+    the null AND whose (layer pair, method, k) is emotion-specific (``headline_beats_null``); None if none."""
+    inner = beyond_embeddings(sweep)
+    passing = inner[inner["headline_beats_null"]]
+    if passing.empty:
+        return None
+    return passing.loc[(passing["overlap"] - passing["null_p95"]).idxmax()]
+
+
+def rows_at(frame: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.DataFrame:
+    """Rows of ``frame`` whose ``keys`` columns equal those of ``row``."""
+    return frame[np.logical_and.reduce([frame[key] == row[key] for key in keys])]

@@ -82,11 +82,11 @@ def test_confound_audit_tables_summary_and_check(audited):
     assert check.metadata["n_flagged"].value == int(audit["flagged"].sum())
 
 
-def test_findings_report_confound_section(audited):
+def test_findings_report_confoundsection_markdown(audited):
     from emotion_assets.alignment import subspace_alignment
     from emotion_assets.confounds import confound_audit
     from emotion_assets.io import ProfileArtifacts
-    from emotion_assets.report import _alignment_controls, _confounds_markdown
+    from emotion_assets.report_tables import alignment_control_table, confounds_markdown
     from resources.storage import ArtifactStore
 
     root, _ = audited
@@ -94,10 +94,10 @@ def test_findings_report_confound_section(audited):
         ArtifactStore(root_dir=str(root)), "smoke",
         {"confound_audit": confound_audit.partitions_def, "subspace_alignment": subspace_alignment.partitions_def},
     )  # fmt: skip
-    markdown = _confounds_markdown(inputs)
+    markdown = confounds_markdown(inputs)
     assert markdown.startswith("## Confounds")
     assert MODEL in markdown and "probe (last, boundary 12)" in markdown and "emotion_validation" in markdown
-    controls = _alignment_controls(inputs)
+    controls = alignment_control_table(inputs)
     assert len(controls) == 5 and (controls["status"] == "not materialized").all()
 
 

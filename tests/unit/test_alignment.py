@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emotion_assets.alignment import headline_row
 from emotion_assets.science.alignment import (
     AlignmentSweep,
     LinearMap,
@@ -18,6 +17,7 @@ from emotion_assets.science.alignment import (
     cka_matrix,
     fit_procrustes_map,
     fit_ridge_map,
+    headline_row,
     heldout_r2,
     layer_pair_sweep,
     linear_cka,

@@ -334,10 +334,10 @@ def test_validation_set_near_duplicate_of_dataset_is_refused(tmp_path):
     assert load_validation_set(path, ["Something else entirely."]).name == "external"
 
 
-def test_report_escapes_text_and_lists_missing_alignment_controls(tmp_path):
+def test_report_escapes_text_and_lists_missingalignment_control_table(tmp_path):
     from emotion_assets.alignment import subspace_alignment
     from emotion_assets.io import ProfileArtifacts
-    from emotion_assets.report import _alignment_controls, _section
+    from emotion_assets.report_tables import alignment_control_table, section_markdown
     from resources.storage import ArtifactStore, write_table
 
     store = ArtifactStore(root_dir=str(tmp_path))
@@ -364,13 +364,13 @@ def test_report_escapes_text_and_lists_missing_alignment_controls(tmp_path):
     inputs = ProfileArtifacts.published(
         store, "smoke", {"subspace_alignment": subspace_alignment.partitions_def}
     )
-    controls = _alignment_controls(inputs)
+    controls = alignment_control_table(inputs)
     status = controls.set_index("pair")["status"]
     assert status["smollm2-135m__gemma3-270m"] == "materialized"
     assert controls.set_index("pair").loc["smollm2-135m__gemma3-270m", "role"] == "headline"
     assert status["smollm2-135m-random__gemma3-270m"] == "not materialized"
     assert status["smollm2-135m__gemma3-270m-random"] == "not materialized"
-    markdown = _section("Alignment controls", controls)
+    markdown = section_markdown("Alignment controls", controls)
     assert "&lt;b&gt;anger&lt;/b&gt;" in markdown and "<b>" not in markdown
 
 
