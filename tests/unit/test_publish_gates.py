@@ -190,23 +190,23 @@ def test_zero_vectors_are_refused_and_the_last_good_vectors_stay(study):
 
 
 def test_non_orthonormal_subspaces_are_refused_and_the_last_good_ones_stay(study, monkeypatch):
-    import emotion_assets.vectors as vectors
+    import emotion_assets.subspaces as subspaces
     from emotion_assets.activations import activations
 
     assert study.run([activations]).success
-    assert study.run([vectors.emotion_subspaces, vectors.emotion_subspaces_orthonormal]).success
-    before = _published(study, "emotion_subspaces", vectors.SUBSPACES_FILE)
-    fitted = vectors.emotion_subspace
+    assert study.run([subspaces.emotion_subspaces, subspaces.emotion_subspaces_orthonormal]).success
+    before = _published(study, "emotion_subspaces", subspaces.SUBSPACES_FILE)
+    fitted = subspaces.emotion_subspace
 
     def unnormalised(x, neutral_mean, k):  # a numerical bug: the basis is scaled by 2
         basis, ratio = fitted(x, neutral_mean, k)
         return 2 * basis, ratio
 
-    monkeypatch.setattr(vectors, "emotion_subspace", unnormalised)
-    message = _failure(study.run([vectors.emotion_subspaces, vectors.emotion_subspaces_orthonormal]))
+    monkeypatch.setattr(subspaces, "emotion_subspace", unnormalised)
+    message = _failure(study.run([subspaces.emotion_subspaces, subspaces.emotion_subspaces_orthonormal]))
     assert "fails its blocking check(s) emotion_subspaces_orthonormal" in message
     assert "is not orthonormal (max |B Bᵀ - I| = 3" in message
-    assert _same(_published(study, "emotion_subspaces", vectors.SUBSPACES_FILE), before)
+    assert _same(_published(study, "emotion_subspaces", subspaces.SUBSPACES_FILE), before)
 
 
 def test_over_long_prompt_and_missing_steering_layer_stop_activations_with_the_fix(study):
