@@ -44,6 +44,7 @@ from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import STEERING_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
+from resources.resume import ResumeFolder
 from resources.storage import ArtifactStore, reader_path, write_table
 from resources.tracking import TrackingResource
 
@@ -107,14 +108,21 @@ def residual_patching(
         profile.seed, neutral_centered,
     )  # fmt: skip
     gen = profile.generation
+    # Batches finished by an interrupted run of this partition are reused, bit for bit (science.batch_cache).
+    resume = ResumeFolder.of(store, profile.name, "residual_patching", model_name)
     with phase.recorded(throughput_unit="generated_tokens") as rec:
         sweep = generate_sweep(
             handle.model, handle.tokenizer, prompts["text"].tolist(), conditions,
             max_new_tokens=gen.max_new_tokens, batch_size=profile.batch_size, decoding=gen.decoding,
             temperature=gen.temperature, top_p=gen.top_p, seed=profile.seed,
             prompt_positions=profile.steering.prompt_positions, device=handle.device,
-            progress=progress_logger(context, "generations"),
+            progress=progress_logger(context, "generations"), cache=resume, fingerprint=handle.fingerprint,
         )  # fmt: skip
+        if resume.reused or resume.unreadable:
+            context.log.info(
+                f"Resumed {resume.reused} generation batches from {resume.path}; generated {resume.written}."
+                + (f" Not reusable (computed again): {resume.unreadable}" if resume.unreadable else "")
+            )
         rec.timing.samples = int(sweep["n_new_tokens"].sum())
         suite = evaluator_suite_for(evaluators, profile, frame)
         scores = suite.score(
@@ -126,6 +134,7 @@ def residual_patching(
         fluency = continuation_fluency(
             handle.model, handle.tokenizer, sweep["prompt"].tolist(), sweep["continuation"].tolist(),
             sweep["n_new_tokens"].tolist(), batch_size=profile.batch_size, device=handle.device,
+            cache=resume, fingerprint=handle.fingerprint,
         )  # fmt: skip
         scored = attach_fluency(scored, fluency)
         split_seed = stable_seed("steering_selection_split", profile.seed)
@@ -183,6 +192,8 @@ def residual_patching(
                                                 "perplexity_ratio", "fluency_exclusion"]]  # fmt: skip
         baseline = by_condition[by_condition["kind"] == "baseline"].iloc[0]
         rec.metrics(**{f"best_shift_{r.emotion}": r.target_shift for r in confirmed.itertuples()})
+    resumed = resume.describe()
+    resume.clear()  # the version is published: its batches are no longer needed
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(reader_path(out / "generations.parquet")),
@@ -209,6 +220,7 @@ def residual_patching(
             "steerability": markdown_table(confirmed.reindex(columns=STEERABILITY_SHOWN)),
             "examples": markdown_table(examples, max_rows=12),
             "null_metrics": dg.MetadataValue.json(suite.null_reasons),
+            "resumed_batches": json_metadata(resumed),
             **plots,
             **rec.metadata(),
         }

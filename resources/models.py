@@ -20,6 +20,7 @@ from typing import Any
 
 import dagster as dg
 import torch
+import transformers
 from pydantic import Field
 from transformers import (
     AutoConfig,
@@ -51,7 +52,7 @@ from emotion_assets.science.residual import PooledActivations, extract_pooled_ac
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
 from resources.packages import installed_package_dir
-from resources.storage import build_manifest, file_sha256, verify_files
+from resources.storage import build_manifest, file_sha256, json_sha256, verify_files
 
 
 class ModelUnavailableError(RuntimeError):
@@ -93,6 +94,23 @@ class ModelHandle:
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex sha256 of what this model's outputs depend on: the registry entry, the weights' source
+        (with its sha256), dtype, device type and the torch / transformers versions. Keys cached batches
+        (``science.batch_cache``), so a batch of another model, source or numeric setting never matches."""
+        return json_sha256(
+            {
+                "name": self.name,
+                "spec": self.spec.model_dump(mode="json"),
+                "source": self.source,
+                "dtype": str(self.dtype),
+                "device": self.device.type,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            }
+        )
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[HookSet]:

@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from emotion_assets.registry import PROJECT_ROOT
 
 VERSIONS_DIR = ".versions"
+RESUME_DIR = ".resume"
 MANIFEST_FILE = "manifest.json"
 WRITER_FILE = ".writer.json"
 TMP_PREFIX = ".tmp-"
@@ -614,6 +615,15 @@ class ArtifactStore(dg.ConfigurableResource):
     def pointer(self, profile: str, asset: str, partition: str | None = None) -> Path:
         """The reader path of an artifact folder, refused when any part would leave the results root."""
         path = Path(self.root) / _component(profile, "Profile") / _component(asset, "Asset")
+        if partition is not None:
+            path = path / _component(partition, "Partition")
+        self._inside_root(path.parent)
+        return path
+
+    def resume_path(self, profile: str, asset: str, partition: str | None = None) -> Path:
+        """``<root>/.resume/<profile>/<asset>[/<partition>]``: finished batches of an unfinished
+        materialization (``resources.resume``), outside every artifact folder."""
+        path = Path(self.root) / RESUME_DIR / _component(profile, "Profile") / _component(asset, "Asset")
         if partition is not None:
             path = path / _component(partition, "Partition")
         self._inside_root(path.parent)

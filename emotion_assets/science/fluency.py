@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from emotion_assets.science.batch_cache import BatchCache, batch_key
 from emotion_assets.science.residual import position_ids_from_mask
 
 #: Tokens back that a repeated token is looked for in.
@@ -170,6 +171,8 @@ def continuation_logprob(
     *,
     batch_size: int,
     device: torch.device | str | None = None,
+    cache: BatchCache | None = None,
+    fingerprint: str = "",
 ) -> pd.DataFrame:
     """Mean log-probability of each continuation's tokens given its prompt, under ``model`` (a HF causal LM,
     normally the unsteered one).
@@ -179,8 +182,13 @@ def continuation_logprob(
     length, left-padded with explicit position ids (so padding does not change a row's numbers) and run
     in ONE forward per batch of ``batch_size``; only continuation tokens are scored, each from the logits
     of the position before it. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an
-    empty continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob).
+    empty continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache``
+    (and the model's ``fingerprint``) each batch's sums are kept under its content key and reused.
     """
+    if cache is not None and not fingerprint:
+        raise ValueError(
+            "A batch cache needs the model's fingerprint, so batches of another model never match."
+        )
     if len(prompts) != len(continuations):
         raise ValueError(f"Got {len(prompts)} prompts for {len(continuations)} continuations.")
     if batch_size < 1:
@@ -210,9 +218,27 @@ def continuation_logprob(
         for b, i in enumerate(idx):
             ids[b, width - len(rows[i]) :] = torch.tensor(rows[i])
             mask[b, width - len(rows[i]) :] = 1
+        key = None
+        if cache is not None:
+            scored = torch.tensor(counts[idx])  # [batch]: where the prompt ends is part of the input
+            key = batch_key("continuation_logprob", fingerprint, {"device": dev.type}, ids, mask, scored)
+            stored = cache.get(key)
+            if (
+                isinstance(stored, list)
+                and len(stored) == len(idx)
+                and all(isinstance(v, float) for v in stored)
+            ):
+                total[idx] = stored
+                continue
+            if stored is not None:
+                cache.discard(
+                    key, f"holds {type(stored).__name__} instead of {len(idx)} log-probability sums"
+                )
         n_cont = torch.tensor(counts[idx], device=dev)
         logprobs = _continuation_logprobs(model, ids.to(dev), mask.to(dev), n_cont)  # [batch, keep]
         total[idx] = logprobs.sum(dim=-1).double().cpu().numpy()
+        if cache is not None and key is not None:
+            cache.put(key, [float(v) for v in total[idx]])
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
     return pd.DataFrame({"mean_logprob": mean, "n_scored_tokens": counts, "perplexity": np.exp(-mean)})

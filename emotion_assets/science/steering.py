@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from emotion_assets.science.batch_cache import BatchCache, batch_key
 from emotion_assets.science.interventions import PromptPositions, add_to_residual
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 
@@ -283,6 +284,18 @@ def distinct_conditions(conditions: Sequence[SteeringCondition]) -> list[int]:
     return source
 
 
+def _valid_batch(stored: Any, n_rows: int) -> bool:
+    """A cached batch: ``n_rows`` pairs of (continuation text, new-token count)."""
+    return (
+        isinstance(stored, list)
+        and len(stored) == n_rows
+        and all(
+            isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int)
+            for r in stored
+        )
+    )
+
+
 def generate_sweep(
     model: nn.Module,
     tokenizer: Any,
@@ -298,6 +311,8 @@ def generate_sweep(
     prompt_positions: PromptPositions = "all",
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cache: BatchCache | None = None,
+    fingerprint: str = "",
 ) -> pd.DataFrame:
     """Generate a continuation for every prompt × condition; one row each, in condition then prompt order.
 
@@ -309,8 +324,14 @@ def generate_sweep(
     ``decoding="sample"`` seeds each batch from ``(seed, layer, batch number)`` without touching the global
     RNG. ``continuation`` holds the new tokens only, up to the first EOS, decoded without special tokens;
     ``n_new_tokens`` counts them (the EOS included). ``progress(rows_done, rows_total)`` is called after
-    every ``generate`` call.
+    every ``generate`` call. With a ``cache`` (and the model's ``fingerprint``), each batch's continuations
+    are stored under its content key and a batch found there is not generated again, so an interrupted
+    sweep resumes where it stopped with identical results (``science.batch_cache``).
     """
+    if cache is not None and not fingerprint:
+        raise ValueError(
+            "A batch cache needs the model's fingerprint, so batches of another model never match."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if decoding not in ("greedy", "sample"):
@@ -372,6 +393,25 @@ def generate_sweep(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             row_vectors = vectors[[ci for ci, _ in batch]]  # [batch, d_model]
+            key = None
+            if cache is not None:
+                settings = {"layer": layer, "generate": gen_kwargs, "prompt_positions": prompt_positions,
+                            "device": device.type, "seed": _stable_int(seed, layer, batch_no)
+                            if decoding == "sample" else None}  # fmt: skip
+                key = batch_key(
+                    "steering_sweep", fingerprint, settings, input_ids, attention_mask, row_vectors
+                )
+                stored = cache.get(key)
+                if stored is not None and _valid_batch(stored, len(batch)):
+                    for key_row, (text, n_new) in zip(batch, stored, strict=True):
+                        results[key_row] = (text, int(n_new))
+                    if progress is not None:
+                        progress(len(results), sum(len(r) for r in groups.values()))
+                    continue
+                if stored is not None:
+                    cache.discard(
+                        key, f"holds {type(stored).__name__} instead of {len(batch)} [text, tokens] rows"
+                    )
             with torch.random.fork_rng(devices=fork_devices):
                 if decoding == "sample":
                     torch.manual_seed(_stable_int(seed, layer, batch_no))
@@ -383,11 +423,13 @@ def generate_sweep(
                         with add_to_residual(model, layer, row_vectors, prompt_positions=prompt_positions):
                             out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
             new = out[:, width:].cpu()  # [batch, new]
-            for row, key in enumerate(batch):
+            for row, row_key in enumerate(batch):
                 tokens = new[row].tolist()
                 n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
                 text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
-                results[key] = (text, n_new)
+                results[row_key] = (text, n_new)
+            if cache is not None and key is not None:
+                cache.put(key, [list(results[row_key]) for row_key in batch])
             if progress is not None:
                 progress(len(results), sum(len(r) for r in groups.values()))
 

@@ -25,6 +25,7 @@ import pandas as pd
 from jaxtyping import Float
 from torch import nn
 
+from emotion_assets.science.batch_cache import BatchCache
 from emotion_assets.science.fluency import (
     continuation_logprob,
     fluency_summary,
@@ -176,15 +177,19 @@ def continuation_fluency(
     *,
     batch_size: int,
     device: Any = None,
+    cache: BatchCache | None = None,
+    fingerprint: str = "",
 ) -> pd.DataFrame:
     """Per continuation, in order: :func:`text_fluency` (``generated_tokens``, ``n_text_tokens``,
     ``distinct_2``, ``repetition_rate``, ``degenerate``, ``degenerate_reason``) and the unsteered
     ``model``'s :func:`continuation_logprob` given the prompt (``mean_logprob``, ``n_scored_tokens``,
-    ``perplexity``), batched. Call it outside any steering hook: the log-likelihood is the unsteered one."""
+    ``perplexity``), batched. Call it outside any steering hook: the log-likelihood is the unsteered one.
+    ``cache`` and ``fingerprint`` go to :func:`continuation_logprob`."""
     text = text_fluency(continuations, generated_tokens)
     logprob = continuation_logprob(
-        model, tokenizer, prompts, continuations, batch_size=batch_size, device=device
-    )
+        model, tokenizer, prompts, continuations, batch_size=batch_size, device=device, cache=cache,
+        fingerprint=fingerprint,
+    )  # fmt: skip
     return pd.concat([text.reset_index(drop=True), logprob.reset_index(drop=True)], axis=1)
 
 
