@@ -78,14 +78,17 @@ class Check:
 
 
 def verdict(checks: Sequence[Check], confound: str = "") -> tuple[str, str]:
-    """The verdict of a conjunction of ``checks`` (see the module rule) and its reasons: the failed checks by
-    name (their numbers are in the sentence), else what evidence is missing, else the confound; empty when
-    supported."""
+    """The verdict of a conjunction of ``checks`` (see the module rule) and its reasons: the checks that did
+    not pass, by name after "not shown:" (a check is named by what it requires, e.g. "beats the apology
+    vector"; the numbers are in the sentence), else what evidence is missing, else the confound; empty
+    when supported."""
     failed = [c for c in checks if c.passed is False]
     missing = [c for c in checks if c.passed is None]
     absent = "missing: " + "; ".join(f"{c.name} ({c.text})" for c in missing) if missing else ""
     if failed:
-        return NOT_SUPPORTED, "; ".join(filter(None, ["fails: " + "; ".join(c.name for c in failed), absent]))
+        return NOT_SUPPORTED, "; ".join(
+            filter(None, ["not shown: " + "; ".join(c.name for c in failed), absent])
+        )
     if missing:
         return NOT_TESTED, absent
     if confound:

@@ -40,7 +40,7 @@ def test_verdict_rule_failed_before_missing_before_confound():
     assert verdict([ok], "person (cos +0.7)") == (CONFOUNDED, "person (cos +0.7)")
     assert verdict([ok, gone], "flag") == (NOT_TESTED, "missing: z (no z table)")
     outcome, reasons = verdict([ok, bad, gone], "flag")
-    assert outcome == NOT_SUPPORTED and reasons == "fails: y; missing: z (no z table)"
+    assert outcome == NOT_SUPPORTED and reasons == "not shown: y; missing: z (no z table)"
 
 
 # ------------------------------------------------------------------------------------------- steering
@@ -107,10 +107,10 @@ def test_a_cell_that_beats_everything_is_supported_and_says_so():
 def test_losing_to_another_emotions_vector_is_not_supported_and_names_it():
     claim = _steer([_best()], _contrasts(anger=(-0.04, 0.3)), _audit()).loc["gratitude"]
     assert claim["verdict"] == NOT_SUPPORTED
-    assert claim["reasons"] == "fails: beats the anger vector"
+    assert claim["reasons"] == "not shown: beats the anger vector"
     # a larger contrast that does not survive correction fails too
     claim = _steer([_best()], _contrasts(apology=(0.2, 0.2)), _audit()).loc["gratitude"]
-    assert claim["verdict"] == NOT_SUPPORTED and claim["reasons"] == "fails: beats the apology vector"
+    assert claim["verdict"] == NOT_SUPPORTED and claim["reasons"] == "not shown: beats the apology vector"
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_losing_to_another_emotions_vector_is_not_supported_and_names_it():
 )
 def test_each_failed_control_is_named(change, failed):
     claim = _steer([_best(**change)], _contrasts(), _audit()).loc["gratitude"]
-    assert claim["verdict"] == NOT_SUPPORTED and claim["reasons"] == f"fails: {failed}"
+    assert claim["verdict"] == NOT_SUPPORTED and claim["reasons"] == f"not shown: {failed}"
 
 
 def test_an_audit_flag_makes_a_passing_cell_confounded_and_names_the_confound():
@@ -196,7 +196,7 @@ def test_head_claims_need_the_intended_direction_on_every_intervention():
     assert _head_claim(_heads(-0.2, 0.2), audit)["verdict"] == SUPPORTED
     wrong_way = _head_claim(_heads(0.2, 0.2), audit)  # ablating the top heads raises the anger score
     assert wrong_way["verdict"] == NOT_SUPPORTED
-    assert wrong_way["reasons"] == "fails: ablate_zero_top3 beats random heads"
+    assert wrong_way["reasons"] == "not shown: ablate_zero_top3 beats random heads"
     assert _head_claim(_heads(-0.2, 0.2, p=0.2), audit)["verdict"] == NOT_SUPPORTED
     assert _head_claim(None, audit)["verdict"] == NOT_TESTED
     flagged = _head_claim(_heads(-0.2, 0.2), _audit({(30, "anger"): "question (cos +0.6)"}, boundaries=(30,)))
@@ -254,7 +254,7 @@ def test_a_negative_twin_that_passes_contradicts_the_headline():
     headline = claims.loc["a → b"]
     assert headline["verdict"] == NOT_SUPPORTED
     assert "the control contradicts" in headline["sentence"]
-    assert headline["reasons"] == "fails: negative control stays at the null"
+    assert headline["reasons"] == "not shown: negative control stays at the null"
     assert claims.loc["a-random → b", "verdict"] == NOT_SUPPORTED
 
 
@@ -291,7 +291,7 @@ def test_representation_claim_needs_the_probe_above_every_surface_baseline():
     close = _representation(0.74)  # within the margin of the keyword rule
     assert (
         close["verdict"] == NOT_SUPPORTED
-        and close["reasons"] == "fails: probe beats keyword_rule at block 12"
+        and close["reasons"] == "not shown: probe beats keyword_rule at block 12"
     )
     flagged = _representation(0.9, {(12, "apology"): "register:implicit (cos -0.9)"})
     assert flagged["verdict"] == CONFOUNDED and "apology @ block 12: register:implicit" in flagged["confound"]
