@@ -3,7 +3,10 @@
 ``python -m jobs.study --dry-run`` prints :func:`format_plan`. Work units are counted from the profile, the
 prompt file (split and capped as ``emotion_dataset`` does) and the model registry, without loading a model.
 The estimate of an asset is the median ``timing_elapsed_s`` of its earlier materializations of the same
-partition (model × profile) in the Dagster instance, else "no record yet".
+partition (model × profile) in the Dagster instance. Without one, a record of the same model (or pair) on
+another profile is scaled by the ratio of the asset's work (:func:`work_scale`: generations, prompt pairs ×
+heads, fitting prompts), e.g. a ``baseline`` estimate from the ``smoke`` run; the plan says which. Scaling
+is linear, so a small profile's fixed costs (model loading) are scaled too. Else "no record yet".
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class PlannedAsset:
     asset: str
     work: str
     estimate_s: float | None
+    estimate_source: str = (
+        ""  # "" (recorded for this partition) or how a record of another profile was scaled
+    )
 
 
 def prompt_frame(profile: Profile) -> pd.DataFrame:
@@ -103,16 +109,20 @@ def work_units(asset: str, profile: Profile, spec: ModelSpec, frame: pd.DataFram
     return units[asset]() if asset in units else ""
 
 
-def _steering_units(profile: Profile, frame: pd.DataFrame) -> str:
-    """Conditions × the prompts the sweep steers from (``steering_starts``, as ``residual_patching``)."""
+def _steering_counts(profile: Profile, frame: pd.DataFrame) -> tuple[int, int]:
+    """(conditions, prompts) of the sweep: prompts are the openings it steers from (``steering_starts``, as
+    ``residual_patching``)."""
     steering = profile.steering
     alphas = sorted(set(steering.alpha_grid) | {0.0})
     fit = _fit(frame)
     emotions = [e for e in TARGET_EMOTIONS if (fit["emotion"] == e).any()]
     per_layer = len(emotions) * len(alphas) + 2 * steering.n_random_directions * (len(alphas) - 1)
-    conditions = 1 + steering.n_listed * per_layer
     starts = len(steering_starts(frame)[0])
-    prompts = min(starts, steering.max_prompts or starts)
+    return 1 + steering.n_listed * per_layer, min(starts, steering.max_prompts or starts)
+
+
+def _steering_units(profile: Profile, frame: pd.DataFrame) -> str:
+    conditions, prompts = _steering_counts(profile, frame)
     return (
         f"≈ {conditions} conditions × {prompts} prompts = {conditions * prompts} generations of "
         f"{profile.generation.max_new_tokens} tokens, ≈ {math.ceil(conditions * prompts / profile.batch_size)} "
@@ -120,11 +130,84 @@ def _steering_units(profile: Profile, frame: pd.DataFrame) -> str:
     )
 
 
-def estimates(instance: Any, planned: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-    """Median past seconds per (asset, partition) of ``planned``, from ``instance`` (a ``DagsterInstance``);
-    pairs without a record are left out."""
-    found = {(asset, partition): past_estimate_s(instance, asset, partition) for asset, partition in planned}
-    return {key: seconds for key, seconds in found.items() if seconds is not None}
+def _steering_generations(profile: Profile, frame: pd.DataFrame) -> int:
+    conditions, prompts = _steering_counts(profile, frame)
+    return conditions * prompts
+
+
+def work_scale(
+    asset: str, profile: Profile, spec: ModelSpec, frame: pd.DataFrame
+) -> tuple[float, str] | None:
+    """The count ``asset``'s time grows with on this model × profile and its unit, to scale a record of
+    another profile; None for assets whose work is not counted (the roll-ups and the report)."""
+    pairs = sum(_head_pairs(frame, profile).values())
+    top = profile.heads.top_n
+    heads = spec.layers * spec.heads if spec.layers and spec.heads else 0
+    fitting = len(_fit(frame))
+    scales: dict[str, Callable[[], tuple[float, str]]] = {
+        "emotion_dataset": lambda: (len(frame), "prompts"),
+        "evaluator_quality": lambda: (len(frame), "prompts"),
+        "model_card": lambda: (1, "model load"),
+        "residual_patching": lambda: (_steering_generations(profile, frame), "generations"),
+        "patching_statistics": lambda: (_steering_generations(profile, frame), "steering generations"),
+        "head_screening": lambda: (pairs * heads, "prompt pairs × heads"),
+        "head_patching": lambda: ((2 * top + 16) * pairs, "generations"),
+        "emotion_circuits": lambda: ((2 * top + 4) * pairs, "readout conditions × prompt pairs"),
+    }
+    for name in ("activations", "emotion_vectors", "emotion_subspaces", "confound_audit", "subspace_alignment",
+                 "k_selection"):  # fmt: skip
+        scales[name] = lambda: (fitting, "fitting prompts")
+    if asset not in scales:
+        return None
+    count, unit = scales[asset]()
+    return (float(count), unit) if count > 0 else None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An asset's estimated seconds and, when scaled from another profile's record, how."""
+
+    seconds: float
+    source: str = ""
+
+
+def estimates(
+    instance: Any,
+    planned: list[tuple[str, str]],
+    scale: Callable[[str, str], tuple[float, str] | None] | None = None,
+) -> dict[tuple[str, str], Estimate]:
+    """Per (asset, partition) of ``planned``: the median past seconds of that partition in ``instance`` (a
+    ``DagsterInstance``); else, with ``scale(asset, profile)`` (:func:`work_scale` of the planned model),
+    the record of the same subject on another profile times the ratio of the two scales (the profile whose
+    work is closest to the planned one). Pairs with neither are left out."""
+    from emotion_assets.partitions import PROFILES
+
+    found: dict[tuple[str, str], Estimate] = {}
+    for asset, partition in planned:
+        seconds = past_estimate_s(instance, asset, partition)
+        if seconds is not None:
+            found[(asset, partition)] = Estimate(seconds)
+            continue
+        if scale is None:
+            continue
+        subject, profile = partition.rsplit("|", 1) if "|" in partition else ("", partition)
+        target = scale(asset, profile)
+        if target is None:
+            continue
+        options = []
+        for other in PROFILES:
+            other_scale = scale(asset, other) if other != profile else None
+            other_partition = f"{subject}|{other}" if subject else other
+            past = past_estimate_s(instance, asset, other_partition) if other_scale else None
+            if past is not None and other_scale is not None:
+                options.append((abs(math.log(target[0] / other_scale[0])), other, past, other_scale[0]))
+        if options:
+            _, other, past, count = min(options)
+            found[(asset, partition)] = Estimate(
+                past * target[0] / count,
+                f"scaled from {other}: {past:.3g} s × {target[0]:.0f} / {count:.0f} {target[1]}",
+            )
+    return found
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -142,13 +225,17 @@ def format_plan(planned: list[PlannedAsset], model: str, profile: str) -> str:
         for row in group.itertuples():
             work = f"  {row.work}" if row.work else ""
             estimate = None if pd.isna(row.estimate_s) else float(row.estimate_s)
-            lines.append(f"  {row.asset:<28} {format_seconds(estimate):>14}{work}")
+            scaled = f"  [{row.estimate_source}]" if row.estimate_source else ""
+            lines.append(f"  {row.asset:<28} {format_seconds(estimate):>14}{work}{scaled}")
         lines.append("")
     known = [p.estimate_s for p in planned if p.estimate_s is not None]
     missing = len(planned) - len(known)
+    scaled = sum(1 for p in planned if p.estimate_s is not None and p.estimate_source)
     source = (
         "medians of the Dagster instance's earlier materializations, model conversion and loading included "
-        "where they happened."
+        "where they happened"
+        + (f"; {scaled} scaled from another profile by the ratio of their work" if scaled else "")
+        + "."
     )
     if known:
         lines.append(

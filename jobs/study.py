@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="Print the jobs and partitions in order, each asset's work units and its estimated time from "
-        "the Dagster instance's earlier materializations, and exit without running anything.",
+        "the Dagster instance's earlier materializations (those of the same model on another profile, scaled "
+        "by the ratio of the work, where this partition has none), and exit without running anything.",
     )
     return parser
 
@@ -53,7 +54,7 @@ def plan_study(model: str, profile: str, instance) -> list:
     from emotion_assets.definitions import defs
     from emotion_assets.partitions import PROFILES, REGISTRY
     from jobs.jobs import ALL_JOBS, study_plan
-    from jobs.plan import PlannedAsset, estimates, prompt_frame, work_units
+    from jobs.plan import PlannedAsset, estimates, prompt_frame, work_scale, work_units
 
     graph = defs.resolve_asset_graph()
     order = graph.toposorted_asset_keys
@@ -65,13 +66,29 @@ def plan_study(model: str, profile: str, instance) -> list:
         for key in order
         if key in selections[job]
     ]
-    past = estimates(instance, [(asset, partition) for _, partition, asset in runs])
+    frames = {profile: frame}
+
+    def scale(asset: str, name: str) -> tuple[float, str] | None:
+        """The asset's work for the planned model on profile ``name`` (records of other profiles scale by it)."""
+        if name not in frames:
+            try:
+                frames[name] = prompt_frame(PROFILES[name])
+            except (OSError, ValueError):  # another profile's dataset is not on this machine: no scaling
+                return None
+        return work_scale(asset, PROFILES[name], REGISTRY.get(model), frames[name])
+
+    past = estimates(instance, [(asset, partition) for _, partition, asset in runs], scale)
     planned = []
     for job, partition, asset in runs:
         subject = partition.split("|")[0] if "|" in partition else model
         spec = REGISTRY.get(subject) if subject in REGISTRY.models else REGISTRY.get(model)
         work = work_units(asset, PROFILES[profile], spec, frame)
-        planned.append(PlannedAsset(job, partition, asset, work, past.get((asset, partition))))
+        estimate = past.get((asset, partition))
+        planned.append(
+            PlannedAsset(
+                job, partition, asset, work, estimate and estimate.seconds, estimate and estimate.source
+            )
+        )
     return planned
 
 

@@ -39,3 +39,31 @@ def test_dry_run_on_smoke_lists_jobs_work_and_estimates(tmp_path, monkeypatch, c
 def test_plan_without_any_record_says_so():
     text = format_plan([], "m", "smoke")
     assert "Estimated total: no record yet" in text
+
+
+def test_baseline_estimate_is_scaled_from_the_smoke_record_by_the_work_ratio(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EMOTION_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    records = {("head_patching", "smollm2-135m|smoke"): 40.0, ("head_screening", "smollm2-135m|smoke"): 30.0,
+               ("head_screening", "smollm2-135m|baseline"): 1000.0, ("emotion_dataset", "smoke"): 2.0}  # fmt: skip
+    with dg.DagsterInstance.get() as instance:
+        for (asset, partition), seconds in records.items():
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset, partition=partition, metadata={ELAPSED_KEY: seconds})
+            )
+
+    assert study.main(["--profile", "baseline", "--model", "smollm2-135m", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    patching = next(line for line in lines if line.strip().startswith("head_patching"))
+    baseline_generations = int(patching.split(" generations of ")[0].split("= ")[-1])
+    assert "[scaled from smoke: 40 s × " in patching and "/ 264 generations]" in patching
+    assert f"{40.0 * baseline_generations / 264 / 60:.1f} min" in patching
+    screening = next(line for line in lines if line.strip().startswith("head_screening"))
+    assert "16.7 min" in screening and "scaled" not in screening  # this partition's own record wins
+    residual = next(line for line in lines if line.strip().startswith("residual_patching"))
+    assert "no record yet" in residual  # no profile has a record to scale
+    total = next(line for line in lines if line.startswith("Estimated total"))
+    dataset = next(line for line in lines if line.strip().startswith("emotion_dataset"))
+    assert "[scaled from smoke: 2 s × 1128 / " in dataset  # a per-profile asset scales by its prompts
+    assert "for 3 of" in total and "2 scaled from another profile" in total
