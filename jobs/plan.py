@@ -149,7 +149,8 @@ def work_scale(
         "evaluator_quality": lambda: (len(frame), "prompts"),
         "model_card": lambda: (1, "model load"),
         "residual_patching": lambda: (_steering_generations(profile, frame), "generations"),
-        "patching_statistics": lambda: (_steering_generations(profile, frame), "steering generations"),
+        # Vectorised tests: fixed costs dominate (4.4 s on smoke, 7-17 s on baseline for smollm2-135m).
+        "patching_statistics": lambda: (1, "run"),
         "head_screening": lambda: (pairs * heads, "prompt pairs × heads"),
         "head_patching": lambda: ((2 * top + 16) * pairs, "generations"),
         "emotion_circuits": lambda: ((2 * top + 4) * pairs, "readout conditions × prompt pairs"),
