@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 VERSIONS_DIR = ".versions"  # resources.storage.VERSIONS_DIR, not imported so the command stays light
+RESUME_DIR = ".resume"  # resources.storage.RESUME_DIR
 DEFAULT_IGNORE = ("run_timings.*", "run_timings", "manifest.json", "*.lock", "*.png", ".tmp-*")
 DEFAULT_IGNORE_KEYS = (
     "started_at",
@@ -588,10 +589,11 @@ def _ignored(relative: str, patterns: Sequence[str]) -> bool:
 
 def _walk(root: Path) -> set[str]:
     """Files by reader path: version pointers (symlinks) are followed, the stored versions behind them and
-    the store's own bookkeeping (``.versions``) are not walked twice."""
+    the store's own bookkeeping (``.versions``) are not walked twice, and the batches an unfinished run
+    left for resuming (``.resume``) are not results."""
     files: set[str] = set()
     for directory, subdirs, names in os.walk(root, followlinks=True):
-        subdirs[:] = [d for d in subdirs if d != VERSIONS_DIR]
+        subdirs[:] = [d for d in subdirs if d not in (VERSIONS_DIR, RESUME_DIR)]
         for name in names:
             files.add((Path(directory) / name).relative_to(root).as_posix())
     return files

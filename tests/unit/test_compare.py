@@ -242,3 +242,12 @@ def test_numpy_and_other_files(tmp_path: Path) -> None:
     assert any(line.startswith("DIFF x.npy :: <array> :: max_abs=0.5") for line in lines)
     assert "DIFF blob.bin :: <bytes> :: sizes 3 vs 3 bytes, first difference at byte 2" in lines
     assert report.identical == ["same.npy"]
+
+
+def test_batches_left_for_resuming_are_not_results(trees: tuple[Path, Path]) -> None:
+    a, b = trees
+    leftover = a / ".resume" / "smoke" / "residual_patching" / "smollm2-135m" / "ab12.json"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text('{"key": "ab12", "value": []}', encoding="utf-8")
+    report = compare_trees(a, b)
+    assert report.missing_in_b == [] and main([str(a), str(b)]) == 0
