@@ -23,6 +23,10 @@ is gone (same host, process no longer running) or, for a writer on another host,
 :data:`STALE_STAGING_S` without change. ``.tmp-*`` files last changed before the publishing run began
 (minus :data:`STALE_TMP_GRACE_S`) are deleted beside it.
 
+Resuming. ``<root>/.resume/<profile>/<asset>/<partition>/`` (:meth:`ArtifactStore.resume_path`) holds the
+finished batches of a long materialization that has not published yet (``resources.resume``); it is not
+an artifact, readers never see it, and the asset deletes it after publishing.
+
 Files and folders follow the umask (group-readable on a shared disk when the umask says so).
 """
 
