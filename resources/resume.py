@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class ResumeFolder:
             raise ValueError(f"A resume key must be a hex digest, got {key!r}.")
         return self.path / f"{key}.json"
 
-    def get(self, key: str) -> Any | None:
+    def get(self, key: str, valid: Callable[[Any], bool], expected: str) -> Any | None:
         file = self._file(key)
         try:
             payload = json.loads(file.read_text(encoding="utf-8"))
@@ -48,17 +49,17 @@ class ResumeFolder:
         if not isinstance(payload, dict) or payload.get("key") != key or "value" not in payload:
             self.unreadable.append(f"{file.name}: not a batch record for this key")
             return None
+        value = payload["value"]
+        if not valid(value):
+            self.unreadable.append(f"{file.name}: holds {type(value).__name__} instead of {expected}")
+            file.unlink(missing_ok=True)
+            return None
         self.reused += 1
-        return payload["value"]
+        return value
 
     def put(self, key: str, value: Any) -> None:
         write_json(self._file(key), {"key": key, "value": value})
         self.written += 1
-
-    def discard(self, key: str, reason: str) -> None:
-        self.reused -= 1
-        self.unreadable.append(f"{key}.json: {reason}")
-        self._file(key).unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Delete the folder (after the result it served was published) and its parents left empty, up to

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -22,14 +22,20 @@ from torch import Tensor
 class BatchCache(Protocol):
     """Where finished batches are kept (JSON values) until the whole result is published."""
 
-    def get(self, key: str) -> Any | None:
-        """The value stored under ``key``, or None when there is none (or it could not be read)."""
+    def get(self, key: str, valid: Callable[[Any], bool], expected: str) -> Any | None:
+        """The value stored under ``key`` when ``valid(value)``; else None. A value that cannot be read or is
+        not valid (it should hold ``expected``) is dropped and recorded, so the batch is computed again."""
 
     def put(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON-serialisable) under ``key``; atomic, so a crash leaves no half value."""
 
-    def discard(self, key: str, reason: str) -> None:
-        """Drop the value under ``key`` because it does not fit the batch (``reason`` is recorded)."""
+
+def require_fingerprint(cache: BatchCache | None, fingerprint: str) -> None:
+    """Refuse a cache without the model's fingerprint: its keys would match batches of another model."""
+    if cache is not None and not fingerprint:
+        raise ValueError(
+            "A batch cache needs the model's fingerprint, so batches of another model never match."
+        )
 
 
 def batch_key(kind: str, fingerprint: str, settings: Mapping[str, Any], *tensors: Tensor) -> str:

@@ -24,6 +24,7 @@ import inspect
 import math
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from emotion_assets.science.batch_cache import BatchCache, batch_key
+from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
 from emotion_assets.science.residual import position_ids_from_mask
 
 #: Tokens back that a repeated token is looked for in.
@@ -139,6 +140,11 @@ def _token_ids(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
 
 
+def _valid_sums(stored: Any, n_rows: int) -> bool:
+    """A cached batch of the log-likelihood pass: ``n_rows`` log-probability sums."""
+    return isinstance(stored, list) and len(stored) == n_rows and all(isinstance(v, float) for v in stored)
+
+
 def _continuation_logprobs(
     model: torch.nn.Module,
     input_ids: Int[Tensor, "batch pos"],
@@ -185,10 +191,7 @@ def continuation_logprob(
     empty continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache``
     (and the model's ``fingerprint``) each batch's sums are kept under its content key and reused.
     """
-    if cache is not None and not fingerprint:
-        raise ValueError(
-            "A batch cache needs the model's fingerprint, so batches of another model never match."
-        )
+    require_fingerprint(cache, fingerprint)
     if len(prompts) != len(continuations):
         raise ValueError(f"Got {len(prompts)} prompts for {len(continuations)} continuations.")
     if batch_size < 1:
@@ -222,22 +225,14 @@ def continuation_logprob(
         if cache is not None:
             scored = torch.tensor(counts[idx])  # [batch]: where the prompt ends is part of the input
             key = batch_key("continuation_logprob", fingerprint, {"device": dev.type}, ids, mask, scored)
-            stored = cache.get(key)
-            if (
-                isinstance(stored, list)
-                and len(stored) == len(idx)
-                and all(isinstance(v, float) for v in stored)
-            ):
+            stored = cache.get(key, partial(_valid_sums, n_rows=len(idx)), f"{len(idx)} log-probability sums")
+            if stored is not None:
                 total[idx] = stored
                 continue
-            if stored is not None:
-                cache.discard(
-                    key, f"holds {type(stored).__name__} instead of {len(idx)} log-probability sums"
-                )
         n_cont = torch.tensor(counts[idx], device=dev)
         logprobs = _continuation_logprobs(model, ids.to(dev), mask.to(dev), n_cont)  # [batch, keep]
         total[idx] = logprobs.sum(dim=-1).double().cpu().numpy()
-        if cache is not None and key is not None:
+        if key is not None:
             cache.put(key, [float(v) for v in total[idx]])
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)

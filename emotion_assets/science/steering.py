@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from emotion_assets.science.batch_cache import BatchCache, batch_key
+from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
 from emotion_assets.science.interventions import PromptPositions, add_to_residual
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 
@@ -328,10 +329,7 @@ def generate_sweep(
     are stored under its content key and a batch found there is not generated again, so an interrupted
     sweep resumes where it stopped with identical results (``science.batch_cache``).
     """
-    if cache is not None and not fingerprint:
-        raise ValueError(
-            "A batch cache needs the model's fingerprint, so batches of another model never match."
-        )
+    require_fingerprint(cache, fingerprint)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if decoding not in ("greedy", "sample"):
@@ -401,17 +399,15 @@ def generate_sweep(
                 key = batch_key(
                     "steering_sweep", fingerprint, settings, input_ids, attention_mask, row_vectors
                 )
-                stored = cache.get(key)
-                if stored is not None and _valid_batch(stored, len(batch)):
+                stored = cache.get(
+                    key, partial(_valid_batch, n_rows=len(batch)), f"{len(batch)} [text, tokens] rows"
+                )
+                if stored is not None:
                     for key_row, (text, n_new) in zip(batch, stored, strict=True):
                         results[key_row] = (text, int(n_new))
                     if progress is not None:
                         progress(len(results), sum(len(r) for r in groups.values()))
                     continue
-                if stored is not None:
-                    cache.discard(
-                        key, f"holds {type(stored).__name__} instead of {len(batch)} [text, tokens] rows"
-                    )
             with torch.random.fork_rng(devices=fork_devices):
                 if decoding == "sample":
                     torch.manual_seed(_stable_int(seed, layer, batch_no))
@@ -428,7 +424,7 @@ def generate_sweep(
                 n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
                 text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
                 results[row_key] = (text, n_new)
-            if cache is not None and key is not None:
+            if key is not None:
                 cache.put(key, [list(results[row_key]) for row_key in batch])
             if progress is not None:
                 progress(len(results), sum(len(r) for r in groups.values()))

@@ -192,9 +192,9 @@ def test_the_resume_folder_sits_outside_every_artifact_folder_and_is_checked(tmp
         store.resume_path("smoke", "residual_patching", "../escape")
     folder = ResumeFolder.of(store, "smoke", "residual_patching", "smollm2-135m")
     folder.put("ab12", ["x"])
-    assert folder.get("ab12") == ["x"]
+    assert folder.get("ab12", lambda value: value == ["x"], "one row") == ["x"]
     with pytest.raises(ValueError, match="hex digest"):
-        folder.get("../../etc/passwd")
+        folder.get("../../etc/passwd", lambda value: True, "anything")
     other = ResumeFolder.of(store, "smoke", "residual_patching", "minilm-l6")
     other.put("cd34", [1])
     folder.clear()
