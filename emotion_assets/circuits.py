@@ -11,10 +11,9 @@ import pandas as pd
 from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words
 from emotion_assets.context import Phase
-from emotion_assets.dataset import emotion_dataset
-from emotion_assets.head_screening import head_screening
+from emotion_assets.head_screening import screened_head_inputs
 from emotion_assets.io import SCREENING_FILE, SPLIT_FILE, ArtifactHandle, vectors_of
-from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile
+from emotion_assets.partitions import causal_model_profile_partitions
 from emotion_assets.plots import markdown_table, save_figure
 from emotion_assets.science.circuit_effects import (
     CircuitInputs,
@@ -33,7 +32,6 @@ from emotion_assets.science.head_pairs import (
 )
 from emotion_assets.science.heads import head_layout
 from emotion_assets.science.steering_analysis import TARGET_METRICS
-from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.models import ModelResource
 from resources.storage import ArtifactStore, reader_path, write_table
@@ -67,11 +65,7 @@ def _joint_vs_sum_plot(effects: pd.DataFrame, title: str) -> plt.Figure:
     partitions_def=causal_model_profile_partitions,
     deps=config_deps("emotion_circuits", causal_model_profile_partitions),
     group_name=HEADS_GROUP,
-    ins={
-        "head_screening": dg.AssetIn(head_screening.key),
-        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
-        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
-    },
+    ins=screened_head_inputs(),
     kinds={"pytorch", "parquet"},
     code_version="3",
     pool="model",

@@ -9,10 +9,9 @@ import pandas as pd
 from emotion_assets.automation import config_deps
 from emotion_assets.common import RunConfig, all_emotion_words, refuse_failing_checks
 from emotion_assets.context import Phase, evaluator_suite_for
-from emotion_assets.dataset import emotion_dataset
-from emotion_assets.head_screening import head_screening
+from emotion_assets.head_screening import head_screening, screened_head_inputs
 from emotion_assets.io import GENERATIONS_FILE, SCREENING_FILE, SPLIT_FILE, ArtifactHandle, vectors_of
-from emotion_assets.partitions import causal_model_profile_partitions, profile_to_model_profile
+from emotion_assets.partitions import causal_model_profile_partitions
 from emotion_assets.plots import markdown_table
 from emotion_assets.science.crossfit import fold_plans
 from emotion_assets.science.head_checks import crossfit_outcome, patching_outcome
@@ -26,7 +25,6 @@ from emotion_assets.science.head_conditions import (
 from emotion_assets.science.head_pairs import check_split_matches, emotions_of, prompt_pair, sub_pair
 from emotion_assets.science.heads import head_layout
 from emotion_assets.science.steering_analysis import TARGET_METRICS
-from emotion_assets.vectors import emotion_vectors
 from jobs.jobs import HEADS_GROUP
 from resources.evaluators import EvaluatorResource
 from resources.models import ModelResource
@@ -41,11 +39,7 @@ PATCHING_ASSET = "head_patching"
     partitions_def=causal_model_profile_partitions,
     deps=config_deps("head_patching", causal_model_profile_partitions),
     group_name=HEADS_GROUP,
-    ins={
-        "head_screening": dg.AssetIn(head_screening.key),
-        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
-        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
-    },
+    ins=screened_head_inputs(),
     kinds={"pytorch", "parquet"},
     code_version="3",
     pool="model",

@@ -177,3 +177,13 @@ def screening_check(
 ) -> dg.AssetCheckResult:
     """``head_screening_complete`` on the tables (``science.head_checks.screening_outcome``)."""
     return dg.AssetCheckResult(**vars(screening_outcome(screening, split, n_layers, n_heads)))
+
+
+def screened_head_inputs() -> dict[str, dg.AssetIn]:
+    """The inputs of the assets that intervene on the screened heads (``head_patching``,
+    ``emotion_circuits``): the screening, the emotion vectors and the profile's dataset."""
+    return {
+        "head_screening": dg.AssetIn(head_screening.key),
+        "emotion_vectors": dg.AssetIn(emotion_vectors.key),
+        "dataset": dg.AssetIn(emotion_dataset.key, partition_mapping=profile_to_model_profile),
+    }
