@@ -24,6 +24,7 @@ ASSET = "emotion_dataset"
 GROUP = "dataset"
 PARTITION = "smoke"
 RUN_TIMEOUT = 300
+PAGE_TIMEOUT_MS = 60_000
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -74,15 +75,35 @@ def wait_for_run(server: DagsterServer, run_id: str) -> str:
     return status or "TIMEOUT"
 
 
+def expect_visible_after_reloads(page, make_locator, timeout_ms: int = PAGE_TIMEOUT_MS) -> None:
+    """Wait for ``make_locator(page)`` to be visible, reloading the page while it is not.
+
+    The asset page fetches the latest materialization in its own query after the page has loaded; on a
+    busy machine that answer can come after a single wait ends, and a reload asks again.
+    """
+    from playwright.sync_api import expect
+
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        try:
+            expect(make_locator(page).first).to_be_visible(timeout=10_000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            page.reload(wait_until="domcontentloaded")
+
+
 def test_materialize_a_partition_from_the_ui_and_read_its_metadata(dagster_dev: DagsterServer):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
     shots = screenshot_dir()
     step = "start"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
         try:
             step = "asset-graph"
             group_url = f"{dagster_dev.url}/locations/{quote(dagster_dev.location)}/asset-groups/{GROUP}"
@@ -126,7 +147,7 @@ def test_materialize_a_partition_from_the_ui_and_read_its_metadata(dagster_dev: 
 
             step = "metadata"
             page.goto(f"{dagster_dev.url}/assets/{ASSET}", wait_until="domcontentloaded")
-            expect(page.get_by_text(PARTITION, exact=True).first).to_be_visible()
+            expect_visible_after_reloads(page, lambda p: p.get_by_text(PARTITION, exact=True))
             for key in ("path", "dg.row_count", "source_sha256"):
                 expect(page.get_by_role("cell", name=key, exact=True)).to_be_visible()
             results = dagster_dev.root / "results" / PARTITION / ASSET / "prompts.parquet"
