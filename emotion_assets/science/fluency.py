@@ -187,7 +187,7 @@ def continuation_logprob(
     continuation on its own without special tokens; their concatenation is scored. Rows are sorted by
     length, left-padded with explicit position ids (so padding does not change a row's numbers) and run
     in ONE forward per batch of ``batch_size``; only continuation tokens are scored, each from the logits
-    of the position before it. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an
+    of the position before it. A repeated (prompt, continuation) pair is run once. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an
     empty continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache``
     (and the model's ``fingerprint``) each batch's sums are kept under its content key and reused.
     """
@@ -208,10 +208,20 @@ def continuation_logprob(
             f"Prompts {empty[:5]} tokenize to no tokens, so the first continuation token has no context; "
             "give non-empty prompts or a tokenizer that adds a BOS token."
         )
-    n = len(prompts)
+    # Each distinct (prompt, continuation) pair runs once; its repeats (conditions whose steering or
+    # ablation changed nothing) get its sum.
+    first_of: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    repeat_of = np.array(
+        [
+            first_of.setdefault((tuple(p), tuple(c)), len(first_of))
+            for p, c in zip(prompt_ids, cont_ids, strict=True)
+        ],
+        dtype=np.intp,
+    )  # [n_rows]
+    n = len(first_of)
     total = np.zeros(n)
-    counts = np.array([len(c) for c in cont_ids], dtype=np.int64)
-    rows = [p + c for p, c in zip(prompt_ids, cont_ids, strict=True)]
+    counts = np.array([len(c) for _, c in first_of], dtype=np.int64)
+    rows = [list(p + c) for p, c in first_of]
     todo = [i for i in np.argsort([len(r) for r in rows], kind="stable") if counts[i] > 0]
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
@@ -234,6 +244,7 @@ def continuation_logprob(
         total[idx] = logprobs.sum(dim=-1).double().cpu().numpy()
         if key is not None:
             cache.put(key, [float(v) for v in total[idx]])
+    total, counts = total[repeat_of], counts[repeat_of]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
     return pd.DataFrame({"mean_logprob": mean, "n_scored_tokens": counts, "perplexity": np.exp(-mean)})

@@ -119,6 +119,32 @@ def test_continuation_logprob_matches_per_row_unbatched_computation():
     np.testing.assert_allclose(out["mean_logprob"], one["mean_logprob"], atol=1e-4)
 
 
+def test_repeated_pairs_run_once_and_get_the_same_numbers():
+    """A (prompt, continuation) pair repeated across conditions is run once; each repeat gets its row."""
+    model, tokenizer = tiny_llama(seed=3), byte_tokenizer(add_bos=True, padding_side="left")
+    prompts = ["Hi", "Tell me", "Hi", "Hi", "Tell me", "Hi"]
+    conts = [" there", " more", " there", " you", " more", ""]
+    rows_run = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows_run.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        out = continuation_logprob(model, tokenizer, prompts, conts, batch_size=8)
+    finally:
+        hook.remove()
+    assert rows_run == [3]  # (Hi, there), (Tell me, more), (Hi, you); the empty continuation runs nothing
+    for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
+        total, n = _by_hand(model, tokenizer, p, c)
+        assert out.loc[i, "n_scored_tokens"] == n
+        if n:
+            assert out.loc[i, "mean_logprob"] == pytest.approx(total / n, abs=1e-4)
+    pd.testing.assert_series_equal(out.loc[0], out.loc[2], check_names=False)
+    pd.testing.assert_series_equal(out.loc[1], out.loc[4], check_names=False)
+    # The same prompt text with another continuation, or the same continuation after another prompt,
+    # is another pair.
+    assert out.loc[0, "mean_logprob"] != out.loc[3, "mean_logprob"]
+
+
 def test_continuation_logprob_prefers_what_the_model_would_say():
     """Planted: the model's own greedy continuation is far likelier than the same bytes shuffled."""
     model, tokenizer = tiny_llama(seed=5), byte_tokenizer(add_bos=True, padding_side="left")

@@ -270,6 +270,32 @@ def test_suite_scores_continuation_only():
     assert full.loc[0, "sentiment_compound"] < 0.0
 
 
+def test_suite_scores_each_distinct_text_once_in_first_seen_order():
+    seen: list[list[str]] = []
+
+    class Recording(VaderSentiment):
+        def score(self, texts: list[str]) -> pd.DataFrame:
+            seen.append(list(texts))
+            return super().score(texts)
+
+    texts = [
+        "Thank you so much!",
+        "I am furious.",
+        "Thank you so much!",
+        "",
+        "I am furious.",
+        "I am so sorry.",
+    ]
+    scores = EvaluatorSuite([Recording()]).score(texts)
+    assert seen == [["Thank you so much!", "I am furious.", "I am so sorry."]]  # the empty text is degenerate
+    alone = EvaluatorSuite([VaderSentiment()]).score(
+        ["Thank you so much!", "I am furious.", "I am so sorry."]
+    )
+    for row, distinct in ((0, 0), (1, 1), (2, 0), (4, 1), (5, 2)):
+        pd.testing.assert_series_equal(scores.loc[row], alone.loc[distinct], check_names=False)
+    assert bool(scores.loc[3, "degenerate"])
+
+
 def test_minilm_embeddings_are_unit_norm():
     emb = MiniLmEmbedder(device="cpu", batch_size=2)(["Thank you so much.", "I am furious.", "The table."])
     assert emb.shape == (3, 384)

@@ -119,7 +119,8 @@ class EvaluatorSuite:
         """Score continuations (default), or prompt + continuation when ``continuation_only`` is False.
 
         Returns one row per text: every column of :attr:`metric_names` (float) and ``degenerate`` (bool),
-        judged on the text that is scored. Degenerate rows hold the scorers' ``neutral_scores``.
+        judged on the text that is scored. Degenerate rows hold the scorers' ``neutral_scores``. Each
+        distinct text reaches the scorers once, in first-seen order; its repeats get its row.
         """
         texts = ["" if t is None else str(t) for t in texts]
         if not continuation_only:
@@ -129,7 +130,18 @@ class EvaluatorSuite:
                 raise ValueError(f"Got {len(prompts)} prompts for {len(texts)} texts.")
             texts = [join_prompt(p, c) for p, c in zip(prompts, texts, strict=True)]
         degenerate = degenerate_mask(texts)  # [n]
-        fluent = [t for t, bad in zip(texts, degenerate, strict=True) if not bad]
+        # Each distinct fluent text is scored once and its scores copied to its repeats: a sweep repeats
+        # many continuations (conditions that change nothing, heads whose ablation changes nothing).
+        first_of: dict[str, int] = {}  # distinct fluent text -> its row in `fluent` (first-seen order)
+        repeat_of = np.array(
+            [
+                first_of.setdefault(t, len(first_of))
+                for t, bad in zip(texts, degenerate, strict=True)
+                if not bad
+            ],
+            dtype=np.intp,
+        )  # [n_fluent]
+        fluent = list(first_of)
         frames = []
         for scorer in self.scorers:
             frame = pd.DataFrame(np.nan, index=range(len(texts)), columns=scorer.metric_names, dtype=float)
@@ -141,7 +153,7 @@ class EvaluatorSuite:
                     )
                 if scored.isna().to_numpy().any():
                     raise RuntimeError(f"Scorer {scorer.name!r} returned NaN values.")
-                frame.loc[~degenerate, :] = scored.to_numpy(dtype=float)
+                frame.loc[~degenerate, :] = scored.to_numpy(dtype=float)[repeat_of]
             neutral = scorer.neutral_scores
             frame.loc[degenerate, :] = np.array([neutral[c] for c in scorer.metric_names], dtype=float)
             frames.append(frame)
