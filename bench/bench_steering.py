@@ -18,6 +18,12 @@ Configurations, each timed ``--repeats`` times, alternating in a rotating order 
 ``plain-hook`` runs every row; ``sweep`` copies the rows of zero-vector conditions (α = 0) from the
 baseline instead of generating them, so their wall-time ratio is the cost of the per-row machinery less
 that saving. Tokens/s counts generated tokens (up to EOS).
+
+Compute bound: each configuration is run once more under ``torch.utils.flop_counter.FlopCounterMode``
+(untimed) to count its arithmetic, and a single-thread ``[1024, d_model] @ [d_model, 4 d_model]`` product
+gives the machine's matmul rate. Their quotient is how close each configuration runs to the rate the
+hardware allows; the sweep cannot beat the per-condition loop by more than that rate over the loop's
+(times the saving from copied conditions), whatever the code.
 On CPU the bench uses ``--threads 1``: on a shared machine, torch's default thread count can make small
 batches an order of magnitude slower (threads waiting on each other); ``--threads 0`` keeps the default.
 
@@ -39,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from emotion_assets.science.residual import capture_residuals, decoder_blocks
 from emotion_assets.science.steering import (
@@ -136,6 +143,30 @@ def plain_hook_sweep(
     return total
 
 
+def matmul_rate(d_model: int, device: str, repeats: int = 20) -> float:
+    """FLOP/s of one ``[1024, d_model] @ [d_model, 4 d_model]`` float32 product on ``device`` (median)."""
+    a = torch.randn(1024, d_model, device=device)
+    b = torch.randn(d_model, 4 * d_model, device=device)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * 1024 * d_model * 4 * d_model / statistics.median(times)
+
+
+def counted_flops(fn: Callable[[], int]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls and attention, as torch counts them)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -155,6 +186,9 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny run: 4 prompts, 4 tokens, 1 repeat")
+    parser.add_argument(
+        "--no-flops", action="store_true", help="skip the untimed FLOP count and the matmul rate"
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -293,7 +327,35 @@ def main() -> int:
         f"sweep vs plain hook (same batches; the plain hook also generates the {len(conditions) - distinct} "
         f"zero-vector conditions): time ratio {overhead:.2f} (target ≥ 0.85)"
     )
+    if not args.no_flops:
+        print_compute_bound(handle, configs, median, rate, args)
     return 0
+
+
+def print_compute_bound(handle, configs, median, rate, args) -> None:
+    """Each configuration's FLOP rate beside the machine's matmul rate, and the ratio that bound allows."""
+    peak = matmul_rate(handle.geometry.d_model, str(handle.device))
+    flops = {name: counted_flops(fn) for name, fn in configs.items()}
+    achieved = {name: flops[name] / median[name] for name in configs}
+    print(
+        f"\ncompute bound (FLOPs counted in one untimed run each; single-thread matmul rate "
+        f"{peak / 1e9:.1f} GFLOP/s):"
+    )
+    print(f"{'configuration':<15}{'GFLOP':>9}{'GFLOP/s':>9}{'of matmul rate':>16}{'GFLOP per token':>17}")
+    for name in configs:
+        tokens_per_s = rate[name]
+        print(
+            f"{name:<15}{flops[name] / 1e9:>9.1f}{achieved[name] / 1e9:>9.1f}{achieved[name] / peak:>15.0%}"
+            f"{achieved[name] / tokens_per_s / 1e9:>17.3f}"
+        )
+    bound = peak / achieved["per-condition"]
+    work = (achieved["per-condition"] / rate["per-condition"]) / (achieved["sweep"] / rate["sweep"])
+    print(
+        f"per-condition runs at {achieved['per-condition'] / peak:.0%} of the matmul rate, so batching can make "
+        f"it at most {bound:.2f}× faster at equal work; the sweep does {work:.2f}× less arithmetic per "
+        f"generated token (copied conditions, padding, rows past EOS), so the sweep can reach at most "
+        f"{bound * work:.2f}× here (measured {rate['sweep'] / rate['per-condition']:.2f}×)"
+    )
 
 
 if __name__ == "__main__":
