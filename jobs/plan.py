@@ -4,8 +4,8 @@
 prompt file (split and capped as ``emotion_dataset`` does) and the model registry, without loading a model.
 The estimate of an asset is the median ``timing_elapsed_s`` of its earlier materializations of the same
 partition (model × profile) in the Dagster instance. Without one, a record of the same model (or pair) on
-another profile is scaled by the ratio of the asset's work (:func:`work_scale`: generations, prompt pairs ×
-heads, fitting prompts), e.g. a ``baseline`` estimate from the ``smoke`` run; the plan says which. Scaling
+another profile is scaled by the ratio of the asset's work (:func:`work_scale`: generated tokens, prompt
+pairs × heads, fitting prompts, fitting prompts × layers), e.g. a ``baseline`` estimate from the ``smoke`` run; the plan says which. Scaling
 is linear, so a small profile's fixed costs (model loading) are scaled too. Else "no record yet".
 """
 
@@ -144,20 +144,29 @@ def work_scale(
     top = profile.heads.top_n
     heads = spec.layers * spec.heads if spec.layers and spec.heads else 0
     fitting = len(_fit(frame))
+    boundaries = len(profile.boundaries(spec.layers)) if spec.layers else 1
+    new_tokens = profile.generation.max_new_tokens
     scales: dict[str, Callable[[], tuple[float, str]]] = {
         "emotion_dataset": lambda: (len(frame), "prompts"),
         "evaluator_quality": lambda: (len(frame), "prompts"),
         "model_card": lambda: (1, "model load"),
-        "residual_patching": lambda: (_steering_generations(profile, frame), "generations"),
+        # Generation, scoring and the log-likelihood pass all grow with the tokens generated.
+        "residual_patching": lambda: (
+            _steering_generations(profile, frame) * new_tokens,
+            "generations × new tokens",
+        ),
         # Vectorised tests: fixed costs dominate (4.4 s on smoke, 7-17 s on baseline for smollm2-135m).
         "patching_statistics": lambda: (1, "run"),
         "head_screening": lambda: (pairs * heads, "prompt pairs × heads"),
-        "head_patching": lambda: ((2 * top + 16) * pairs, "generations"),
+        "head_patching": lambda: ((2 * top + 16) * pairs * new_tokens, "generations × new tokens"),
         "emotion_circuits": lambda: ((2 * top + 4) * pairs, "readout conditions × prompt pairs"),
     }
-    for name in ("activations", "emotion_vectors", "emotion_subspaces", "confound_audit", "subspace_alignment",
-                 "k_selection"):  # fmt: skip
+    # One forward pass captures every layer: the capture and the audit grow with the prompts.
+    for name in ("activations", "confound_audit", "k_selection"):
         scales[name] = lambda: (fitting, "fitting prompts")
+    # Fitted per captured layer (alignment: per layer pair, one per layer of the first model).
+    for name in ("emotion_vectors", "emotion_subspaces", "subspace_alignment"):
+        scales[name] = lambda: (fitting * boundaries, "fitting prompts × layers")
     if asset not in scales:
         return None
     count, unit = scales[asset]()

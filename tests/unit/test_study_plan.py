@@ -57,8 +57,9 @@ def test_baseline_estimate_is_scaled_from_the_smoke_record_by_the_work_ratio(tmp
     lines = capsys.readouterr().out.splitlines()
     patching = next(line for line in lines if line.strip().startswith("head_patching"))
     baseline_generations = int(patching.split(" generations of ")[0].split("= ")[-1])
-    assert "[scaled from smoke: 40 s × " in patching and "/ 264 generations]" in patching
-    assert f"{40.0 * baseline_generations / 264 / 60:.1f} min" in patching
+    # smoke: 264 generations of 8 new tokens; baseline: 20 new tokens each
+    assert "[scaled from smoke: 40 s × " in patching and "/ 2112 generations × new tokens]" in patching
+    assert f"{40.0 * baseline_generations * 20 / (264 * 8) / 60:.1f} min" in patching
     screening = next(line for line in lines if line.strip().startswith("head_screening"))
     assert "16.7 min" in screening and "scaled" not in screening  # this partition's own record wins
     residual = next(line for line in lines if line.strip().startswith("residual_patching"))
