@@ -328,11 +328,11 @@ def main() -> int:
         f"zero-vector conditions): time ratio {overhead:.2f} (target ≥ 0.85)"
     )
     if not args.no_flops:
-        print_compute_bound(handle, configs, median, rate, args)
+        print_compute_bound(handle, configs, median, rate)
     return 0
 
 
-def print_compute_bound(handle, configs, median, rate, args) -> None:
+def print_compute_bound(handle, configs, median, rate) -> None:
     """Each configuration's FLOP rate beside the machine's matmul rate, and the ratio that bound allows."""
     peak = matmul_rate(handle.geometry.d_model, str(handle.device))
     flops = {name: counted_flops(fn) for name, fn in configs.items()}
@@ -343,10 +343,9 @@ def print_compute_bound(handle, configs, median, rate, args) -> None:
     )
     print(f"{'configuration':<15}{'GFLOP':>9}{'GFLOP/s':>9}{'of matmul rate':>16}{'GFLOP per token':>17}")
     for name in configs:
-        tokens_per_s = rate[name]
         print(
             f"{name:<15}{flops[name] / 1e9:>9.1f}{achieved[name] / 1e9:>9.1f}{achieved[name] / peak:>15.0%}"
-            f"{achieved[name] / tokens_per_s / 1e9:>17.3f}"
+            f"{achieved[name] / rate[name] / 1e9:>17.3f}"
         )
     bound = peak / achieved["per-condition"]
     work = (achieved["per-condition"] / rate["per-condition"]) / (achieved["sweep"] / rate["sweep"])

@@ -5,8 +5,8 @@ prompt file (split and capped as ``emotion_dataset`` does) and the model registr
 The estimate of an asset is the median ``timing_elapsed_s`` of its earlier materializations of the same
 partition (model × profile) in the Dagster instance. Without one, a record of the same model (or pair) on
 another profile is scaled by the ratio of the asset's work (:func:`work_scale`: generated tokens, prompt
-pairs × heads, fitting prompts, fitting prompts × layers), e.g. a ``baseline`` estimate from the ``smoke`` run; the plan says which. Scaling
-is linear, so a small profile's fixed costs (model loading) are scaled too. Else "no record yet".
+pairs × heads, fitting prompts, fitting prompts × layers), e.g. a ``baseline`` estimate from the ``smoke``
+run; the plan says which. Scaling is linear, so a small profile's fixed costs (model loading) are scaled too. Else "no record yet".
 """
 
 from __future__ import annotations

@@ -187,8 +187,9 @@ def continuation_logprob(
     continuation on its own without special tokens; their concatenation is scored. Rows are sorted by
     length, left-padded with explicit position ids (so padding does not change a row's numbers) and run
     in ONE forward per batch of ``batch_size``; only continuation tokens are scored, each from the logits
-    of the position before it. A repeated (prompt, continuation) pair is run once. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an
-    empty continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache``
+    of the position before it; a repeated (prompt, continuation) pair is run once. Returns, in input
+    order, ``mean_logprob`` (nats per token; NaN for an empty continuation), ``n_scored_tokens`` and
+    ``perplexity`` = exp(−mean_logprob). With a ``cache``
     (and the model's ``fingerprint``) each batch's sums are kept under its content key and reused.
     """
     require_fingerprint(cache, fingerprint)
@@ -210,18 +211,13 @@ def continuation_logprob(
         )
     # Each distinct (prompt, continuation) pair runs once; its repeats (conditions whose steering or
     # ablation changed nothing) get its sum.
-    first_of: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    repeat_of = np.array(
-        [
-            first_of.setdefault((tuple(p), tuple(c)), len(first_of))
-            for p, c in zip(prompt_ids, cont_ids, strict=True)
-        ],
-        dtype=np.intp,
-    )  # [n_rows]
-    n = len(first_of)
+    repeat_of, distinct = pd.factorize(
+        pd.Series([(tuple(p), tuple(c)) for p, c in zip(prompt_ids, cont_ids, strict=True)], dtype=object)
+    )  # [n_rows] codes in first-seen order, [n_distinct] (prompt ids, continuation ids)
+    n = len(distinct)
     total = np.zeros(n)
-    counts = np.array([len(c) for _, c in first_of], dtype=np.int64)
-    rows = [list(p + c) for p, c in first_of]
+    counts = np.array([len(c) for _, c in distinct], dtype=np.int64)
+    rows = [list(p + c) for p, c in distinct]
     todo = [i for i in np.argsort([len(r) for r in rows], kind="stable") if counts[i] > 0]
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]

@@ -132,16 +132,11 @@ class EvaluatorSuite:
         degenerate = degenerate_mask(texts)  # [n]
         # Each distinct fluent text is scored once and its scores copied to its repeats: a sweep repeats
         # many continuations (conditions that change nothing, heads whose ablation changes nothing).
-        first_of: dict[str, int] = {}  # distinct fluent text -> its row in `fluent` (first-seen order)
-        repeat_of = np.array(
-            [
-                first_of.setdefault(t, len(first_of))
-                for t, bad in zip(texts, degenerate, strict=True)
-                if not bad
-            ],
-            dtype=np.intp,
-        )  # [n_fluent]
-        fluent = list(first_of)
+        # pandas.factorize numbers values in first-seen order: `distinct` [n_distinct], `repeat_of` [n_fluent].
+        repeat_of, distinct = pd.factorize(
+            pd.Series([t for t, bad in zip(texts, degenerate, strict=True) if not bad], dtype=object)
+        )
+        fluent = list(distinct)
         frames = []
         for scorer in self.scorers:
             frame = pd.DataFrame(np.nan, index=range(len(texts)), columns=scorer.metric_names, dtype=float)
