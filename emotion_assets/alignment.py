@@ -22,6 +22,7 @@ from emotion_assets.science.alignment import (
     paired_rows,
     rows_at,
 )
+from emotion_assets.science.parallel import map_in_processes
 from emotion_assets.science.prompts import NEUTRAL
 from jobs.jobs import ALIGNMENT_GROUP
 from resources.storage import ArtifactStore, reader_path, write_table
@@ -94,6 +95,8 @@ def subspace_alignment(
     ) as rec:  # fmt: skip
         tables: dict[str, list[pd.DataFrame]] = {"overlaps": [], "matrix": [], "specificity": []}
         skipped: dict[str, str] = {}
+        fitted: list[tuple[int, int]] = []
+        tasks: list[dict] = []
         for layer_a, layer_b in layer_pairs:
             ia, ib = bounds_a.index(layer_a), bounds_b.index(layer_b)
             constant = [
@@ -106,12 +109,17 @@ def subspace_alignment(
                 # activations carry no information, so no map can be fit there.
                 skipped[f"{layer_a}->{layer_b}"] = f"constant neutral activations at {', '.join(constant)}"
                 continue
-            anchor_views = [(views_a[p][:, ia], views_b[p][:, ib]) for p in settings.anchor_poolings]
-            result = layer_pair_sweep(
-                x_a[:, ia], x_b[:, ib], rows, anchor_views=anchor_views, k_max=profile.k_max, methods=settings.methods,
-                r=settings.procrustes_rank, n_null=settings.n_null, n_boot=settings.n_boot, seed=profile.seed,
-                ridge_alpha=settings.ridge_alpha, min_specificity=settings.min_specificity,
-            )  # fmt: skip
+            fitted.append((layer_a, layer_b))
+            tasks.append(dict(
+                x_a=x_a[:, ia], x_b=x_b[:, ib], rows=rows,
+                anchor_views=[(views_a[p][:, ia], views_b[p][:, ib]) for p in settings.anchor_poolings],
+                k_max=profile.k_max, methods=settings.methods, r=settings.procrustes_rank, n_null=settings.n_null,
+                n_boot=settings.n_boot, seed=profile.seed, ridge_alpha=settings.ridge_alpha,
+                min_specificity=settings.min_specificity,
+            ))  # fmt: skip
+        for (layer_a, layer_b), result in zip(
+            fitted, map_in_processes(layer_pair_sweep, tasks, profile.cpu_workers), strict=True
+        ):
             for name in tables:
                 table = getattr(result, name)
                 table.insert(0, "layer_b", layer_b)

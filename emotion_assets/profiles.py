@@ -208,6 +208,13 @@ class Profile(_Strict):
     alignment: AlignmentConfig = AlignmentConfig()
     n_bootstrap: int = Field(1000, ge=10)
     batch_size: int = Field(32, gt=0)
+    cpu_workers: int | Literal["auto"] = Field(
+        1,
+        description="Processes for the fits that run on one BLAS thread (the alignment's layer pairs, the "
+        "per-boundary probes), where one process leaves the other cores idle. 'auto': one per CPU thread the "
+        "run may use. The numbers do not depend on it; starting a process takes a few seconds, which small "
+        "profiles do not earn back.",
+    )
     max_prompt_tokens: int = Field(
         128,
         gt=0,
@@ -223,6 +230,13 @@ class Profile(_Strict):
         description="External prompt files (same formats as the dataset) that nothing is fitted on; probes "
         "and the embedded evaluator fitted on the train split are scored on each.",
     )
+
+    @field_validator("cpu_workers")
+    @classmethod
+    def _cpu_workers(cls, value: int | str) -> int | str:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"cpu_workers must be a positive integer or 'auto', got {value!r}.")
+        return value
 
     def resolved_validation_sets(self) -> list[Path]:
         """``validation_sets`` as absolute paths (relative ones are taken from the project root)."""

@@ -18,16 +18,15 @@ Four kinds of evidence, each a pure function on texts, labels and pooled activat
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
@@ -35,6 +34,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from emotion_assets.science.directions import fit_probes_per_boundary
 from emotion_assets.science.prompts import NEUTRAL, DatasetError, Problem, find_near_duplicates, load_prompts
 from emotion_assets.science.residual import emotion_word_pattern
 from emotion_assets.science.surface import surface_features
@@ -552,26 +552,21 @@ def fit_layer_probes(
     seed: int,
     C: float = 1.0,
     max_iter: int = 200,
+    workers: int | Literal["auto"] = 1,
 ) -> LayerProbes:
-    """Standardize, then multinomial logistic regression (L2, lbfgs) per boundary on the train rows."""
+    """Standardize, then multinomial logistic regression (L2, lbfgs) per boundary on the train rows
+    (:func:`~emotion_assets.science.directions.fit_probes_per_boundary`, in ``workers`` processes)."""
     lab = np.asarray(labels, dtype=object).astype(str)
     train = np.asarray(train_mask, dtype=bool)
     if len(set(lab[train])) < 2:
         raise ValueError("The probe needs at least two labels among the train prompts.")
     x = acts.detach().cpu().float().numpy()[train]  # [n_train, n_boundaries, d_model]
     values, counts = np.unique(lab[train], return_counts=True)
-    pipelines, converged = [], []
-    for position in range(x.shape[1]):
-        probe = make_pipeline(
-            StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs", random_state=seed)
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            probe.fit(x[:, position], lab[train])
-        pipelines.append(probe)
-        converged.append(not any(issubclass(w.category, ConvergenceWarning) for w in caught))
+    fits = fit_probes_per_boundary(x, lab[train], seed, C, max_iter, workers)
     return LayerProbes(
-        pipelines=pipelines, majority_label=str(values[np.argmax(counts)]), converged=converged
+        pipelines=[probe for probe, _ in fits],
+        majority_label=str(values[np.argmax(counts)]),
+        converged=[converged for _, converged in fits],
     )
 
 
@@ -823,8 +818,10 @@ def audit_confounds(
     label_columns: Mapping[str, str] | None = None,
     cosine_threshold: float = 0.5,
     baseline_margin: float = 0.05,
+    workers: int | Literal["auto"] = 1,
 ) -> ConfoundAudit:
-    """Run the whole audit on one model's pooled activations.
+    """Run the whole audit on one model's pooled activations (the per-boundary probes in ``workers``
+    processes).
 
     ``frame`` is row-aligned with ``pooled`` and has text, emotion, split and register; ``fitting`` marks
     the rows that may fit anything. ``extract(texts)`` returns pooled activations at ``boundaries`` for
@@ -873,7 +870,7 @@ def audit_confounds(
 
     cosines, shares = vector_geometry(vectors, nuisances, boundaries)
     baselines = surface_baselines(texts, labels, registers, train, held, emotion_words, seed)
-    probes = {s: fit_layer_probes(x, labels, train, seed) for s, x in pooled.items()}
+    probes = {s: fit_layer_probes(x, labels, train, seed, workers=workers) for s, x in pooled.items()}
     by_register = pd.concat(
         [
             probe_by_register(probes[s], x, labels, registers, held, boundaries).assign(strategy=s)

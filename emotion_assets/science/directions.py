@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -12,9 +13,12 @@ from jaxtyping import Bool, Float
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import Tensor
+
+from emotion_assets.science.parallel import map_in_processes
 
 ArrayLike = Tensor | np.ndarray
 
@@ -111,6 +115,36 @@ def cosine_matrix(vectors: dict[str, Float[Tensor, "n_boundaries d_model"]], bou
     return pd.DataFrame(cos, index=names, columns=names)
 
 
+def fit_standardized_logistic(
+    x: np.ndarray, y: np.ndarray, seed: int, C: float, max_iter: int
+) -> tuple[Pipeline, bool]:
+    """Standardize, then multinomial logistic regression (L2, ``C``; lbfgs, ``max_iter`` iterations) on
+    ``x`` ``[n, d]``; also whether lbfgs converged before ``max_iter``."""
+    probe = make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs", random_state=seed)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        probe.fit(x, y)
+    return probe, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def fit_probes_per_boundary(
+    x: Float[np.ndarray, "n n_boundaries d_model"],
+    y: np.ndarray,
+    seed: int,
+    C: float = 1.0,
+    max_iter: int = 200,
+    workers: int | Literal["auto"] = 1,
+) -> list[tuple[Pipeline, bool]]:
+    """:func:`fit_standardized_logistic` at every boundary of ``x``, in ``workers`` processes
+    (:func:`~emotion_assets.science.parallel.map_in_processes`). Every fit runs on one BLAS thread, so the
+    probes do not depend on ``workers``."""
+    tasks = [{"x": x[:, b], "y": y, "seed": seed, "C": C, "max_iter": max_iter} for b in range(x.shape[1])]
+    with threadpool_limits(limits=1, user_api="blas"):
+        return map_in_processes(fit_standardized_logistic, tasks, workers)
+
+
 def linear_probe_by_layer(
     acts: Float[Tensor, "n n_boundaries d_model"],
     labels: Sequence[str],
@@ -119,13 +153,15 @@ def linear_probe_by_layer(
     seed: int,
     C: float = 1.0,
     max_iter: int = 200,
+    workers: int | Literal["auto"] = 1,
 ) -> pd.DataFrame:
     """Held-out decodability of the labels at each boundary.
 
     Per boundary: standardize, then multinomial logistic regression (L2, ``C``; lbfgs, ``max_iter``
-    iterations) fit on the train rows and scored on the eval rows. ``chance`` is the eval accuracy of
-    always predicting the most frequent train label. ``converged`` is False when lbfgs hit ``max_iter``
-    (the fit is still used: with standardized inputs it is close to the optimum by then).
+    iterations) fit on the train rows and scored on the eval rows (:func:`fit_probes_per_boundary`, in
+    ``workers`` processes). ``chance`` is the eval accuracy of always predicting the most frequent train
+    label. ``converged`` is False when lbfgs hit ``max_iter`` (the fit is still used: with standardized
+    inputs it is close to the optimum by then).
     """
     n = acts.shape[0]
     lab = _labels(labels, n)
@@ -142,13 +178,8 @@ def linear_probe_by_layer(
     values, counts = np.unique(y_train, return_counts=True)
     chance = float(np.mean(y_eval == values[np.argmax(counts)]))
     rows = []
-    for b in range(x.shape[1]):
-        probe = make_pipeline(
-            StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs", random_state=seed)
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            probe.fit(x[train, b], y_train)
+    fits = fit_probes_per_boundary(x[train], y_train, seed, C, max_iter, workers)
+    for b, (probe, converged) in enumerate(fits):
         predicted = probe.predict(x[held, b])
         rows.append(
             {
@@ -158,7 +189,7 @@ def linear_probe_by_layer(
                 "n_train": int(train.sum()),
                 "n_eval": int(held.sum()),
                 "chance": chance,
-                "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+                "converged": converged,
             }
         )
     return pd.DataFrame(rows)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
@@ -145,27 +145,67 @@ def _valid_sums(stored: Any, n_rows: int) -> bool:
     return isinstance(stored, list) and len(stored) == n_rows and all(isinstance(v, float) for v in stored)
 
 
+def _model_kwargs(model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """``kwargs`` without those ``model.forward`` does not take (``position_ids``, ``logits_to_keep``)."""
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in kwargs.items() if k in params or takes_any}
+
+
 def _continuation_logprobs(
     model: torch.nn.Module,
-    input_ids: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
-    n_cont: Int[Tensor, " batch"],
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    prompt_of: Sequence[int],
+    pad_id: int,
+    device: torch.device,
 ) -> Float[Tensor, "batch keep"]:
-    """Log-probabilities of the last ``n_cont[b]`` tokens of each left-padded row (0 elsewhere)."""
-    keep = int(n_cont.max())  # positions predicting the continuation: the last `keep` + 1 logits suffice
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" in params:
-        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = keep + 1
-    logits = model(**kwargs).logits[:, -(keep + 1) : -1].float()  # [batch, keep, vocab]
-    targets = input_ids[:, -keep:]  # [batch, keep]
-    logprobs = logits.log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]  # [batch, keep]
-    scored = torch.arange(keep, device=n_cont.device)[None, :] >= keep - n_cont[:, None]  # [batch, keep]
-    return logprobs.masked_fill(~scored, 0.0)
+    """Log-probabilities of each row's continuation tokens given its prompt (0 past a row's length).
+
+    The distinct ``prompts`` run once, left-padded, keeping their KV cache and last logits; the cache is
+    gathered to the rows (``prompt_of[b]`` is row b's prompt) and the right-padded continuations run on it,
+    positions continuing the prompt's. Every continuation token is scored from the logits before it: the
+    first from the prompt's last position.
+    """
+    n_rows, width_p = len(continuations), max(len(p) for p in prompts)
+    keep = max(len(c) for c in continuations)
+    p_ids = torch.full((len(prompts), width_p), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((len(prompts), width_p), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        p_ids[i, width_p - len(ids) :] = torch.tensor(list(ids))
+        p_mask[i, width_p - len(ids) :] = 1
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    prefill = model(
+        **_model_kwargs(
+            model, input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask),
+            use_cache=True, logits_to_keep=1,
+        )
+    )  # fmt: skip
+    rows = torch.tensor(list(prompt_of), device=device)  # [batch]
+    cache = prefill.past_key_values
+    cache.batch_select_indices(rows)  # [n_prompts, ...] → [batch, ...]
+    c_ids = torch.full((n_rows, keep), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((n_rows, keep), dtype=torch.long)
+    for b, ids in enumerate(continuations):
+        c_ids[b, : len(ids)] = torch.tensor(list(ids))
+        c_mask[b, : len(ids)] = 1
+    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+    mask = torch.cat([p_mask[rows], c_mask], dim=1)  # [batch, width_p + keep]
+    positions = p_mask[rows].sum(dim=1, keepdim=True) + torch.arange(keep, device=device)[None, :]
+    logits = model(
+        **_model_kwargs(
+            model,
+            input_ids=c_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+    ).logits  # [batch, keep, vocab]; the last position predicts past the continuation
+    before = torch.cat([prefill.logits[rows, -1:], logits[:, :-1]], dim=1).float()  # [batch, keep, vocab]
+    logprobs = before.log_softmax(dim=-1).gather(-1, c_ids[..., None])[..., 0]  # [batch, keep]
+    return logprobs.masked_fill(c_mask == 0, 0.0)
 
 
 @torch.inference_mode()
@@ -184,13 +224,13 @@ def continuation_logprob(
     normally the unsteered one).
 
     The prompt is tokenized as generation tokenizes it (special tokens added, e.g. BOS) and the
-    continuation on its own without special tokens; their concatenation is scored. Rows are sorted by
-    length, left-padded with explicit position ids (so padding does not change a row's numbers) and run
-    in ONE forward per batch of ``batch_size``; only continuation tokens are scored, each from the logits
-    of the position before it; a repeated (prompt, continuation) pair is run once. Returns, in input
-    order, ``mean_logprob`` (nats per token; NaN for an empty continuation), ``n_scored_tokens`` and
-    ``perplexity`` = exp(−mean_logprob). With a ``cache``
-    (and the model's ``fingerprint``) each batch's sums are kept under its content key and reused.
+    continuation on its own without special tokens; the continuation is scored after the prompt. A
+    repeated (prompt, continuation) pair is run once. Pairs are sorted by prompt and run ``batch_size`` at
+    a time; in a batch each distinct prompt runs once and its KV cache serves all its continuations
+    (a sweep scores hundreds of continuations of each prompt), with explicit position ids, so padding does
+    not change a row's numbers. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an empty
+    continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache`` (and the
+    model's ``fingerprint``) each batch's sums are kept under its content key and reused.
     """
     require_fingerprint(cache, fingerprint)
     if len(prompts) != len(continuations):
@@ -217,26 +257,26 @@ def continuation_logprob(
     n = len(distinct)
     total = np.zeros(n)
     counts = np.array([len(c) for _, c in distinct], dtype=np.int64)
-    rows = [list(p + c) for p, c in distinct]
-    todo = [i for i in np.argsort([len(r) for r in rows], kind="stable") if counts[i] > 0]
+    # Sorted by prompt length, then prompt, then continuation length: a batch holds few prompts.
+    todo = sorted((i for i in range(n) if counts[i] > 0),
+                  key=lambda i: (len(distinct[i][0]), distinct[i][0], counts[i], i))  # fmt: skip
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, width - len(rows[i]) :] = torch.tensor(rows[i])
-            mask[b, width - len(rows[i]) :] = 1
+        batch_prompts = list(dict.fromkeys(distinct[i][0] for i in idx))
+        prompt_of = [batch_prompts.index(distinct[i][0]) for i in idx]
+        conts = [distinct[i][1] for i in idx]
         key = None
         if cache is not None:
-            scored = torch.tensor(counts[idx])  # [batch]: where the prompt ends is part of the input
-            key = batch_key("continuation_logprob", fingerprint, {"device": dev.type}, ids, mask, scored)
+            content = {"prompts": [list(p) for p in batch_prompts], "prompt_of": prompt_of,
+                       "continuations": [list(c) for c in conts], "device": dev.type}  # fmt: skip
+            key = batch_key("continuation_logprob_prefix", fingerprint, content)
             stored = cache.get(key, partial(_valid_sums, n_rows=len(idx)), f"{len(idx)} log-probability sums")
             if stored is not None:
                 total[idx] = stored
                 continue
-        n_cont = torch.tensor(counts[idx], device=dev)
-        logprobs = _continuation_logprobs(model, ids.to(dev), mask.to(dev), n_cont)  # [batch, keep]
+        logprobs = _continuation_logprobs(
+            model, batch_prompts, conts, prompt_of, pad_id, dev
+        )  # [batch, keep]
         total[idx] = logprobs.sum(dim=-1).double().cpu().numpy()
         if key is not None:
             cache.put(key, [float(v) for v in total[idx]])

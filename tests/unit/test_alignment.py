@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
+from threadpoolctl import threadpool_limits
 
+from emotion_assets.profiles import Profile, get_profile
 from emotion_assets.science.alignment import (
     AlignmentSweep,
     LinearMap,
@@ -26,6 +29,7 @@ from emotion_assets.science.alignment import (
     subspace_overlap_after_map,
 )
 from emotion_assets.science.directions import principal_angle_overlap
+from emotion_assets.science.parallel import map_in_processes, process_count
 from tests.artifacts import materialize
 
 EMOTIONS = ("anger", "apology", "gratitude")
@@ -541,3 +545,35 @@ def test_summary_without_a_specific_row_shows_the_largest_margin_as_not_a_findin
         False,
         SELECTED_NO_HEADLINE,
     )
+
+
+def test_layer_pairs_spread_over_processes_give_the_numbers_of_one_process():
+    """The asset's layer pairs in two spawned processes (``alignment.workers``) equal the in-process sweep."""
+    tasks = []
+    for seed in (5, 8, 11):
+        model_a = _model(seed, 24, n_neutral=60, n_eval=30, n_emotion=30)
+        model_b = _twin(
+            model_a, _orthogonal(np.random.default_rng(seed + 1), 24, 16), seed=seed + 2, noise=0.3
+        )
+        x_a, x_b, index = _with_steering_rows(model_a, model_b, np.random.default_rng(0), scale=1.0)
+        tasks.append(
+            dict(x_a=x_a, x_b=x_b, rows=alignment_rows(index), k_max=2, n_null=20, n_boot=10, seed=1)
+        )
+    with threadpool_limits(limits=1, user_api="blas"):
+        alone = map_in_processes(layer_pair_sweep, tasks, workers=1)
+    spread = map_in_processes(layer_pair_sweep, tasks, workers=2)
+    for one, two in zip(alone, spread, strict=True):
+        for name in ("overlaps", "matrix", "specificity"):
+            pd.testing.assert_frame_equal(getattr(one, name), getattr(two, name))
+    assert process_count(2, n_tasks=1) == 1  # never more processes than tasks
+    with pytest.raises(ValueError, match="workers"):
+        process_count(0, n_tasks=3)
+
+
+def test_profile_cpu_workers_must_be_a_count_or_auto():
+    smoke = get_profile("smoke").model_dump()
+    assert Profile.model_validate({**smoke, "cpu_workers": "auto"}).cpu_workers == "auto"
+    assert Profile.model_validate({**smoke, "cpu_workers": 2}).cpu_workers == 2
+    for bad in (0, "all"):
+        with pytest.raises(ValidationError, match="cpu_workers"):
+            Profile.model_validate({**smoke, "cpu_workers": bad})

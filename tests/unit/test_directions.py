@@ -10,6 +10,7 @@ from emotion_assets.science.directions import (
     cosine_matrix,
     emotion_subspace,
     emotion_vectors,
+    fit_probes_per_boundary,
     linear_probe_by_layer,
     neutral_subspace,
     principal_angle_overlap,
@@ -135,3 +136,20 @@ def test_principal_angle_overlap():
     sims = [principal_angle_overlap(rng.normal(size=(k, d)), rng.normal(size=(k, d))) for _ in range(200)]
     assert np.mean(sims) == pytest.approx(random_subspace_overlap_chance(k, d), rel=0.15)
     assert random_subspace_overlap_chance(k, d) == k / d
+
+
+def test_probes_fit_in_two_processes_equal_the_in_process_fits():
+    """``workers`` spreads the boundaries over processes; every fit runs on one BLAS thread, so the
+    probes are the same to the bit, and a planted label direction is decoded at every boundary."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["anger", "joy", "neutral"], 40)
+    x = rng.standard_normal((120, 3, 16))  # [n, n_boundaries, d_model]
+    for i, label in enumerate(["anger", "joy", "neutral"]):
+        x[labels == label, :, i] += 3.0  # planted: each label shifts its own coordinate
+    alone = fit_probes_per_boundary(x, labels, seed=0, workers=1)
+    spread = fit_probes_per_boundary(x, labels, seed=0, workers=2)
+    for (a, conv_a), (b, conv_b) in zip(alone, spread, strict=True):
+        assert conv_a == conv_b
+        np.testing.assert_array_equal(a[-1].coef_, b[-1].coef_)
+        np.testing.assert_array_equal(a.predict(x[:, 0]), b.predict(x[:, 0]))
+    assert all((probe.predict(x[:, b]) == labels).mean() > 0.9 for b, (probe, _) in enumerate(alone))

@@ -19,7 +19,7 @@ from emotion_assets.science.fluency import (
     text_fluency,
     text_tokens,
 )
-from tests.tiny_models import byte_tokenizer, tiny_llama
+from tests.tiny_models import FAMILIES, byte_tokenizer, tiny_llama
 
 SENTENCE = "The weather was mild, so we walked to the market and bought some bread."
 
@@ -119,6 +119,20 @@ def test_continuation_logprob_matches_per_row_unbatched_computation():
     np.testing.assert_allclose(out["mean_logprob"], one["mean_logprob"], atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_prompt_cache_shared_by_its_continuations_gives_each_row_its_own_numbers(name):
+    """Every family: continuations scored on their prompt's shared KV cache (prompts of several lengths in
+    one batch, continuations of several lengths) equal each full sequence run alone."""
+    model, tokenizer = FAMILIES[name](), byte_tokenizer(add_bos=True, padding_side="left")
+    prompts = ["Hi", "A longer prompt here", "Hi", "Hi", "A longer prompt here", "Why?"]
+    conts = [" there friend", " is mild", " you", " a much longer continuation", "!", " not"]
+    out = continuation_logprob(model, tokenizer, prompts, conts, batch_size=4)
+    for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
+        total, n = _by_hand(model, tokenizer, p, c)
+        assert out.loc[i, "n_scored_tokens"] == n
+        assert out.loc[i, "mean_logprob"] == pytest.approx(total / n, abs=1e-4), (name, i)
+
+
 def test_repeated_pairs_run_once_and_get_the_same_numbers():
     """A (prompt, continuation) pair repeated across conditions is run once; each repeat gets its row."""
     model, tokenizer = tiny_llama(seed=3), byte_tokenizer(add_bos=True, padding_side="left")
@@ -132,7 +146,9 @@ def test_repeated_pairs_run_once_and_get_the_same_numbers():
         out = continuation_logprob(model, tokenizer, prompts, conts, batch_size=8)
     finally:
         hook.remove()
-    assert rows_run == [3]  # (Hi, there), (Tell me, more), (Hi, you); the empty continuation runs nothing
+    # One batch: its 2 distinct prompts run once, then its 3 distinct pairs on their prompts' KV cache
+    # ((Hi, there), (Tell me, more), (Hi, you)); the empty continuation runs nothing.
+    assert rows_run == [2, 3]
     for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
         total, n = _by_hand(model, tokenizer, p, c)
         assert out.loc[i, "n_scored_tokens"] == n
