@@ -175,7 +175,6 @@ def confound_audit(
             ).pooled,
             validation_sets=validation, score_texts=suite.score if suite else None, label_columns=EMOTION_COLUMNS,
             cosine_threshold=config.cosine_threshold, baseline_margin=config.baseline_margin,
-            workers=profile.cpu_workers,
         )  # fmt: skip
         rec.timing.samples = len(audit.vector_audit)
         focus = focus_boundaries(profile, boundaries, handle.geometry.n_layers)

@@ -210,8 +210,8 @@ class Profile(_Strict):
     batch_size: int = Field(32, gt=0)
     cpu_workers: int | Literal["auto"] = Field(
         1,
-        description="Processes for the fits that run on one BLAS thread (the alignment's layer pairs, the "
-        "per-boundary probes), where one process leaves the other cores idle. 'auto': one per CPU thread the "
+        description="Processes the alignment's layer pairs are spread over, each on one BLAS thread, where "
+        "one process leaves the other cores idle. 'auto': one per CPU thread the "
         "run may use. The numbers do not depend on it; starting a process takes a few seconds, which small "
         "profiles do not earn back.",
     )

@@ -86,9 +86,7 @@ def emotion_vectors(
                                 "cosine": float(cos.loc[a, b]),
                             }
                         )
-            probe = linear_probe_by_layer(
-                acts, labels, train, held_out, seed=profile.seed, workers=profile.cpu_workers
-            )
+            probe = linear_probe_by_layer(acts, labels, train, held_out, seed=profile.seed)
             probe["boundary"] = [boundaries[i] for i in probe["boundary"]]
             probe.insert(0, "strategy", strategy)
             probes.append(probe)

@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -552,17 +551,16 @@ def fit_layer_probes(
     seed: int,
     C: float = 1.0,
     max_iter: int = 200,
-    workers: int | Literal["auto"] = 1,
 ) -> LayerProbes:
     """Standardize, then multinomial logistic regression (L2, lbfgs) per boundary on the train rows
-    (:func:`~emotion_assets.science.directions.fit_probes_per_boundary`, in ``workers`` processes)."""
+    (:func:`~emotion_assets.science.directions.fit_probes_per_boundary`)."""
     lab = np.asarray(labels, dtype=object).astype(str)
     train = np.asarray(train_mask, dtype=bool)
     if len(set(lab[train])) < 2:
         raise ValueError("The probe needs at least two labels among the train prompts.")
     x = acts.detach().cpu().float().numpy()[train]  # [n_train, n_boundaries, d_model]
     values, counts = np.unique(lab[train], return_counts=True)
-    fits = fit_probes_per_boundary(x, lab[train], seed, C, max_iter, workers)
+    fits = fit_probes_per_boundary(x, lab[train], seed, C, max_iter)
     return LayerProbes(
         pipelines=[probe for probe, _ in fits],
         majority_label=str(values[np.argmax(counts)]),
@@ -818,10 +816,8 @@ def audit_confounds(
     label_columns: Mapping[str, str] | None = None,
     cosine_threshold: float = 0.5,
     baseline_margin: float = 0.05,
-    workers: int | Literal["auto"] = 1,
 ) -> ConfoundAudit:
-    """Run the whole audit on one model's pooled activations (the per-boundary probes in ``workers``
-    processes).
+    """Run the whole audit on one model's pooled activations.
 
     ``frame`` is row-aligned with ``pooled`` and has text, emotion, split and register; ``fitting`` marks
     the rows that may fit anything. ``extract(texts)`` returns pooled activations at ``boundaries`` for
@@ -870,7 +866,7 @@ def audit_confounds(
 
     cosines, shares = vector_geometry(vectors, nuisances, boundaries)
     baselines = surface_baselines(texts, labels, registers, train, held, emotion_words, seed)
-    probes = {s: fit_layer_probes(x, labels, train, seed, workers=workers) for s, x in pooled.items()}
+    probes = {s: fit_layer_probes(x, labels, train, seed) for s, x in pooled.items()}
     by_register = pd.concat(
         [
             probe_by_register(probes[s], x, labels, registers, held, boundaries).assign(strategy=s)

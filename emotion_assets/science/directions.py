@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -17,8 +16,6 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import Tensor
-
-from emotion_assets.science.parallel import map_in_processes
 
 ArrayLike = Tensor | np.ndarray
 
@@ -135,14 +132,12 @@ def fit_probes_per_boundary(
     seed: int,
     C: float = 1.0,
     max_iter: int = 200,
-    workers: int | Literal["auto"] = 1,
 ) -> list[tuple[Pipeline, bool]]:
-    """:func:`fit_standardized_logistic` at every boundary of ``x``, in ``workers`` processes
-    (:func:`~emotion_assets.science.parallel.map_in_processes`). Every fit runs on one BLAS thread, so the
-    probes do not depend on ``workers``."""
-    tasks = [{"x": x[:, b], "y": y, "seed": seed, "C": C, "max_iter": max_iter} for b in range(x.shape[1])]
+    """:func:`fit_standardized_logistic` at every boundary of ``x``, on one BLAS thread: lbfgs on a few
+    hundred rows makes many small products, where a second BLAS thread costs more than it gives (≈ 8×
+    slower on two cores)."""
     with threadpool_limits(limits=1, user_api="blas"):
-        return map_in_processes(fit_standardized_logistic, tasks, workers)
+        return [fit_standardized_logistic(x[:, b], y, seed, C, max_iter) for b in range(x.shape[1])]
 
 
 def linear_probe_by_layer(
@@ -153,13 +148,11 @@ def linear_probe_by_layer(
     seed: int,
     C: float = 1.0,
     max_iter: int = 200,
-    workers: int | Literal["auto"] = 1,
 ) -> pd.DataFrame:
     """Held-out decodability of the labels at each boundary.
 
     Per boundary: standardize, then multinomial logistic regression (L2, ``C``; lbfgs, ``max_iter``
-    iterations) fit on the train rows and scored on the eval rows (:func:`fit_probes_per_boundary`, in
-    ``workers`` processes). ``chance`` is the eval accuracy of always predicting the most frequent train
+    iterations) fit on the train rows and scored on the eval rows (:func:`fit_probes_per_boundary`). ``chance`` is the eval accuracy of always predicting the most frequent train
     label. ``converged`` is False when lbfgs hit ``max_iter`` (the fit is still used: with standardized
     inputs it is close to the optimum by then).
     """
@@ -178,7 +171,7 @@ def linear_probe_by_layer(
     values, counts = np.unique(y_train, return_counts=True)
     chance = float(np.mean(y_eval == values[np.argmax(counts)]))
     rows = []
-    fits = fit_probes_per_boundary(x[train], y_train, seed, C, max_iter, workers)
+    fits = fit_probes_per_boundary(x[train], y_train, seed, C, max_iter)
     for b, (probe, converged) in enumerate(fits):
         predicted = probe.predict(x[held, b])
         rows.append(

@@ -1,0 +1,123 @@
+"""The unsteered log-likelihood pass: the platform's prompt-cache scoring against one plain joint forward.
+
+Workload, shaped like a steering sweep (many continuations of each prompt): ``--prompts`` fitting prompts
+of ``data/prompts/emotion_prompts.jsonl`` as prompts, each with ``--continuations`` continuations cut to
+``--tokens`` tokens from other prompts of the file (the pass's cost depends on token counts only).
+
+- ``platform``: ``continuation_logprob`` (what ``residual_patching`` and ``head_patching`` run): in each
+  batch every distinct prompt runs once and its continuations are scored on its KV cache.
+- ``plain joint``: prompt + continuation concatenated, sorted by length, left-padded with mask-derived
+  position ids, one forward per batch keeping the logits of the continuation positions only.
+
+The same ``--batch-size`` for both, interleaved, ``--repeats`` times; medians. Every row's mean
+log-probability must agree within 1e-4 (exit status 1 otherwise).
+
+Run: ``python bench/bench_loglik.py`` (``--device cuda`` on an accelerator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import add_model_options, load_model  # noqa: E402
+from emotion_assets.science.fluency import continuation_logprob  # noqa: E402
+from emotion_assets.science.residual import position_ids_from_mask  # noqa: E402
+
+
+@torch.inference_mode()
+def plain_joint(model, tokenizer, prompts, continuations, batch_size: int, device) -> np.ndarray:
+    """Mean log-probability of each continuation from one forward over prompt + continuation per batch."""
+    p_ids = tokenizer(prompts)["input_ids"]
+    c_ids = tokenizer(continuations, add_special_tokens=False)["input_ids"]
+    rows = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    means = np.zeros(len(rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, width - len(rows[i]) :] = torch.tensor(rows[i])
+            mask[b, width - len(rows[i]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        keep = max(len(c_ids[i]) for i in idx)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+            logits_to_keep=keep + 1,
+        ).logits[:, :-1].float()  # fmt: skip
+        logprobs = logits.log_softmax(-1).gather(-1, ids[:, -keep:, None])[..., 0]  # [batch, keep]
+        for b, i in enumerate(idx):
+            n = len(c_ids[i])
+            means[i] = float(logprobs[b, keep - n :].sum()) / n
+    return means
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(parser, repeats=3)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--continuations", type=int, default=48, help="continuations per prompt")
+    parser.add_argument("--tokens", type=int, default=20, help="tokens per continuation (baseline: 20)")
+    parser.add_argument("--batch-size", type=int, default=128, help="rows per forward (baseline: 128)")
+    args = parser.parse_args()
+    handle = load_model(args)
+    model, tokenizer, device = handle.model, handle.tokenizer, handle.device
+    lines = [json.loads(line) for line in (ROOT / "data/prompts/emotion_prompts.jsonl").open()]
+    texts = [r["text"] for r in lines if r.get("role", "fit") == "fit"]
+    heads = texts[: args.prompts]
+    tails = [
+        tokenizer.decode(tokenizer(" " + t, add_special_tokens=False)["input_ids"][: args.tokens])
+        for t in texts[args.prompts : args.prompts + args.continuations]
+    ]
+    prompts = [p for p in heads for _ in tails]
+    continuations = [c for _ in heads for c in tails]
+    print(
+        f"{args.model} on {device}: {len(heads)} prompts × {len(tails)} continuations = {len(prompts)} rows "
+        f"(≤ {args.tokens} tokens each), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} repeats (median, interleaved)"
+    )
+    methods = {
+        "platform (prompt cache)": lambda: continuation_logprob(
+            model, tokenizer, prompts, continuations, batch_size=args.batch_size, device=device
+        )["mean_logprob"].to_numpy(),
+        "plain joint forward": lambda: plain_joint(
+            model, tokenizer, prompts, continuations, args.batch_size, device
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, np.ndarray] = {}
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, seconds in medians.items():
+        print(f"  {name:<26} {seconds:8.2f} s   {len(prompts) / seconds:8.1f} rows/s")
+    platform, plain = (results[name] for name in methods)
+    gap = float(np.max(np.abs(platform - plain)))
+    ratio = medians["plain joint forward"] / medians["platform (prompt cache)"]
+    print(f"platform / plain joint throughput: {ratio:.2f}×; largest |Δ mean log-probability| {gap:.2e}")
+    if gap > 1e-4:
+        print("error: the two passes disagree", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
