@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_model_options, load_model  # noqa: E402
+from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
 from emotion_assets.common import all_emotion_words  # noqa: E402
 from emotion_assets.science.residual import (  # noqa: E402
     extract_pooled_activations,
@@ -109,16 +107,7 @@ def main() -> int:
         return result.pooled
 
     methods = {"platform": platform, "plain HF": lambda: plain_hf(model, enc, order, args.batch_size, device)}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    results: dict[str, dict[str, torch.Tensor]] = {}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median, results = time_interleaved(methods, args.repeats, device)
     for name, seconds in median.items():
         print(
             f"{name:>9}: {seconds:6.2f} s  ({len(texts) / seconds:7.1f} prompts/s, {n_tokens / seconds:8.0f} tokens/s)"

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_model_options, load_model  # noqa: E402
+from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
 from emotion_assets.science.fluency import continuation_logprob  # noqa: E402
 from emotion_assets.science.residual import position_ids_from_mask  # noqa: E402
 
@@ -97,16 +95,7 @@ def main() -> int:
             model, tokenizer, prompts, continuations, args.batch_size, device
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    results: dict[str, np.ndarray] = {}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians, results = time_interleaved(methods, args.repeats, device)
     for name, seconds in medians.items():
         print(f"  {name:<26} {seconds:8.2f} s   {len(prompts) / seconds:8.1f} rows/s")
     platform, plain = (results[name] for name in methods)

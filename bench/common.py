@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from resources.models import ModelHandle, ModelResource
+
+T = TypeVar("T")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, repeats: int, device: bool = True) -> None:
@@ -24,3 +30,19 @@ def load_model(args: argparse.Namespace) -> ModelHandle:
     if args.threads:
         torch.set_num_threads(args.threads)
     return ModelResource(device=getattr(args, "device", "cpu")).get(args.model)
+
+
+def time_interleaved(
+    methods: dict[str, Callable[[], T]], repeats: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, T]]:
+    """Run every method once per repeat, interleaved; each method's median seconds and its last result."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, T] = {}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}, results
