@@ -152,8 +152,8 @@ def linear_probe_by_layer(
     """Held-out decodability of the labels at each boundary.
 
     Per boundary: standardize, then multinomial logistic regression (L2, ``C``; lbfgs, ``max_iter``
-    iterations) fit on the train rows and scored on the eval rows (:func:`fit_probes_per_boundary`). ``chance`` is the eval accuracy of always predicting the most frequent train
-    label. ``converged`` is False when lbfgs hit ``max_iter`` (the fit is still used: with standardized
+    iterations) fit on the train rows and scored on the eval rows (:func:`fit_probes_per_boundary`).
+    ``chance`` is the eval accuracy of always predicting the most frequent train label. ``converged`` is False when lbfgs hit ``max_iter`` (the fit is still used: with standardized
     inputs it is close to the optimum by then).
     """
     n = acts.shape[0]

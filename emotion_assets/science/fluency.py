@@ -152,6 +152,18 @@ def _model_kwargs(model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params or takes_any}
 
 
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
+    """Token rows padded to the longest, on the left or the right: ``ids``, ``mask`` ``[n_rows, width]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row))
+        mask[i, span] = 1
+    return ids, mask
+
+
 def _continuation_logprobs(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -167,14 +179,7 @@ def _continuation_logprobs(
     positions continuing the prompt's. Every continuation token is scored from the logits before it: the
     first from the prompt's last position.
     """
-    n_rows, width_p = len(continuations), max(len(p) for p in prompts)
-    keep = max(len(c) for c in continuations)
-    p_ids = torch.full((len(prompts), width_p), pad_id, dtype=torch.long)
-    p_mask = torch.zeros((len(prompts), width_p), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        p_ids[i, width_p - len(ids) :] = torch.tensor(list(ids))
-        p_mask[i, width_p - len(ids) :] = 1
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    p_ids, p_mask = (t.to(device) for t in _padded(prompts, pad_id, left=True))  # [n_prompts, width_p]
     prefill = model(
         **_model_kwargs(
             model, input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask),
@@ -184,12 +189,8 @@ def _continuation_logprobs(
     rows = torch.tensor(list(prompt_of), device=device)  # [batch]
     cache = prefill.past_key_values
     cache.batch_select_indices(rows)  # [n_prompts, ...] → [batch, ...]
-    c_ids = torch.full((n_rows, keep), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((n_rows, keep), dtype=torch.long)
-    for b, ids in enumerate(continuations):
-        c_ids[b, : len(ids)] = torch.tensor(list(ids))
-        c_mask[b, : len(ids)] = 1
-    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+    c_ids, c_mask = (t.to(device) for t in _padded(continuations, pad_id, left=False))  # [batch, keep]
+    keep = c_ids.shape[1]
     mask = torch.cat([p_mask[rows], c_mask], dim=1)  # [batch, width_p + keep]
     positions = p_mask[rows].sum(dim=1, keepdim=True) + torch.arange(keep, device=device)[None, :]
     logits = model(
@@ -262,8 +263,9 @@ def continuation_logprob(
                   key=lambda i: (len(distinct[i][0]), distinct[i][0], counts[i], i))  # fmt: skip
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        batch_prompts = list(dict.fromkeys(distinct[i][0] for i in idx))
-        prompt_of = [batch_prompts.index(distinct[i][0]) for i in idx]
+        position = {p: j for j, p in enumerate(dict.fromkeys(distinct[i][0] for i in idx))}
+        batch_prompts = list(position)
+        prompt_of = [position[distinct[i][0]] for i in idx]
         conts = [distinct[i][1] for i in idx]
         key = None
         if cache is not None:
