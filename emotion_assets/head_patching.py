@@ -102,19 +102,21 @@ def head_patching(
             handle.model, handle.tokenizer, handle.device, frame, profile.max_prompt_tokens
         )
         rows = []
-        for number, emotion in enumerate(emotions, start=1):
-            context.log.info(f"Generating the {emotion} conditions ({number} of {len(emotions)})")
-            pair = prompt_pair(
-                handle.tokenizer, handle.device, frame, emotion, profile.heads.max_prompts,
-                profile.max_prompt_tokens, all_emotion_words(),
-            )  # fmt: skip
-            split = splits[splits["emotion"] == emotion]
-            check_split_matches(split, pair)
-            for plan in fold_plans(split, screening, profile.heads.top_n):
-                rows += fold_generations(
-                    handle.model, handle.tokenizer, plan, sub_pair(pair, plan.measurement_pairs), layout,
-                    mean_z, profile.generation.max_new_tokens, profile.seed, profile.batch_size,
+        # cpu_workers > 1: each batch of rows runs in one of that many processes, each with the model.
+        with models.workers(handle, profile.cpu_workers) as workers:
+            for number, emotion in enumerate(emotions, start=1):
+                context.log.info(f"Generating the {emotion} conditions ({number} of {len(emotions)})")
+                pair = prompt_pair(
+                    handle.tokenizer, handle.device, frame, emotion, profile.heads.max_prompts,
+                    profile.max_prompt_tokens, all_emotion_words(),
                 )  # fmt: skip
+                split = splits[splits["emotion"] == emotion]
+                check_split_matches(split, pair)
+                for plan in fold_plans(split, screening, profile.heads.top_n):
+                    rows += fold_generations(
+                        handle.model, handle.tokenizer, plan, sub_pair(pair, plan.measurement_pairs), layout,
+                        mean_z, profile.generation.max_new_tokens, profile.seed, profile.batch_size, workers,
+                    )  # fmt: skip
         generations = pd.DataFrame(rows)
         rec.timing.samples = len(generations)
         suite = evaluator_suite_for(evaluators, profile, frame)

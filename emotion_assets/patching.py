@@ -111,13 +111,16 @@ def residual_patching(
     # Batches finished by an interrupted run of this partition are reused, bit for bit (science.batch_cache).
     resume = ResumeFolder.of(store, profile.name, "residual_patching", model_name)
     with phase.recorded(throughput_unit="generated_tokens") as rec:
-        sweep = generate_sweep(
-            handle.model, handle.tokenizer, prompts["text"].tolist(), conditions,
-            max_new_tokens=gen.max_new_tokens, batch_size=profile.batch_size, decoding=gen.decoding,
-            temperature=gen.temperature, top_p=gen.top_p, seed=profile.seed,
-            prompt_positions=profile.steering.prompt_positions, device=handle.device,
-            progress=progress_logger(context, "generations"), cache=resume, fingerprint=handle.fingerprint,
-        )  # fmt: skip
+        # cpu_workers > 1: the sweep's batches spread over processes, each with its own copy of the model.
+        with models.workers(handle, profile.cpu_workers) as workers:
+            sweep = generate_sweep(
+                handle.model, handle.tokenizer, prompts["text"].tolist(), conditions,
+                max_new_tokens=gen.max_new_tokens, batch_size=profile.batch_size, decoding=gen.decoding,
+                temperature=gen.temperature, top_p=gen.top_p, seed=profile.seed,
+                prompt_positions=profile.steering.prompt_positions, device=handle.device,
+                progress=progress_logger(context, "generations"), cache=resume, fingerprint=handle.fingerprint,
+                workers=workers,
+            )  # fmt: skip
         if resume.reused or resume.unreadable:
             context.log.info(
                 f"Resumed {resume.reused} generation batches from {resume.path}; generated {resume.written}."

@@ -15,8 +15,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import torch
@@ -48,6 +49,7 @@ from emotion_assets.registry import (
 )
 from emotion_assets.science.heads.layout import HeadGeometry
 from emotion_assets.science.hooks import HookSet
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.residual import PooledActivations, extract_pooled_activations
 from emotion_assets.science.rotation import rotate_residual_basis_
 from resources.device import resolve_device, resolve_dtype
@@ -208,6 +210,30 @@ class ModelResource(dg.ConfigurableResource):
                 _CACHE[key] = load_model(spec, self.registry(), device, dtype, Path(self.cache_dir))
                 record_model_load(_CACHE[key])
             return _CACHE[key]
+
+    def workers(self, handle: ModelHandle, count: int | Literal["auto"]) -> ModelWorkers:
+        """``count`` processes (``auto``: one per CPU thread torch may use) each holding a copy of ``handle``,
+        loaded from this resource's cache and registry (``science.parallel.ModelWorkers``); a worker whose
+        model has another fingerprint stops the run. One process, the caller's, off the CPU."""
+        if handle.device.type != "cpu":
+            return ModelWorkers(handle, load=None)
+        config = {
+            "device": "cpu",
+            "dtype": self.dtype,
+            "cache_dir": self.cache_dir,
+            "registry_path": self.registry_path,
+        }
+        return ModelWorkers(handle, partial(_load_in_worker, config, handle.name, handle.fingerprint), count)
+
+
+def _load_in_worker(config: dict[str, str], name: str, fingerprint: str) -> ModelHandle:
+    handle = ModelResource(**config).get(name)
+    if handle.fingerprint != fingerprint:
+        raise RuntimeError(
+            f"A worker process loaded {name} with fingerprint {handle.fingerprint[:12]}, not the run's "
+            f"{fingerprint[:12]}: the model cache or registry changed during the run. Run it again."
+        )
+    return handle
 
 
 def clear_model_cache() -> None:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ from emotion_assets.science.heads.capture import (
 from emotion_assets.science.heads.interventions import AblationMode, PatchMode, ablate_heads, patch_heads
 from emotion_assets.science.heads.layout import Head, HeadLayout, check_heads, head_layout
 from emotion_assets.science.hooks import HookSet
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.prefill import greedy_generate_with_prefill
 from emotion_assets.science.residual import decoder_blocks
 
@@ -372,6 +374,27 @@ def _batch_inputs(
     return ids, mask  # [rows, pos] each
 
 
+def _generate_rows(
+    handle: Any,
+    *,
+    ids: Int[Tensor, "rows pos"],
+    mask: Int[Tensor, "rows pos"],
+    items: Sequence[HeadIntervention],
+    where: Bool[Tensor, "rows pos"],
+    sources: PatchSources | None,
+    source_rows: Sequence[int],
+    mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of one batch of rows, each with its own intervention, on ``handle``'s model."""
+    context = partial(row_interventions, handle.model, items, positions=where, sources=sources,
+                      source_rows=source_rows, mean_z=mean_z)  # fmt: skip
+    return greedy_generate_with_prefill(
+        handle.model, handle.tokenizer, ids, mask, max_new_tokens,
+        prefill_context=partial(context, patches=True), decode_context=partial(context, patches=False),
+    )  # fmt: skip
+
+
 def generate_conditions(
     model: nn.Module,
     tokenizer: Any,
@@ -382,29 +405,34 @@ def generate_conditions(
     max_new_tokens: int,
     batch_size: int,
     mean_z: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+    workers: ModelWorkers | None = None,
 ) -> list[list[str]]:
     """Greedy continuations of every prompt of each condition's destination, ``batch_size`` rows a call.
 
     Returns one list of texts per condition, in prompt order. Patches act on the prompt forward, ablations
     on every forward (``greedy_generate_with_prefill``); each call stops once every row has hit EOS.
+    ``workers`` (``science.parallel.ModelWorkers`` holding this model as ``.model`` and ``.tokenizer``)
+    spreads the same batches over its processes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     sources = capture_patch_sources(model, sets, conditions)
     rows, source_rows = _plan_rows(sets, conditions, sources)
     texts: list[list[str]] = [[""] * len(next(iter(sets.values()))["input_ids"]) for _ in conditions]
+    chunks, tasks = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         ids, mask = _batch_inputs(sets, conditions, chunk)
-        items = [conditions[r.condition].intervention for r in chunk]
-        where = positions[[r.prompt for r in chunk]]  # [rows, pos]
-
-        context = partial(row_interventions, model, items, positions=where, sources=sources,
-                          source_rows=source_rows[start : start + batch_size], mean_z=mean_z)  # fmt: skip
-        out = greedy_generate_with_prefill(
-            model, tokenizer, ids, mask, max_new_tokens,
-            prefill_context=partial(context, patches=True), decode_context=partial(context, patches=False),
-        )  # fmt: skip
+        chunks.append(chunk)
+        tasks.append({
+            "ids": ids, "mask": mask, "items": [conditions[r.condition].intervention for r in chunk],
+            "where": positions[[r.prompt for r in chunk]], "sources": sources,
+            "source_rows": source_rows[start : start + batch_size], "mean_z": mean_z,
+            "max_new_tokens": max_new_tokens,
+        })  # fmt: skip
+    if workers is None:
+        workers = ModelWorkers(SimpleNamespace(model=model, tokenizer=tokenizer), load=None)
+    for chunk, out in zip(chunks, workers.map(_generate_rows, tasks), strict=True):
         for row, text in zip(chunk, out, strict=True):
             texts[row.condition][row.prompt] = text
     return texts

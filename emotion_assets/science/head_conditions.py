@@ -27,6 +27,7 @@ from emotion_assets.science.heads import (
     mean_head_outputs,
     shared_positions,
 )
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask
 from emotion_assets.science.residual import tokenize_prompts
 from emotion_assets.science.statistics import stable_seed
@@ -154,9 +155,11 @@ def fold_generations(
     max_new: int,
     profile_seed: int,
     batch_size: int = 64,
+    workers: ModelWorkers | None = None,
 ) -> list[dict[str, Any]]:
     """Every generation condition of one fold: ``plan.heads`` (chosen on the other half) on ``pair``, all
-    conditions' rows together in batches of ``batch_size`` (``science.batched_heads``)."""
+    conditions' rows together in batches of ``batch_size`` (``science.batched_heads``), spread over
+    ``workers`` when given."""
     top = plan.heads
     randoms = [
         (seed, random_heads(layout.n_layers, layout.n_heads, top, len(top),
@@ -169,7 +172,7 @@ def fold_generations(
     conditions = build_generation_conditions(top, randoms)
     generated = generate_conditions(
         model, tokenizer, sets, [c.batched() for c in conditions], positions=positions,
-        max_new_tokens=max_new, batch_size=batch_size, mean_z=mean_z,
+        max_new_tokens=max_new, batch_size=batch_size, mean_z=mean_z, workers=workers,
     )  # fmt: skip
     rows = []
     for cond, texts in zip(conditions, generated, strict=True):

@@ -13,16 +13,18 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
 from emotion_assets.science.interventions import PromptPositions, add_to_residual
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 
 ConditionKind = Literal["baseline", "emotion", "random_isotropic", "random_covariance"]
@@ -297,6 +299,59 @@ def _valid_batch(stored: Any, n_rows: int) -> bool:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class SweepBatch:
+    """One ``generate`` call of a sweep: ``rows`` (condition, prompt) left-padded into ``input_ids`` and
+    ``attention_mask`` [batch, pos], each with its own ``vectors`` row [batch, d_model] added at block
+    ``layer``; ``seed`` seeds sampling (None when greedy)."""
+
+    layer: int | None
+    rows: list[tuple[int, int]]
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    vectors: Float[Tensor, "batch d_model"]
+    seed: int | None
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    batch: SweepBatch,
+    gen_kwargs: Mapping[str, Any],
+    prompt_positions: PromptPositions,
+    device: torch.device,
+) -> list[tuple[str, int]]:
+    """The continuation of every row of ``batch`` and its new-token count (EOS included): new tokens only,
+    up to the first EOS, decoded without special tokens."""
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        if batch.seed is not None:
+            torch.manual_seed(batch.seed)
+        with torch.inference_mode():
+            inputs = {
+                "input_ids": batch.input_ids.to(device),
+                "attention_mask": batch.attention_mask.to(device),
+            }
+            if batch.layer is None:
+                out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
+            else:
+                vectors = batch.vectors.to(device)  # [batch, d_model]
+                with add_to_residual(model, batch.layer, vectors, prompt_positions=prompt_positions):
+                    out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
+    new = out[:, batch.input_ids.shape[1] :].cpu()  # [batch, new]
+    eos_ids = _eos_ids(model, tokenizer)
+    results = []
+    for tokens in new.tolist():
+        n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+        results.append((tokenizer.decode(tokens[:n_new], skip_special_tokens=True), n_new))
+    return results
+
+
+def _generate_batch_of_handle(handle: Any, **kwargs: Any) -> list[tuple[str, int]]:
+    """:func:`generate_batch` on a worker's model handle (``.model``, ``.tokenizer``)."""
+    return generate_batch(handle.model, handle.tokenizer, **kwargs)
+
+
 def generate_sweep(
     model: nn.Module,
     tokenizer: Any,
@@ -314,6 +369,7 @@ def generate_sweep(
     progress: Callable[[int, int], None] | None = None,
     cache: BatchCache | None = None,
     fingerprint: str = "",
+    workers: ModelWorkers | None = None,
 ) -> pd.DataFrame:
     """Generate a continuation for every prompt × condition; one row each, in condition then prompt order.
 
@@ -328,6 +384,9 @@ def generate_sweep(
     every ``generate`` call. With a ``cache`` (and the model's ``fingerprint``), each batch's continuations
     are stored under its content key and a batch found there is not generated again, so an interrupted
     sweep resumes where it stopped with identical results (``science.batch_cache``).
+
+    ``workers`` (:class:`science.parallel.ModelWorkers` holding this model as ``.model`` and ``.tokenizer``)
+    spreads the same batches over its processes; the batches, and so the continuations, are the same.
     """
     require_fingerprint(cache, fingerprint)
     if batch_size < 1:
@@ -346,7 +405,6 @@ def generate_sweep(
         pad_id = getattr(model.generation_config, "pad_token_id", None)
     if pad_id is None:
         raise ValueError("Neither the tokenizer nor the generation config has a pad token id.")
-    eos_ids = _eos_ids(model, tokenizer)
     d_model = conditions[0].vector.shape[-1]
     if any(c.vector.shape != (d_model,) for c in conditions):
         raise ValueError("Every condition vector must be [d_model] with the same d_model.")
@@ -355,7 +413,7 @@ def generate_sweep(
     lengths = [len(ids) for ids in token_ids]
     if min(lengths) == 0:
         raise ValueError("A prompt tokenizes to no tokens.")
-    vectors = torch.stack([c.vector for c in conditions]).to(device=device, dtype=dtype)  # [n_cond, d_model]
+    vectors = torch.stack([c.vector for c in conditions]).to(dtype=dtype)  # [n_cond, d_model]
 
     # Greedy rows of conditions that change nothing (a zero vector, e.g. the baseline and every α = 0) or
     # repeat another condition (same layer, same vector) are generated once and copied.
@@ -370,64 +428,75 @@ def generate_sweep(
             continue
         key = cond.layer if cond.layer is not None else (layers[0] if layers else None)
         groups.setdefault(key, []).extend((ci, pi) for pi in range(len(prompts)))
+    n_rows = sum(len(r) for r in groups.values())
 
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
     if decoding == "greedy":
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    fork_devices = [device] if device.type == "cuda" else []
 
     results: dict[tuple[int, int], tuple[str, int]] = {}
+    pending: list[tuple[SweepBatch, str | None]] = []
     for layer, rows in groups.items():
         rows = sorted(rows, key=lambda r: (lengths[r[1]], r[1], r[0]))
         for batch_no, start in enumerate(range(0, len(rows), batch_size)):
-            batch = rows[start : start + batch_size]
-            width = max(lengths[pi] for _, pi in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, pos]
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, pos]
-            for row, (_, pi) in enumerate(batch):
+            batch_rows = rows[start : start + batch_size]
+            width = max(lengths[pi] for _, pi in batch_rows)
+            input_ids = torch.full((len(batch_rows), width), pad_id, dtype=torch.long)  # [batch, pos]
+            attention_mask = torch.zeros((len(batch_rows), width), dtype=torch.long)  # [batch, pos]
+            for row, (_, pi) in enumerate(batch_rows):
                 ids = token_ids[pi]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
-            row_vectors = vectors[[ci for ci, _ in batch]]  # [batch, d_model]
+            batch_seed = _stable_int(seed, layer, batch_no) if decoding == "sample" else None
+            batch = SweepBatch(
+                layer,
+                batch_rows,
+                input_ids,
+                attention_mask,
+                vectors[[ci for ci, _ in batch_rows]],
+                batch_seed,
+            )
             key = None
             if cache is not None:
                 settings = {"layer": layer, "generate": gen_kwargs, "prompt_positions": prompt_positions,
-                            "device": device.type, "seed": _stable_int(seed, layer, batch_no)
-                            if decoding == "sample" else None}  # fmt: skip
+                            "device": device.type, "seed": batch_seed}  # fmt: skip
                 key = batch_key(
-                    "steering_sweep", fingerprint, settings, input_ids, attention_mask, row_vectors
+                    "steering_sweep",
+                    fingerprint,
+                    settings,
+                    input_ids,
+                    attention_mask,
+                    batch.vectors.to(device),
                 )
                 stored = cache.get(
-                    key, partial(_valid_batch, n_rows=len(batch)), f"{len(batch)} [text, tokens] rows"
+                    key,
+                    partial(_valid_batch, n_rows=len(batch_rows)),
+                    f"{len(batch_rows)} [text, tokens] rows",
                 )
                 if stored is not None:
-                    for key_row, (text, n_new) in zip(batch, stored, strict=True):
+                    for key_row, (text, n_new) in zip(batch_rows, stored, strict=True):
                         results[key_row] = (text, int(n_new))
                     if progress is not None:
-                        progress(len(results), sum(len(r) for r in groups.values()))
+                        progress(len(results), n_rows)
                     continue
-            with torch.random.fork_rng(devices=fork_devices):
-                if decoding == "sample":
-                    torch.manual_seed(_stable_int(seed, layer, batch_no))
-                with torch.inference_mode():
-                    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-                    if layer is None:
-                        out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
-                    else:
-                        with add_to_residual(model, layer, row_vectors, prompt_positions=prompt_positions):
-                            out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
-            new = out[:, width:].cpu()  # [batch, new]
-            for row, row_key in enumerate(batch):
-                tokens = new[row].tolist()
-                n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-                text = tokenizer.decode(tokens[:n_new], skip_special_tokens=True)
-                results[row_key] = (text, n_new)
-            if key is not None:
-                cache.put(key, [list(results[row_key]) for row_key in batch])
-            if progress is not None:
-                progress(len(results), sum(len(r) for r in groups.values()))
+            pending.append((batch, key))
+
+    def finished(index: int, generated: list[tuple[str, int]]) -> None:
+        batch, key = pending[index]
+        for row_key, (text, n_new) in zip(batch.rows, generated, strict=True):
+            results[row_key] = (text, n_new)
+        if key is not None:
+            cache.put(key, [list(results[row_key]) for row_key in batch.rows])
+        if progress is not None:
+            progress(len(results), n_rows)
+
+    fixed = {"gen_kwargs": gen_kwargs, "prompt_positions": prompt_positions, "device": device}
+    tasks = [{"batch": batch, **fixed} for batch, _ in pending]
+    if workers is None:
+        workers = ModelWorkers(SimpleNamespace(model=model, tokenizer=tokenizer), load=None)
+    workers.map(_generate_batch_of_handle, tasks, on_result=finished)
 
     records = []
     for ci, cond in enumerate(conditions):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from emotion_assets.science import batched_heads as B
 from emotion_assets.science import heads as H
 from emotion_assets.science.interventions import hooks_removed
+from emotion_assets.science.parallel import ModelWorkers
 from tests.tiny_models import FAMILIES, byte_tokenizer, tiny_llama
 
 EMOTION = ["I am so grateful for this!", "Thanks a lot, truly.", "We really appreciate it", "Thank you"]
@@ -168,6 +171,28 @@ def test_head_patching_conditions_batched_equal_per_condition(model, tokenizer, 
     kwargs = {"positions": positions, "max_new_tokens": MAX_NEW, "mean_z": mean_z}
     reference = B.generate_per_condition(model, tokenizer, sets, conditions, **kwargs)
     assert B.generate_conditions(model, tokenizer, sets, conditions, batch_size=32, **kwargs) == reference
+
+
+def worker_handle() -> SimpleNamespace:
+    """What a worker process loads: the module's tiny model and tokenizer (seeded, so the same weights)."""
+    return SimpleNamespace(
+        model=tiny_llama(seed=3, n_layers=N_LAYERS, d_model=64, n_heads=N_HEADS, n_kv=2),
+        tokenizer=byte_tokenizer(),
+    )
+
+
+def test_batches_spread_over_worker_processes_generate_the_same(model, tokenizer, sets, positions, mean_z):
+    conditions = experiment_conditions()
+    kwargs = {"positions": positions, "max_new_tokens": MAX_NEW, "mean_z": mean_z, "batch_size": 9}
+    reference = B.generate_per_condition(
+        model, tokenizer, sets, conditions, positions=positions, max_new_tokens=MAX_NEW, mean_z=mean_z
+    )
+    with ModelWorkers(SimpleNamespace(model=model, tokenizer=tokenizer), worker_handle, 2) as workers:
+        assert workers.count == 2
+        spread = B.generate_conditions(model, tokenizer, sets, conditions, workers=workers, **kwargs)
+        again = B.generate_conditions(model, tokenizer, sets, conditions[:5], workers=workers, **kwargs)
+    assert spread == reference and again == reference[:5]
+    assert hooks_removed(model)
 
 
 def test_generation_stops_once_every_row_has_hit_eos(tokenizer, sets, positions):

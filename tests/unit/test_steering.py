@@ -10,6 +10,7 @@ import torch
 
 from emotion_assets.common import progress_logger
 from emotion_assets.science.interventions import add_to_residual, hooks_removed
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.steering import (
     SteeringCondition,
     build_conditions,
@@ -177,6 +178,27 @@ def test_batch_size_does_not_change_greedy_results(model, tokenizer, conditions,
     assert total < len(subset) * len(PROMPTS)  # the subset holds the baseline and an α = 0 condition
     done = [d for d, _ in calls]  # one call per generate, batches of at most 3 rows
     assert calls[-1] == (total, total) and all(0 < b - a <= 3 for a, b in zip([0, *done], done, strict=False))
+
+
+def tiny_handle() -> SimpleNamespace:
+    """What a worker process loads: the same tiny model and tokenizer as the fixtures (seeded)."""
+    return SimpleNamespace(model=tiny_llama(), tokenizer=byte_tokenizer())
+
+
+def test_worker_processes_generate_the_same_continuations(model, tokenizer, conditions, sweep):
+    calls: list[tuple[int, int]] = []
+    with ModelWorkers(SimpleNamespace(model=model, tokenizer=tokenizer), tiny_handle, 2) as workers:
+        spread = generate_sweep(
+            model, tokenizer, PROMPTS, conditions, max_new_tokens=NEW, batch_size=8, workers=workers,
+            progress=lambda done, total: calls.append((done, total)),
+        )  # fmt: skip
+        assert workers.count == 2
+    alone = generate_sweep(model, tokenizer, PROMPTS, conditions, max_new_tokens=NEW, batch_size=8)
+    assert list(spread.continuation) == list(alone.continuation) == list(sweep.continuation)
+    assert list(spread.n_new_tokens) == list(alone.n_new_tokens)
+    total = len(set(distinct_conditions(conditions))) * len(PROMPTS)
+    assert calls[-1] == (total, total) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert hooks_removed(model)
 
 
 def test_only_conditions_that_cannot_differ_are_generated_once(conditions):
