@@ -92,18 +92,22 @@ def head_screening(
     top_n = profile.heads.top_n
     with phase.recorded(throughput_unit="head_scores") as rec:
         screens = []
-        for number, emotion in enumerate(emotions, start=1):
-            context.log.info(f"Screening {len(every_head)} heads for {emotion} ({number} of {len(emotions)})")
-            pair = prompt_pair(
-                handle.tokenizer, handle.device, frame, emotion, profile.heads.max_prompts,
-                profile.max_prompt_tokens, all_emotion_words(),
-            )  # fmt: skip
-            screens.append(screen_emotion(
-                handle.model, pair, crossfit_split(pair, emotion, profile.seed),
-                final_direction(vectors, boundaries, strategy, emotion, n_layers), every_head,
-                profile.heads.screening, top_n=top_n, n_boot=profile.n_bootstrap,
-                seed=stable_seed(profile.seed, "head_screening", phase.model),
-            ))  # fmt: skip
+        # cpu_workers > 1: the two halves of each emotion are screened in processes with their own model.
+        with models.workers(handle, profile.cpu_workers) as workers:
+            for number, emotion in enumerate(emotions, start=1):
+                context.log.info(
+                    f"Screening {len(every_head)} heads for {emotion} ({number} of {len(emotions)})"
+                )
+                pair = prompt_pair(
+                    handle.tokenizer, handle.device, frame, emotion, profile.heads.max_prompts,
+                    profile.max_prompt_tokens, all_emotion_words(),
+                )  # fmt: skip
+                screens.append(screen_emotion(
+                    handle.model, pair, crossfit_split(pair, emotion, profile.seed),
+                    final_direction(vectors, boundaries, strategy, emotion, n_layers), every_head,
+                    profile.heads.screening, top_n=top_n, n_boot=profile.n_bootstrap,
+                    seed=stable_seed(profile.seed, "head_screening", phase.model), workers=workers,
+                ))  # fmt: skip
         rec.timing.samples = len(every_head) * len(emotions) * len(HALVES)
         screening = screening_table([s.scores for s in screens], n_layers, strategy)
         split = pd.concat([s.split for s in screens], ignore_index=True)

@@ -9,6 +9,7 @@ pairs separately; each half's top heads are measured on the other half (``scienc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from emotion_assets.science.heads import (
     head_layout,
     screen_heads_by_ablation,
 )
+from emotion_assets.science.parallel import ModelWorkers
 
 # Heads ablated in one forward of the screen (all 270 of SmolLM2-135M): bench/bench_heads.py measured
 # 27, 90 and 270 per pass, and fewer, larger passes were fastest. The cap bounds memory for larger models.
@@ -100,6 +102,11 @@ def screen_pairs(
     )
 
 
+def _screen_pairs_of_handle(handle: Any, **kwargs: Any) -> pd.DataFrame:
+    """:func:`screen_pairs` on a worker's model (``handle.model``)."""
+    return screen_pairs(handle.model, **kwargs)
+
+
 @dataclass
 class EmotionScreen:
     """One emotion's screen: per-half scores of every head, the split, honest maxima and correlations."""
@@ -121,20 +128,27 @@ def screen_emotion(
     top_n: int,
     n_boot: int,
     seed: int,
+    workers: ModelWorkers | None = None,
 ) -> EmotionScreen:
     """Screen every head of ``model`` for ``pair``'s emotion on each half of ``split``; measure each half's
     top-N heads per prompt on the other half (held out, bootstrap seed ``seed``) and correlate the ablation
-    and attribution scores within each half."""
+    and attribution scores within each half. ``workers`` (``science.parallel.ModelWorkers`` holding this
+    model as ``.model``) screens the two halves in its processes."""
     emotion = str(pair.emotion["emotion"].iloc[0])
     n_layers = head_layout(model).n_layers
     halves = {
         half: sub_pair(pair, split.loc[split["half"] == half, "pair_index"].tolist()) for half in HALVES
     }
+    if workers is None:
+        workers = ModelWorkers(SimpleNamespace(model=model), load=None)
+    tasks = [
+        {"pair": half_pair, "direction": direction, "n_layers": n_layers, "every_head": every_head,
+         "screening": screening}
+        for half_pair in halves.values()
+    ]  # fmt: skip
     tables = [
-        screen_pairs(model, half_pair, direction, n_layers, every_head, screening).assign(
-            emotion=emotion, half=half
-        )
-        for half, half_pair in halves.items()
+        table.assign(emotion=emotion, half=half)
+        for half, table in zip(halves, workers.map(_screen_pairs_of_handle, tasks), strict=True)
     ]
     screened = rank_within_halves(pd.concat(tables, ignore_index=True))
     held_out = {}

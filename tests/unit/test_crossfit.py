@@ -16,6 +16,7 @@ from emotion_assets.science import head_conditions as G
 from emotion_assets.science import head_pairs as P
 from emotion_assets.science import head_screen as S
 from emotion_assets.science import heads as H
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.patching_statistics import crossfit_attributes
 from tests.tiny_models import byte_tokenizer, tiny_llama
 
@@ -35,6 +36,13 @@ NEUTRAL = [
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(seed=0, n_layers=N_LAYERS, d_model=D_MODEL, n_heads=N_HEADS, n_kv=N_KV)
+
+
+def worker_model() -> SimpleNamespace:
+    """What a worker process loads: the module's tiny model (seeded, so the same weights)."""
+    return SimpleNamespace(
+        model=tiny_llama(seed=0, n_layers=N_LAYERS, d_model=D_MODEL, n_heads=N_HEADS, n_kv=N_KV)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +126,14 @@ def test_screen_emotion_is_the_per_half_screen_with_held_out_maxima(handle, scre
         handle.model, pair, split, direction, every_head, ScreeningConfig(), top_n=2, n_boot=50, seed=3
     )
     pd.testing.assert_frame_equal(C.rank_within_halves(result.scores), screening)
+    with ModelWorkers(handle, worker_model, 2) as workers:  # the halves screened in two processes
+        spread = S.screen_emotion(
+            handle.model, pair, split, direction, every_head, ScreeningConfig(), top_n=2, n_boot=50, seed=3,
+            workers=workers,
+        )  # fmt: skip
+        assert workers.count == 2
+    pd.testing.assert_frame_equal(spread.scores, result.scores)
+    pd.testing.assert_frame_equal(spread.top, result.top)
     table = S.screening_table([result.scores], N_LAYERS, "last")
     assert list(table.columns[:4]) == ["emotion", "half", "layer", "head"]
     assert (table["readout_boundary"] == N_LAYERS).all() and (table["strategy"] == "last").all()
