@@ -13,7 +13,10 @@ Configurations, each timed ``--repeats`` times, alternating in a rotating order 
   timed on ``--loop-conditions`` evenly spaced conditions (its tokens/s is a rate; every condition costs
   the same, so timing all of them only takes longer);
 - ``plain-hook``: the same row batches as ``sweep``, but plain ``model.generate`` with a hand-registered
-  forward pre-hook adding one constant vector to resid_pre of the block (no per-row machinery).
+  forward pre-hook adding one constant vector to resid_pre of the block (no per-row machinery);
+- ``sweep-workers`` (with ``--workers N``, CPU): the same batches as ``sweep`` spread over N processes, each
+  with its own copy of the model on one torch thread (``ModelWorkers``, what ``cpu_workers`` does in the
+  study). The workers are started and load the model once before the timing; that start is printed apart.
 
 ``plain-hook`` runs every row; ``sweep`` copies the rows of zero-vector conditions (α = 0) from the
 baseline instead of generating them, so their wall-time ratio is the cost of the per-row machinery less
@@ -187,6 +190,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny run: 4 prompts, 4 tokens, 1 repeat")
     parser.add_argument(
+        "--workers", type=int, default=0, help="also time the sweep spread over this many processes (CPU)"
+    )
+    parser.add_argument(
         "--no-flops", action="store_true", help="skip the untimed FLOP count and the matmul rate"
     )
     args = parser.parse_args()
@@ -262,6 +268,23 @@ def main() -> int:
         "plain-hook": run_plain,
         "per-condition": run_per_condition,
     }
+    workers = None
+    if args.workers > 1 and handle.device.type == "cpu":
+        workers = ModelResource(device="cpu").workers(handle, args.workers)
+        start = time.perf_counter()
+        workers.map(_worker_ready, [{} for _ in range(2 * args.workers)])  # start them, load the model
+        print(
+            f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
+        )
+
+        def run_sweep_workers() -> int:
+            df = generate_sweep(
+                handle.model, handle.tokenizer, prompts, conditions, batch_size=args.batch_size,
+                workers=workers, **sweep_kwargs,
+            )  # fmt: skip
+            return int(df.n_new_tokens.sum())
+
+        configs["sweep-workers"] = run_sweep_workers
     # Warm-up (first-call allocations, lazy initialisation), not timed.
     generate_sweep(
         handle.model,
@@ -298,8 +321,14 @@ def main() -> int:
         "sweep": args.batch_size,
         "plain-hook": args.batch_size,
         "per-condition": args.loop_batch_size,
+        "sweep-workers": args.batch_size,
     }
-    rows_of = {"sweep": n_rows, "plain-hook": n_rows, "per-condition": len(loop_conditions) * len(prompts)}
+    rows_of = {
+        "sweep": n_rows,
+        "plain-hook": n_rows,
+        "per-condition": len(loop_conditions) * len(prompts),
+        "sweep-workers": n_rows,
+    }
     print(
         f"\n{'configuration':<15}{'rows':>6}{'rows/call':>10}{'median s':>10}{'tokens':>8}{'tok/s':>9}"
         f"{'CPU s':>9}{'tok/CPU s':>11}"
@@ -327,15 +356,40 @@ def main() -> int:
         f"sweep vs plain hook (same batches; the plain hook also generates the {len(conditions) - distinct} "
         f"zero-vector conditions): time ratio {overhead:.2f} (target ≥ 0.85)"
     )
+    if workers is not None:
+        print(
+            f"sweep in {workers.count} processes × 1 thread vs one process × {torch.get_num_threads()} threads: "
+            f"time ratio {median['sweep'] / median['sweep-workers']:.2f}× (identical continuations: "
+            f"{run_sweep_outputs(handle, prompts, conditions, args, sweep_kwargs, workers)})"
+        )
+        workers.__exit__(None, None, None)
     if not args.no_flops:
         print_compute_bound(handle, configs, median, rate)
     return 0
 
 
+def _worker_ready(_handle) -> bool:
+    return True
+
+
+def run_sweep_outputs(handle, prompts, conditions, args, sweep_kwargs, workers) -> bool:
+    """Whether the sweep spread over ``workers`` writes exactly the one-process sweep's continuations."""
+    one = generate_sweep(
+        handle.model, handle.tokenizer, prompts, conditions, batch_size=args.batch_size, **sweep_kwargs
+    )
+    spread = generate_sweep(
+        handle.model, handle.tokenizer, prompts, conditions, batch_size=args.batch_size, workers=workers,
+        **sweep_kwargs,
+    )  # fmt: skip
+    return list(one.continuation) == list(spread.continuation)
+
+
 def print_compute_bound(handle, configs, median, rate) -> None:
     """Each configuration's FLOP rate beside the machine's matmul rate, and the ratio that bound allows."""
     peak = matmul_rate(handle.geometry.d_model, str(handle.device))
-    flops = {name: counted_flops(fn) for name, fn in configs.items()}
+    flops = {name: counted_flops(fn) for name, fn in configs.items() if name != "sweep-workers"}
+    if "sweep-workers" in configs:  # its arithmetic runs in the workers: the sweep's own batches
+        flops["sweep-workers"] = flops["sweep"]
     achieved = {name: flops[name] / median[name] for name in configs}
     print(
         f"\ncompute bound (FLOPs counted in one untimed run each; single-thread matmul rate "
