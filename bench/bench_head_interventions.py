@@ -1,7 +1,7 @@
 """Head-patching generations batched across conditions against one generation per condition (SmolLM2-135M).
 
 Workload (defaults = one fold of one emotion in ``head_patching`` on the ``smoke`` profile): ``--pairs``
-gratitude / neutral eval prompt pairs tokenized together (smoke: 2 per fold; baseline: 12), the asset's own
+gratitude / neutral eval prompt pairs tokenized together (smoke: 2 per fold; baseline: 34), the asset's own
 condition list (``build_generation_conditions``: 2 baselines, single and joint zero / mean ablations of
 ``--top-n`` heads, joint z / v_only / pattern_v patches in both directions, 2 random-head controls of each
 kind), greedy, ``--max-new`` tokens. Top heads: the ``--top-n`` largest by a seeded draw (only cost is
@@ -10,20 +10,22 @@ measured); mean ablation uses the mean head output over 16 train neutral prompts
 - ``per-condition``: ``generate_per_condition``, one ``greedy_generate_with_prefill`` per condition on its
   prompt set under ``ablate_heads`` / ``patch_heads`` (what ``head_patching`` did before);
 - ``batched``: ``generate_conditions``, every condition's rows in batches of ``--batch-size`` rows, each row
-  with its own intervention.
+  with its own intervention;
+- ``batched-workers`` (with ``--workers N``, CPU): the same batches spread over N processes, each with its
+  own copy of the model on one torch thread (``ModelWorkers``, what ``cpu_workers`` does in
+  ``head_patching``); the workers start and load the model before the timing, printed apart.
 
-Both run in this process, interleaved, ``--repeats`` times (medians). The script prints the speed-up and
-exits 1 when any continuation differs between the two.
+All run in this process (the workers' batches in theirs), interleaved, ``--repeats`` times (medians). The
+script prints the speed-ups and exits 1 when any continuation differs from the per-condition path.
 
-Run: ``python bench/bench_head_interventions.py`` (smoke) or ``--pairs 12 --top-n 6 --max-new 20
---batch-size 64`` (baseline workload per fold).
+Run: ``python bench/bench_head_interventions.py`` (smoke) or ``--pairs 34 --top-n 6 --max-new 20
+--batch-size 128 --workers 2`` (baseline workload per fold: every eval pair of half the prompts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_model_options, load_model  # noqa: E402
+from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
 from emotion_assets.science.batched_heads import generate_conditions, generate_per_condition  # noqa: E402
 from emotion_assets.science.head_conditions import build_generation_conditions, random_heads  # noqa: E402
 from emotion_assets.science.heads import (  # noqa: E402
@@ -43,6 +45,7 @@ from emotion_assets.science.heads import (  # noqa: E402
     mean_head_outputs,
     shared_positions,
 )
+from resources.models import ModelResource  # noqa: E402
 
 
 def load_texts(emotion: str, split: str, limit: int) -> list[str]:
@@ -56,10 +59,15 @@ def load_texts(emotion: str, split: str, limit: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser, repeats=3)
-    parser.add_argument("--pairs", type=int, default=2, help="prompt pairs (smoke fold: 2, baseline: 12)")
+    parser.add_argument("--pairs", type=int, default=2, help="prompt pairs (smoke fold: 2, baseline: 34)")
     parser.add_argument("--top-n", type=int, default=3, help="top heads (smoke: 3, baseline: 6)")
     parser.add_argument("--max-new", type=int, default=8, help="new tokens (smoke: 8, baseline: 20)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (smoke: 32, baseline: 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="rows per batch (smoke: 32, baseline: 128)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also time the batches over this many processes"
+    )
     args = parser.parse_args()
     handle = load_model(args)
     model, tokenizer = handle.model, handle.tokenizer
@@ -95,31 +103,38 @@ def main() -> int:
             model, tokenizer, sets, conditions, batch_size=args.batch_size, **kwargs
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    results: dict[str, list[list[str]]] = {}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            if handle.device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    workers = ModelResource(device="cpu").workers(handle, args.workers) if args.workers > 1 else None
+    if workers is not None and workers.count > 1:
+        start = time.perf_counter()
+        workers.map(_ready, [{} for _ in range(2 * workers.count)])  # start them, load the model
+        print(
+            f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
+        )
+        methods["batched-workers"] = lambda: generate_conditions(
+            model, tokenizer, sets, conditions, batch_size=args.batch_size, workers=workers, **kwargs
+        )
+    median, results = time_interleaved(methods, args.repeats, handle.device)
+    if workers is not None:
+        workers.__exit__(None, None, None)
     for name, seconds in median.items():
-        print(f"{name:>13}: {seconds:7.2f} s  ({rows / seconds:6.1f} generations/s)")
-    print(
-        f"speed-up batched vs per-condition: ×{median['per-condition'] / median['batched']:.1f} (target ≥ 5)"
-    )
+        print(f"{name:>15}: {seconds:7.2f} s  ({rows / seconds:6.1f} generations/s)")
+    for name in [m for m in median if m != "per-condition"]:
+        print(f"speed-up {name} vs per-condition: ×{median['per-condition'] / median[name]:.1f} (target ≥ 5)")
     differing = [
-        c.name
-        for c, a, b in zip(conditions, results["per-condition"], results["batched"], strict=True)
+        f"{name}: {c.name}"
+        for name in [m for m in results if m != "per-condition"]
+        for c, a, b in zip(conditions, results["per-condition"], results[name], strict=True)
         if a != b
     ]
     if differing:
         print(f"FAIL: continuations differ between the two paths for {differing}")
         return 1
-    print("continuations identical in both paths")
+    print("continuations identical in every path")
     return 0
+
+
+def _ready(_handle) -> bool:
+    return True
 
 
 if __name__ == "__main__":
