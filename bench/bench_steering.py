@@ -23,7 +23,7 @@ baseline instead of generating them, so their wall-time ratio is the cost of the
 that saving. Tokens/s counts generated tokens (up to EOS).
 
 Compute bound: each configuration is run once more under ``torch.utils.flop_counter.FlopCounterMode``
-(untimed) to count its arithmetic, and a single-thread ``[1024, d_model] @ [d_model, 4 d_model]`` product
+(untimed) to count its arithmetic, and a ``[1024, d_model] @ [d_model, 4 d_model]`` product on the bench's threads
 gives the machine's matmul rate. Their quotient is how close each configuration runs to the rate the
 hardware allows; the sweep cannot beat the per-condition loop by more than that rate over the loop's
 (times the saving from copied conditions), whatever the code.
@@ -403,7 +403,8 @@ def print_compute_bound(handle, configs, median, rate) -> None:
         flops["sweep-workers"] = flops["sweep"]
     achieved = {name: flops[name] / median[name] for name in configs}
     print(
-        f"\ncompute bound (FLOPs counted in one untimed run each; single-thread matmul rate "
+        f"\ncompute bound (FLOPs counted in one untimed run each; matmul rate on {torch.get_num_threads()} "
+        f"thread(s) "
         f"{peak / 1e9:.1f} GFLOP/s):"
     )
     print(f"{'configuration':<15}{'GFLOP':>9}{'GFLOP/s':>9}{'of matmul rate':>16}{'GFLOP per token':>17}")
