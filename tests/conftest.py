@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
+# The profile partition dimension is read from data/profiles.yaml when emotion_assets.partitions is first
+# imported. Import it before any test points EMOTION_PROFILES at a temporary file, so that the order the
+# tests run in cannot change it (a test of a one-profile file run first left `smoke` with its batch size).
+import emotion_assets.partitions  # noqa: F401
+
 
 @pytest.fixture
 def results_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
