@@ -5,7 +5,7 @@ thread, so one process leaves the other cores idle. :func:`map_in_processes` run
 worker processes (no state is inherited from the parent: safe beside torch's OpenMP threads and Dagster's
 own threads), each limited to one BLAS thread, and returns the results in task order. Each task computes
 exactly what it computes in the parent on one BLAS thread, so the results do not depend on the number of
-workers. :func:`map_with_model` does the same for tasks that need a model, each worker holding its own copy.
+workers. :class:`ModelWorkers` does the same for tasks that need a model, each worker holding its own copy.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def map_in_processes(
         return list(pool.map(_call, [fn] * len(tasks), tasks))
 
 
-# The model a worker process of :func:`map_with_model` loaded, for the tasks it runs.
+# The model a worker process of :class:`ModelWorkers` loaded, for the tasks it runs.
 _WORKER_MODEL: dict[str, Any] = {}
 
 
