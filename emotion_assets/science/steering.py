@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
 from emotion_assets.science.interventions import PromptPositions, add_to_residual
 from emotion_assets.science.parallel import ModelWorkers
+from emotion_assets.science.prefill import eos_token_ids
 from emotion_assets.science.prompts import NEUTRAL, fitting_mask, steering_starts
 
 ConditionKind = Literal["baseline", "emotion", "random_isotropic", "random_covariance"]
@@ -260,14 +261,6 @@ def _stable_int(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list | tuple) else [eos]) if eos is not None else set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return {int(i) for i in ids if i is not None}
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -339,7 +332,7 @@ def generate_batch(
                 with add_to_residual(model, batch.layer, vectors, prompt_positions=prompt_positions):
                     out = model.generate(**inputs, **gen_kwargs)  # [batch, pos + new]
     new = out[:, batch.input_ids.shape[1] :].cpu()  # [batch, new]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     results = []
     for tokens in new.tolist():
         n_new = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
@@ -468,7 +461,7 @@ def generate_sweep(
                     settings,
                     input_ids,
                     attention_mask,
-                    batch.vectors.to(device),
+                    batch.vectors,
                 )
                 stored = cache.get(
                     key,
