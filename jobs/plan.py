@@ -6,7 +6,9 @@ The estimate of an asset is the median ``timing_elapsed_s`` of its earlier mater
 partition (model × profile) in the Dagster instance. Without one, a record of the same model (or pair) on
 another profile is scaled by the ratio of the asset's work (:func:`work_scale`: generated tokens, prompt
 pairs × heads, fitting prompts, fitting prompts × layers), e.g. a ``baseline`` estimate from the ``smoke``
-run; the plan says which. Scaling is linear, so a small profile's fixed costs (model loading) are scaled too. Else "no record yet".
+run; the plan says which, and marks a record made with another number of worker processes (``cpu_workers``),
+which the scaling does not model. Scaling is linear, so a small profile's fixed costs (model loading) are
+scaled too. Else "no record yet".
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from emotion_assets.science.steering_analysis import TARGET_METRICS
 from emotion_assets.timing import past_estimate_s
 
 TARGET_EMOTIONS = tuple(TARGET_METRICS)
+
+# Assets that spread their work over ``cpu_workers`` processes; a record scaled from a profile with another
+# worker count is marked, since the scaling counts work, not processes.
+WORKER_ASSETS = frozenset({"head_screening", "head_patching", "residual_patching", "subspace_alignment"})
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,22 @@ def estimates(
             _, other, past, count = min(options)
             found[(asset, partition)] = Estimate(
                 past * target[0] / count,
-                f"scaled from {other}: {past:.3g} s × {target[0]:.0f} / {count:.0f} {target[1]}",
+                f"scaled from {other}: {past:.3g} s × {target[0]:.0f} / {count:.0f} {target[1]}"
+                + _worker_caveat(asset, PROFILES[other], PROFILES[profile]),
             )
     return found
+
+
+def _worker_caveat(asset: str, recorded: Profile, planned: Profile) -> str:
+    """A note when ``asset`` spreads over worker processes and the two profiles run different numbers."""
+    from emotion_assets.science.parallel import process_count
+
+    if asset not in WORKER_ASSETS:
+        return ""
+    before, after = (process_count(p.cpu_workers, n_tasks=1 << 16) for p in (recorded, planned))
+    if before == after:
+        return ""
+    return f"; recorded with {before} worker process(es), runs with {after}: not in the estimate"
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -58,7 +58,7 @@ def test_baseline_estimate_is_scaled_from_the_smoke_record_by_the_work_ratio(tmp
     patching = next(line for line in lines if line.strip().startswith("head_patching"))
     baseline_generations = int(patching.split(" generations of ")[0].split("= ")[-1])
     # smoke: 264 generations of 8 new tokens; baseline: 20 new tokens each
-    assert "[scaled from smoke: 40 s × " in patching and "/ 2112 generations × new tokens]" in patching
+    assert "[scaled from smoke: 40 s × " in patching and "/ 2112 generations × new tokens" in patching
     assert f"{40.0 * baseline_generations * 20 / (264 * 8) / 60:.1f} min" in patching
     screening = next(line for line in lines if line.strip().startswith("head_screening"))
     assert "16.7 min" in screening and "scaled" not in screening  # this partition's own record wins
@@ -68,3 +68,15 @@ def test_baseline_estimate_is_scaled_from_the_smoke_record_by_the_work_ratio(tmp
     dataset = next(line for line in lines if line.strip().startswith("emotion_dataset"))
     assert "[scaled from smoke: 2 s × 1128 / " in dataset  # a per-profile asset scales by its prompts
     assert "for 3 of" in total and "2 scaled from another profile" in total
+
+
+def test_a_record_scaled_across_worker_counts_is_marked():
+    from emotion_assets.partitions import PROFILES
+    from jobs.plan import _worker_caveat
+
+    one, two = (PROFILES["smoke"].model_copy(update={"cpu_workers": n}) for n in (1, 2))
+    assert _worker_caveat("head_patching", one, two) == (
+        "; recorded with 1 worker process(es), runs with 2: not in the estimate"
+    )
+    assert _worker_caveat("head_patching", two, two) == ""
+    assert _worker_caveat("activations", one, two) == ""  # one process whatever cpu_workers says
