@@ -129,11 +129,16 @@ class GenerationConfig(_Strict):
 class ScreeningConfig(_Strict):
     """How ``head_screening`` scores every head (``science/attribution_screening.py``)."""
 
-    method: Literal["exhaustive", "atp_star"] = Field(
-        "exhaustive", description="exhaustive: exact ablation of every head; atp_star: AtP* estimates, "
-        "exact ablation of the shortlist only (Llama-style attention)."
+    method: Literal["exhaustive", "atp", "atp_star"] = Field(
+        "exhaustive", description="exhaustive: exact ablation of every head; atp: attribution-patching "
+        "estimates of every head (any attention family), exact ablation of the shortlist only; atp_star: "
+        "the same with the AtP* QK fix (Llama-style attention)."
     )  # fmt: skip
-    shortlist: int = Field(24, gt=0, description="Heads confirmed by exact ablation under atp_star.")
+    shortlist: int = Field(
+        24,
+        gt=0,
+        description="Heads confirmed by exact ablation under atp and atp_star (the largest |estimates|).",
+    )
 
 
 class HeadsConfig(_Strict):
@@ -143,7 +148,7 @@ class HeadsConfig(_Strict):
 
     @model_validator(mode="after")
     def _shortlist_holds_top_n(self) -> "HeadsConfig":
-        if self.screening.method == "atp_star" and self.screening.shortlist < self.top_n:
+        if self.screening.method != "exhaustive" and self.screening.shortlist < self.top_n:
             raise ValueError(
                 f"heads.screening.shortlist ({self.screening.shortlist}) must be >= heads.top_n ({self.top_n}): "
                 "the top heads are taken from the exactly confirmed shortlist."

@@ -58,8 +58,8 @@ from emotion_assets.science.residual import (
     decoder_blocks,
 )
 
-ScreeningMethod = Literal["exhaustive", "atp_star"]
-SCREENING_METHODS: tuple[ScreeningMethod, ...] = ("exhaustive", "atp_star")
+ScreeningMethod = Literal["exhaustive", "atp", "atp_star"]
+SCREENING_METHODS: tuple[ScreeningMethod, ...] = ("exhaustive", "atp", "atp_star")
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,11 @@ def controlled_cells(
 
 def screening_effect_column(screening: pd.DataFrame) -> str:
     """``ablation_effect`` when every head has an exact ablation effect (exhaustive screening); else the
-    AtP* estimate ``atp_star`` (AtP* ablates only a shortlist exactly), or plain ``attribution`` without it."""
+    screen's own estimate, ``atp_star`` or ``atp`` (those screens ablate only a shortlist exactly), or the
+    emotion→neutral ``attribution`` without one."""
     if screening["ablation_effect"].notna().all():
         return "ablation_effect"
-    return "atp_star" if "atp_star" in screening else "attribution"
+    return next((column for column in ("atp_star", "atp") if column in screening), "attribution")
 
 
 def top_head_selection_tests(

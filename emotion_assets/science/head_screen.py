@@ -65,19 +65,23 @@ def screen_pairs(
 ) -> pd.DataFrame:
     """Zero-ablation effect and attribution of every head on one set of pairs (one row per head).
 
-    ``screening.method == "atp_star"``: ``ablation_effect`` is exact for the ``confirmed`` shortlist only
-    (NaN elsewhere) and ``atp_star`` holds every head's estimate (``science/attribution_screening.py``).
+    ``screening.method`` ``atp`` or ``atp_star``: ``ablation_effect`` is exact for the ``confirmed``
+    shortlist only (NaN elsewhere) and the column named after the method holds every head's estimate
+    (``science/attribution_screening.py``).
     """
     screening = screening or ScreeningConfig()
     ids, mask = trimmed(pair.emotion_batch)
     extra: dict[str, Any] = {"confirmed": True}
-    if screening.method == "atp_star":
-        atp = screen_heads_atp_star(
+    if screening.method in ("atp", "atp_star"):
+        shortlisted = screen_heads_atp_star(
             model, ids, mask, direction, n_layers, every_head, screening.shortlist,
-            heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero",
+            heads_per_pass=SCREEN_HEADS_PER_PASS, mode="zero", qk_fix=screening.method == "atp_star",
         )  # fmt: skip
-        ablation = atp["ablation_effect"].to_numpy()
-        extra = {"confirmed": atp["confirmed"].to_numpy(), "atp_star": atp["atp_star"].to_numpy()}
+        ablation = shortlisted["ablation_effect"].to_numpy()
+        extra = {
+            "confirmed": shortlisted["confirmed"].to_numpy(),
+            screening.method: shortlisted[screening.method].to_numpy(),
+        }
     else:
         ablation = screen_heads_by_ablation(
             model, ids, mask, direction, n_layers, every_head,

@@ -193,8 +193,9 @@ def test_profile_knob_and_the_screening_table_of_an_atp_star_screen():
 
     assert HeadsConfig().screening.method == "exhaustive"
     assert HeadsConfig(top_n=6, screening={"method": "atp_star", "shortlist": 6}).screening.shortlist == 6
-    with pytest.raises(ValidationError, match="shortlist"):
-        HeadsConfig(top_n=6, screening={"method": "atp_star", "shortlist": 4})
+    for method in ("atp", "atp_star"):
+        with pytest.raises(ValidationError, match="shortlist"):
+            HeadsConfig(top_n=6, screening={"method": method, "shortlist": 4})
 
     heads = [(ly, h) for ly in range(2) for h in range(3)]
     effect = {(0, 1): -0.5, (1, 2): 0.2}  # the confirmed shortlist; the rest have no exact effect

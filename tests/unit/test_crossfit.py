@@ -363,3 +363,32 @@ def _generation_rows(handle, pair, split, screening) -> list[dict]:
             handle.model, handle.tokenizer, plan, sub, H.head_layout(model), mean_z, 1, 13
         )
     return rows
+
+
+@pytest.mark.parametrize("method", ["atp", "atp_star"])
+def test_a_shortlist_screen_confirms_its_largest_estimates_exactly(handle, screened, direction, method):
+    # atp / atp_star: every head gets the method's estimate, the `shortlist` largest |estimates| the exact
+    # ablation effect of the exhaustive screen; the selection tests then read the estimate column.
+    from emotion_assets.profiles import ScreeningConfig
+    from emotion_assets.science.control_ledger import screening_effect_column
+
+    pair, split, exhaustive = screened
+    every_head = [(ly, h) for ly in range(N_LAYERS) for h in range(N_HEADS)]
+    config = ScreeningConfig(method=method, shortlist=3)
+    result = S.screen_emotion(
+        handle.model, pair, split, direction, every_head, config, top_n=2, n_boot=50, seed=3
+    )
+    scores = C.rank_within_halves(result.scores)
+    for half in C.HALVES:
+        rows = scores[scores["half"] == half].reset_index(drop=True)
+        reference = exhaustive[exhaustive["half"] == half].reset_index(drop=True)
+        chosen = rows[method].abs().sort_values(ascending=False, kind="stable").index[:3]
+        assert sorted(rows.index[rows["confirmed"]]) == sorted(chosen)
+        np.testing.assert_allclose(
+            rows.loc[chosen, "ablation_effect"], reference.loc[chosen, "ablation_effect"], rtol=0, atol=1e-5
+        )
+        assert rows.loc[~rows["confirmed"], "ablation_effect"].isna().all()
+        assert (rows["screening_method"] == method).all()
+    assert screening_effect_column(scores) == method
+    other = {"atp": "atp_star", "atp_star": "atp"}[method]
+    assert other not in scores
