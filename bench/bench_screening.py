@@ -1,17 +1,22 @@
-"""Head screening: exhaustive ablation vs AtP* estimates + exact confirmation of a shortlist (SmolLM2-135M).
+"""Head screening: exhaustive ablation vs AtP / AtP* estimates + exact confirmation of a shortlist (SmolLM2-135M).
 
 Workload: per emotion, the first ``--prompts`` eval prompts of ``data/prompts/emotion_prompts.jsonl`` left
 padded into one batch: one cross-fitting half of ``head_screening`` (``smoke``: 4 pairs per emotion, so 2
-per half; ``--prompts 12`` is a half of 24 pairs). Readout: after the last block, onto the emotion − neutral
-mean last-token residual of 16 train prompts each. Every head is screened (zero ablation).
+per half; ``--prompts 34`` is a ``baseline`` half: 67 eval prompts per emotion). Readout: after the last
+block, onto the emotion − neutral mean last-token residual of 16 train prompts each. Every head is screened
+(zero ablation).
 
-Exhaustive: ``screen_heads_by_ablation`` with the asset's 288 heads per pass. AtP*: ``screen_heads_atp_star``
-(one forward + backward for AtP with the QK fix, then exact ablation of the ``--shortlist`` largest
-|estimates|); the reported ranking is the exact ranking of the shortlist. Recovery: how many of the
-exhaustive top ``--top`` heads are in the AtP* top ``--top`` (and, for comparison, with the shortlist
-chosen by plain AtP). Each repeat runs both methods in turn; times are medians over ``--repeats``.
+Exhaustive: ``screen_heads_by_ablation`` with the asset's 288 heads per pass. ``heads.screening.method``
+``atp`` / ``atp_star`` run ``screen_heads_atp_star`` (``qk_fix`` off / on): the estimate of every head
+(``attribution_estimates``, one forward + backward per prompt length; AtP* adds the QK fix), then exact
+ablation of the ``shortlist`` largest |estimates|, ranked by their exact effect. The two stages are timed
+apart so that each ``--shortlist`` size costs one estimate plus its own confirmation. Recovery: how many of
+the exhaustive top ``--top`` heads are in the method's top ``--top`` (= in its shortlist, since confirmed
+heads carry their exact effect); the smallest shortlist that would recover ``--top - 1`` of them is read off
+the estimates. Times are medians over ``--repeats``.
 
-Run: ``python bench/bench_screening.py`` (smoke half) and ``python bench/bench_screening.py --prompts 12``.
+Run: ``python bench/bench_screening.py`` (smoke half) and ``python bench/bench_screening.py --prompts 34
+--shortlist 24 40`` (baseline half).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -29,16 +37,36 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_heads import last_token_mean, load_texts  # noqa: E402
 from bench.common import add_model_options, load_model  # noqa: E402
-from emotion_assets.science.attribution_screening import (  # noqa: E402
-    attribution_estimates,
-    screen_heads_atp_star,
-    shortlist,
-)
+from emotion_assets.science.attribution_screening import attribution_estimates, shortlist  # noqa: E402
 from emotion_assets.science.heads import head_layout, screen_heads_by_ablation  # noqa: E402
 
+T = TypeVar("T")
+Head = tuple[int, int]
+ESTIMATES = {"atp": False, "atp_star": True}  # method -> qk_fix
 
-def top(heads: list[tuple[int, int]], scores: dict[tuple[int, int], float], n: int) -> set[tuple[int, int]]:
+
+def top(heads: list[Head], scores: dict[Head, float], n: int) -> set[Head]:
     return set(sorted(heads, key=lambda h: -abs(scores[h]))[:n])
+
+
+def timed(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """Median seconds over ``repeats`` runs of ``fn`` and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result  # type: ignore[return-value]
+
+
+def smallest_shortlist(order: list[Head], reference: set[Head], needed: int) -> int:
+    """The shortest prefix of ``order`` (heads by |estimate|) holding ``needed`` heads of ``reference``."""
+    found = 0
+    for size, head in enumerate(order, start=1):
+        found += head in reference
+        if found >= needed:
+            return size
+    return len(order)
 
 
 def main() -> int:
@@ -46,7 +74,7 @@ def main() -> int:
     add_model_options(parser, repeats=1)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per emotion (a smoke half: 2)")
     parser.add_argument("--emotions", nargs="+", default=["gratitude", "anger", "apology"])
-    parser.add_argument("--shortlist", type=int, default=24)
+    parser.add_argument("--shortlist", type=int, nargs="+", default=[24], help="shortlist sizes to time")
     parser.add_argument("--top", type=int, default=6)
     args = parser.parse_args()
     handle = load_model(args)
@@ -57,47 +85,54 @@ def main() -> int:
     neutral = last_token_mean(model, tokenizer, load_texts("neutral", "train", 16), readout)
     print(
         f"{args.model} on {args.device}: {len(heads)} heads, readout {readout}, {args.prompts} prompts per emotion, "
-        f"shortlist {args.shortlist}, top {args.top}, torch threads {torch.get_num_threads()}, "
+        f"shortlists {args.shortlist}, top {args.top}, torch threads {torch.get_num_threads()}, "
         f"{args.repeats} repeat(s), median"
     )
-    total = {"exhaustive": 0.0, "atp_star": 0.0}
-    worst = args.top
+    exhaustive_total = 0.0
+    totals = {(m, k): 0.0 for m in ESTIMATES for k in args.shortlist}
+    worst = {(m, k): args.top for m in ESTIMATES for k in args.shortlist}
     for emotion in args.emotions:
         texts = load_texts(emotion, "eval", args.prompts)
         enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt").to(handle.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         direction = last_token_mean(model, tokenizer, load_texts(emotion, "train", 16), readout) - neutral
-        times: dict[str, list[float]] = {"exhaustive": [], "atp_star": []}
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            exact = screen_heads_by_ablation(model, ids, mask, direction, readout, heads, 288)
-            times["exhaustive"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            table = screen_heads_atp_star(model, ids, mask, direction, readout, heads, args.shortlist, 288)
-            times["atp_star"].append(time.perf_counter() - start)
-        median = {name: statistics.median(values) for name, values in times.items()}
-        for name in total:
-            total[name] += median[name]
-        exhaustive = dict(zip(heads, exact.tolist(), strict=True))
-        confirmed = {
-            (int(r.layer), int(r.head)): r.ablation_effect for r in table.itertuples() if r.confirmed
-        }
-        reference = top(heads, exhaustive, args.top)
-        recovered = len(reference & top(list(confirmed), confirmed, args.top))
-        plain = attribution_estimates(model, ids, mask, direction, readout, qk_fix=False).atp
-        plain_list = shortlist(plain, heads, args.shortlist)
-        plain_recovered = len(reference & top(plain_list, exhaustive, args.top))
-        worst = min(worst, recovered)
-        print(
-            f"{emotion:>9}: exhaustive {median['exhaustive']:.1f} s, AtP* + shortlist {median['atp_star']:.1f} s "
-            f"(×{median['exhaustive'] / median['atp_star']:.1f} less time); exhaustive top {args.top} recovered "
-            f"{recovered}/{args.top} (shortlist by plain AtP: {plain_recovered}/{args.top}); "
-            f"{len(reference & set(confirmed))}/{args.top} in the shortlist"
+        seconds, exact = timed(
+            partial(screen_heads_by_ablation, model, ids, mask, direction, readout, heads, 288), args.repeats
         )
-    print(
-        f"all emotions: ×{total['exhaustive'] / total['atp_star']:.1f} less time, worst recovery "
-        f"{worst}/{args.top} (target: ≥ 5/{args.top} at ≥ ×10)"
-    )
+        exhaustive_total += seconds
+        exhaustive = dict(zip(heads, exact.tolist(), strict=True))
+        reference = top(heads, exhaustive, args.top)
+        print(f"{emotion}: exhaustive {seconds:.1f} s")
+        for method, qk_fix in ESTIMATES.items():
+            estimate_s, estimate = timed(
+                partial(attribution_estimates, model, ids, mask, direction, readout, qk_fix=qk_fix),
+                args.repeats,
+            )
+            scores = estimate.atp_star  # equals .atp without the QK fix
+            order = shortlist(scores, heads, len(heads))
+            needed = smallest_shortlist(order, reference, args.top - 1)
+            for size in args.shortlist:
+                chosen = order[:size]
+                confirm_s, _ = timed(
+                    partial(screen_heads_by_ablation, model, ids, mask, direction, readout, chosen, 288),
+                    args.repeats,
+                )
+                recovered = len(reference & set(chosen))
+                totals[(method, size)] += estimate_s + confirm_s
+                worst[(method, size)] = min(worst[(method, size)], recovered)
+                print(
+                    f"  {method:>8} shortlist {size:>3}: estimate {estimate_s:.1f} s + confirmation "
+                    f"{confirm_s:.1f} s = {estimate_s + confirm_s:.1f} s (×{seconds / (estimate_s + confirm_s):.1f} "
+                    f"less time); top {args.top} recovered {recovered}/{args.top}"
+                )
+            print(
+                f"  {method:>8}: the smallest shortlist holding {args.top - 1}/{args.top} is {needed} heads"
+            )
+    for (method, size), total in totals.items():
+        print(
+            f"all emotions, {method} shortlist {size}: ×{exhaustive_total / total:.1f} less time, worst recovery "
+            f"{worst[(method, size)]}/{args.top} (target: ≥ {args.top - 1}/{args.top} at ≥ ×10)"
+        )
     return 0
 
 
