@@ -9,7 +9,11 @@ of ``data/prompts/emotion_prompts.jsonl`` as prompts, each with ``--continuation
 - ``plain joint``: prompt + continuation concatenated, sorted by length, left-padded with mask-derived
   position ids, one forward per batch keeping the logits of the continuation positions only.
 
-The same ``--batch-size`` for both, interleaved, ``--repeats`` times; medians. Every row's mean
+- ``platform, N workers`` (with ``--workers N``, CPU): the same batches over N processes, each with its own
+  copy of the model on one torch thread (``ModelWorkers``, what ``cpu_workers`` does in
+  ``residual_patching``); the workers start and load the model before the timing.
+
+The same ``--batch-size`` for all, interleaved, ``--repeats`` times; medians. Every row's mean
 log-probability must agree within 1e-4 (exit status 1 otherwise).
 
 Run: ``python bench/bench_loglik.py`` (``--device cuda`` on an accelerator).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
 from emotion_assets.science.fluency import continuation_logprob  # noqa: E402
 from emotion_assets.science.residual import position_ids_from_mask  # noqa: E402
+from resources.models import ModelResource  # noqa: E402
 
 
 @torch.inference_mode()
@@ -70,6 +76,9 @@ def main() -> int:
     parser.add_argument("--continuations", type=int, default=48, help="continuations per prompt")
     parser.add_argument("--tokens", type=int, default=20, help="tokens per continuation (baseline: 20)")
     parser.add_argument("--batch-size", type=int, default=128, help="rows per forward (baseline: 128)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also time the platform over this many processes"
+    )
     args = parser.parse_args()
     handle = load_model(args)
     model, tokenizer, device = handle.model, handle.tokenizer, handle.device
@@ -95,17 +104,36 @@ def main() -> int:
             model, tokenizer, prompts, continuations, args.batch_size, device
         ),
     }
-    medians, results = time_interleaved(methods, args.repeats, device)
+    with ModelResource(device="cpu").workers(handle, args.workers or 1) as workers:
+        if workers.count > 1 and device.type == "cpu":
+            start = time.perf_counter()
+            workers.map(_worker_ready, [{} for _ in range(2 * workers.count)])  # start them, load the model
+            print(
+                f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
+            )
+            methods[f"platform, {workers.count} workers"] = lambda: continuation_logprob(
+                model, tokenizer, prompts, continuations, batch_size=args.batch_size, device=device,
+                workers=workers,
+            )["mean_logprob"].to_numpy()  # fmt: skip
+        medians, results = time_interleaved(methods, args.repeats, device)
     for name, seconds in medians.items():
         print(f"  {name:<26} {seconds:8.2f} s   {len(prompts) / seconds:8.1f} rows/s")
-    platform, plain = (results[name] for name in methods)
-    gap = float(np.max(np.abs(platform - plain)))
+    platform = results["platform (prompt cache)"]
+    gap = max(float(np.max(np.abs(platform - other))) for other in results.values())
     ratio = medians["plain joint forward"] / medians["platform (prompt cache)"]
     print(f"platform / plain joint throughput: {ratio:.2f}×; largest |Δ mean log-probability| {gap:.2e}")
+    for name in medians:
+        if name.endswith("workers"):
+            print(f"{name} / plain joint: {medians['plain joint forward'] / medians[name]:.2f}×; "
+                  f"/ platform in one process: {medians['platform (prompt cache)'] / medians[name]:.2f}×")  # fmt: skip
     if gap > 1e-4:
         print("error: the two passes disagree", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_ready(_handle) -> bool:
+    return True
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ def residual_patching(
                 progress=progress_logger(context, "generations"), cache=resume, fingerprint=handle.fingerprint,
                 workers=workers,
             )  # fmt: skip
+            # The unsteered model's log-likelihood of each continuation, batched over the same workers.
+            fluency = continuation_fluency(
+                handle.model, handle.tokenizer, sweep["prompt"].tolist(), sweep["continuation"].tolist(),
+                sweep["n_new_tokens"].tolist(), batch_size=profile.batch_size, device=handle.device,
+                cache=resume, fingerprint=handle.fingerprint, workers=workers,
+            )  # fmt: skip
         if resume.reused or resume.unreadable:
             context.log.info(
                 f"Resumed {resume.reused} generation batches from {resume.path}; generated {resume.written}."
@@ -133,12 +139,7 @@ def residual_patching(
         )  # continuation only; the prompt is kept, unscored
         scored = pd.concat([sweep.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
         scored.insert(1, "prompt_id", prompts["id"].to_numpy()[scored["prompt_index"].to_numpy()])
-        # What each continuation costs: text fluency and the unsteered model's log-likelihood given the prompt.
-        fluency = continuation_fluency(
-            handle.model, handle.tokenizer, sweep["prompt"].tolist(), sweep["continuation"].tolist(),
-            sweep["n_new_tokens"].tolist(), batch_size=profile.batch_size, device=handle.device,
-            cache=resume, fingerprint=handle.fingerprint,
-        )  # fmt: skip
+        # What each continuation costs: text fluency and the unsteered model's log-likelihood (above).
         scored = attach_fluency(scored, fluency)
         split_seed = stable_seed("steering_selection_split", profile.seed)
         halves = split_halves(prompts["id"], split_seed)

@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Sequence
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from emotion_assets.science.batch_cache import BatchCache, batch_key, require_fingerprint
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.residual import position_ids_from_mask
 
 #: Tokens back that a repeated token is looked for in.
@@ -210,6 +212,22 @@ def _continuation_logprobs(
 
 
 @torch.inference_mode()
+def _logprob_sums_of_handle(
+    handle: Any,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    prompt_of: Sequence[int],
+    pad_id: int,
+    device: str,
+) -> np.ndarray:
+    """Each row's summed continuation log-probability (:func:`_continuation_logprobs`) on ``handle.model``."""
+    logprobs = _continuation_logprobs(
+        handle.model, prompts, continuations, prompt_of, pad_id, torch.device(device)
+    )
+    return logprobs.sum(dim=-1).double().cpu().numpy()  # [batch]
+
+
+@torch.inference_mode()
 def continuation_logprob(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -220,6 +238,7 @@ def continuation_logprob(
     device: torch.device | str | None = None,
     cache: BatchCache | None = None,
     fingerprint: str = "",
+    workers: ModelWorkers | None = None,
 ) -> pd.DataFrame:
     """Mean log-probability of each continuation's tokens given its prompt, under ``model`` (a HF causal LM,
     normally the unsteered one).
@@ -231,7 +250,9 @@ def continuation_logprob(
     (a sweep scores hundreds of continuations of each prompt), with explicit position ids, so padding does
     not change a row's numbers. Returns, in input order, ``mean_logprob`` (nats per token; NaN for an empty
     continuation), ``n_scored_tokens`` and ``perplexity`` = exp(−mean_logprob). With a ``cache`` (and the
-    model's ``fingerprint``) each batch's sums are kept under its content key and reused.
+    model's ``fingerprint``) each batch's sums are kept under its content key and reused. ``workers``
+    (:class:`science.parallel.ModelWorkers` holding this model as ``.model``) runs the batches in its
+    processes: the same batches run (one- and two-thread forwards agree bit for bit on the tested CPU).
     """
     require_fingerprint(cache, fingerprint)
     if len(prompts) != len(continuations):
@@ -261,6 +282,8 @@ def continuation_logprob(
     # Sorted by prompt length, then prompt, then continuation length: a batch holds few prompts.
     todo = sorted((i for i in range(n) if counts[i] > 0),
                   key=lambda i: (len(distinct[i][0]), distinct[i][0], counts[i], i))  # fmt: skip
+    pending: list[tuple[list[int], str | None]] = []  # (rows of ``distinct``, cache key) per batch to run
+    tasks = []
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         position = {p: j for j, p in enumerate(dict.fromkeys(distinct[i][0] for i in idx))}
@@ -276,12 +299,19 @@ def continuation_logprob(
             if stored is not None:
                 total[idx] = stored
                 continue
-        logprobs = _continuation_logprobs(
-            model, batch_prompts, conts, prompt_of, pad_id, dev
-        )  # [batch, keep]
-        total[idx] = logprobs.sum(dim=-1).double().cpu().numpy()
-        if key is not None:
-            cache.put(key, [float(v) for v in total[idx]])
+        pending.append((idx, key))
+        tasks.append({"prompts": batch_prompts, "continuations": conts, "prompt_of": prompt_of,
+                      "pad_id": pad_id, "device": str(dev)})  # fmt: skip
+
+    def finished(number: int, sums: np.ndarray) -> None:
+        idx, key = pending[number]
+        total[idx] = sums
+        if cache is not None and key is not None:
+            cache.put(key, [float(v) for v in sums])
+
+    if workers is None:
+        workers = ModelWorkers(SimpleNamespace(model=model), load=None)
+    workers.map(_logprob_sums_of_handle, tasks, on_result=finished)
     total, counts = total[repeat_of], counts[repeat_of]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)

@@ -32,6 +32,7 @@ from emotion_assets.science.fluency import (
     structural_degeneracy,
     text_fluency,
 )
+from emotion_assets.science.parallel import ModelWorkers
 from emotion_assets.science.statistics import bh_fdr, bonferroni, paired_comparison, stable_seed
 
 #: The evaluator score each emotion's steering should move (all are probabilities in [0, 1]).
@@ -179,16 +180,17 @@ def continuation_fluency(
     device: Any = None,
     cache: BatchCache | None = None,
     fingerprint: str = "",
+    workers: ModelWorkers | None = None,
 ) -> pd.DataFrame:
     """Per continuation, in order: :func:`text_fluency` (``generated_tokens``, ``n_text_tokens``,
     ``distinct_2``, ``repetition_rate``, ``degenerate``, ``degenerate_reason``) and the unsteered
     ``model``'s :func:`continuation_logprob` given the prompt (``mean_logprob``, ``n_scored_tokens``,
     ``perplexity``), batched. Call it outside any steering hook: the log-likelihood is the unsteered one.
-    ``cache`` and ``fingerprint`` go to :func:`continuation_logprob`."""
+    ``cache``, ``fingerprint`` and ``workers`` go to :func:`continuation_logprob`."""
     text = text_fluency(continuations, generated_tokens)
     logprob = continuation_logprob(
         model, tokenizer, prompts, continuations, batch_size=batch_size, device=device, cache=cache,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, workers=workers,
     )  # fmt: skip
     return pd.concat([text.reset_index(drop=True), logprob.reset_index(drop=True)], axis=1)
 

@@ -203,3 +203,37 @@ def test_the_resume_folder_sits_outside_every_artifact_folder_and_is_checked(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [".resume"] and not any(
         (tmp_path / ".resume").iterdir()
     )
+
+
+def tiny_model_handle():
+    """What a worker process loads: the fixtures' tiny model (seeded, so the same weights)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=tiny_llama())
+
+
+def test_log_likelihood_batches_in_worker_processes_give_the_same_numbers_and_resume(
+    model, tokenizer, tmp_path
+):
+    from types import SimpleNamespace
+
+    from emotion_assets.science.parallel import ModelWorkers
+
+    prompts = ["Thank you", "Hi there", "Sorry", "The weather is", "Thank you", "Why"]
+    continuations = [" so much.", " friend", "", " nice today", " again", " not?"]
+    plain = continuation_logprob(model, tokenizer, prompts, continuations, batch_size=2)
+    folder = ResumeFolder(tmp_path / "resume")
+    with ModelWorkers(SimpleNamespace(model=model), tiny_model_handle, 2) as workers:
+        spread = continuation_logprob(
+            model, tokenizer, prompts, continuations, batch_size=2, cache=folder, fingerprint=FINGERPRINT,
+            workers=workers,
+        )  # fmt: skip
+        assert workers.count == 2
+    pd.testing.assert_frame_equal(spread, plain)
+    assert folder.written == 3  # 5 scored pairs in batches of 2, each batch stored as it finished
+    again = ResumeFolder(folder.path)
+    resumed = continuation_logprob(
+        model, tokenizer, prompts, continuations, batch_size=2, cache=again, fingerprint=FINGERPRINT
+    )
+    pd.testing.assert_frame_equal(resumed, plain)
+    assert again.reused == 3 and again.written == 0
