@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
+from bench.common import add_model_options, load_model, started_model_workers, time_interleaved  # noqa: E402
 from emotion_assets.science.batched_heads import generate_conditions, generate_per_condition  # noqa: E402
 from emotion_assets.science.head_conditions import build_generation_conditions, random_heads  # noqa: E402
 from emotion_assets.science.heads import (  # noqa: E402
@@ -45,7 +44,6 @@ from emotion_assets.science.heads import (  # noqa: E402
     mean_head_outputs,
     shared_positions,
 )
-from resources.models import ModelResource  # noqa: E402
 
 
 def load_texts(emotion: str, split: str, limit: int) -> list[str]:
@@ -103,13 +101,8 @@ def main() -> int:
             model, tokenizer, sets, conditions, batch_size=args.batch_size, **kwargs
         ),
     }
-    workers = ModelResource(device="cpu").workers(handle, args.workers) if args.workers > 1 else None
-    if workers is not None and workers.count > 1:
-        start = time.perf_counter()
-        workers.map(_ready, [{} for _ in range(2 * workers.count)])  # start them, load the model
-        print(
-            f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
-        )
+    workers = started_model_workers(handle, args.workers)
+    if workers is not None:
         methods["batched-workers"] = lambda: generate_conditions(
             model, tokenizer, sets, conditions, batch_size=args.batch_size, workers=workers, **kwargs
         )
@@ -131,10 +124,6 @@ def main() -> int:
         return 1
     print("continuations identical in every path")
     return 0
-
-
-def _ready(_handle) -> bool:
-    return True
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
+from bench.common import add_model_options, load_model, started_model_workers, time_interleaved  # noqa: E402
 from emotion_assets.science.fluency import continuation_logprob  # noqa: E402
 from emotion_assets.science.residual import position_ids_from_mask  # noqa: E402
-from resources.models import ModelResource  # noqa: E402
 
 
 @torch.inference_mode()
@@ -104,18 +102,20 @@ def main() -> int:
             model, tokenizer, prompts, continuations, args.batch_size, device
         ),
     }
-    with ModelResource(device="cpu").workers(handle, args.workers or 1) as workers:
-        if workers.count > 1 and device.type == "cpu":
-            start = time.perf_counter()
-            workers.map(_worker_ready, [{} for _ in range(2 * workers.count)])  # start them, load the model
-            print(
-                f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
-            )
-            methods[f"platform, {workers.count} workers"] = lambda: continuation_logprob(
-                model, tokenizer, prompts, continuations, batch_size=args.batch_size, device=device,
-                workers=workers,
-            )["mean_logprob"].to_numpy()  # fmt: skip
-        medians, results = time_interleaved(methods, args.repeats, device)
+    workers = started_model_workers(handle, args.workers)
+    if workers is not None:
+        methods[f"platform, {workers.count} workers"] = lambda: continuation_logprob(
+            model,
+            tokenizer,
+            prompts,
+            continuations,
+            batch_size=args.batch_size,
+            device=device,
+            workers=workers,
+        )["mean_logprob"].to_numpy()
+    medians, results = time_interleaved(methods, args.repeats, device)
+    if workers is not None:
+        workers.__exit__(None, None, None)
     for name, seconds in medians.items():
         print(f"  {name:<26} {seconds:8.2f} s   {len(prompts) / seconds:8.1f} rows/s")
     platform = results["platform (prompt cache)"]
@@ -130,10 +130,6 @@ def main() -> int:
         print("error: the two passes disagree", file=sys.stderr)
         return 1
     return 0
-
-
-def _worker_ready(_handle) -> bool:
-    return True
 
 
 if __name__ == "__main__":

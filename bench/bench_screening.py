@@ -22,9 +22,7 @@ Run: ``python bench/bench_screening.py`` (smoke half) and ``python bench/bench_s
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -36,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_heads import last_token_mean, load_texts  # noqa: E402
-from bench.common import add_model_options, load_model  # noqa: E402
+from bench.common import add_model_options, load_model, time_interleaved  # noqa: E402
 from emotion_assets.science.attribution_screening import attribution_estimates, shortlist  # noqa: E402
 from emotion_assets.science.heads import head_layout, screen_heads_by_ablation  # noqa: E402
 
@@ -49,14 +47,10 @@ def top(heads: list[Head], scores: dict[Head, float], n: int) -> set[Head]:
     return set(sorted(heads, key=lambda h: -abs(scores[h]))[:n])
 
 
-def timed(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
-    """Median seconds over ``repeats`` runs of ``fn`` and its last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result  # type: ignore[return-value]
+def timed(fn: Callable[[], T], repeats: int, device: torch.device) -> tuple[float, T]:
+    """Median seconds over ``repeats`` runs of ``fn`` (``bench.common.time_interleaved``) and its last result."""
+    medians, results = time_interleaved({"run": fn}, repeats, device)
+    return medians["run"], results["run"]
 
 
 def smallest_shortlist(order: list[Head], reference: set[Head], needed: int) -> int:
@@ -97,7 +91,9 @@ def main() -> int:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         direction = last_token_mean(model, tokenizer, load_texts(emotion, "train", 16), readout) - neutral
         seconds, exact = timed(
-            partial(screen_heads_by_ablation, model, ids, mask, direction, readout, heads, 288), args.repeats
+            partial(screen_heads_by_ablation, model, ids, mask, direction, readout, heads, 288),
+            args.repeats,
+            handle.device,
         )
         exhaustive_total += seconds
         exhaustive = dict(zip(heads, exact.tolist(), strict=True))
@@ -107,6 +103,7 @@ def main() -> int:
             estimate_s, estimate = timed(
                 partial(attribution_estimates, model, ids, mask, direction, readout, qk_fix=qk_fix),
                 args.repeats,
+                handle.device,
             )
             scores = estimate.atp_star  # equals .atp without the QK fix
             order = shortlist(scores, heads, len(heads))
@@ -116,6 +113,7 @@ def main() -> int:
                 confirm_s, _ = timed(
                     partial(screen_heads_by_ablation, model, ids, mask, direction, readout, chosen, 288),
                     args.repeats,
+                    handle.device,
                 )
                 recovered = len(reference & set(chosen))
                 totals[(method, size)] += estimate_s + confirm_s

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import started_model_workers
 from emotion_assets.science.residual import capture_residuals, decoder_blocks
 from emotion_assets.science.steering import (
     SteeringCondition,
@@ -268,14 +269,8 @@ def main() -> int:
         "plain-hook": run_plain,
         "per-condition": run_per_condition,
     }
-    workers = None
-    if args.workers > 1 and handle.device.type == "cpu":
-        workers = ModelResource(device="cpu").workers(handle, args.workers)
-        start = time.perf_counter()
-        workers.map(_worker_ready, [{} for _ in range(2 * args.workers)])  # start them, load the model
-        print(
-            f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
-        )
+    workers = started_model_workers(handle, args.workers)
+    if workers is not None:
 
         def run_sweep_workers() -> int:
             df = generate_sweep(
@@ -377,10 +372,6 @@ def main() -> int:
     if not args.no_flops:
         print_compute_bound(handle, configs, median, rate)
     return 0
-
-
-def _worker_ready(_handle) -> bool:
-    return True
 
 
 def run_sweep_outputs(handle, prompts, conditions, args, sweep_kwargs, workers) -> bool:

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import torch
 
+from emotion_assets.science.parallel import ModelWorkers
 from resources.models import ModelHandle, ModelResource
 
 T = TypeVar("T")
@@ -46,3 +47,22 @@ def time_interleaved(
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}, results
+
+
+def _ready(_handle: ModelHandle) -> bool:
+    return True
+
+
+def started_model_workers(handle: ModelHandle, count: int) -> ModelWorkers | None:
+    """``count`` worker processes each holding ``handle``'s model (what ``cpu_workers`` runs), started and
+    loaded before any timing, the start-up time printed; None below 2 workers or off the CPU. Stop them with
+    ``.__exit__`` (or use them as a context manager)."""
+    if count < 2 or handle.device.type != "cpu":
+        return None
+    workers = ModelResource(device="cpu").workers(handle, count)
+    start = time.perf_counter()
+    workers.map(_ready, [{} for _ in range(2 * workers.count)])  # every worker loads the model once
+    print(
+        f"{workers.count} worker processes started and loaded the model in {time.perf_counter() - start:.1f} s"
+    )
+    return workers
