@@ -216,12 +216,11 @@ class Profile(_Strict):
     cpu_workers: int | Literal["auto"] = Field(
         1,
         description="Worker processes on a CPU, each on one thread: the alignment's layer pairs, and the "
-        "model batches of the steering sweep and its log-likelihood pass, head screening (the two halves) and "
-        "head patching, each "
-        "worker holding its own copy of the model (memory: one model per worker). 'auto': one per CPU "
-        "thread the run may use. The numbers do not depend on it (the same batches run, and one- and "
-        "two-thread forwards agree bit for bit on the tested CPU); starting a process takes a few seconds, "
-        "which small profiles do not earn back. Ignored on an accelerator.",
+        "model batches of the steering sweep and its log-likelihood pass, head screening (the two halves) "
+        "and head patching, each worker holding its own copy of the model (memory: one model per worker). "
+        "'auto': one per CPU thread the run may use. The numbers do not depend on it (the same batches run, "
+        "and one- and two-thread forwards agree bit for bit on the tested CPU); starting a process takes a "
+        "few seconds, which small profiles do not earn back. Ignored on an accelerator.",
     )
     max_prompt_tokens: int = Field(
         128,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import pandas as pd
 import torch
@@ -57,9 +56,6 @@ from emotion_assets.science.residual import (
     _hidden_from_call,
     decoder_blocks,
 )
-
-ScreeningMethod = Literal["exhaustive", "atp", "atp_star"]
-SCREENING_METHODS: tuple[ScreeningMethod, ...] = ("exhaustive", "atp", "atp_star")
 
 
 @dataclass(frozen=True)
